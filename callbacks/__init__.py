@@ -1,0 +1,5 @@
+"""Lightning callbacks of flglm (installed as ``flglm.callbacks``)."""
+
+from flglm.callbacks.fedavg import FedAvgCallback
+
+__all__ = ["FedAvgCallback"]

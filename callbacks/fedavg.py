@@ -1,0 +1,71 @@
+"""FedAvg of the client blocks, at a fixed step interval or at each epoch end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from typing_extensions import override
+
+
+class FedAvgCallback(Callback):
+    """Averages this client's blocks with every other client's through the server.
+
+    Each round sends the flattened trainable client-block parameters and the number of
+    samples trained on since the last round (the FedAvg weight); the server answers with the
+    weighted average once every active client has contributed, and the client loads it. After
+    a round all clients hold identical client blocks. A last round runs at the end of
+    training so the federation ends with one model.
+
+    Args:
+        link: the client's ``ServerLink``.
+        every_n_steps: aggregate after every this many optimizer steps; 0 = at each epoch end.
+    """
+
+    def __init__(self, link: Any, *, every_n_steps: int = 0) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self._link = link
+        self._every = every_n_steps
+        self._round = 0
+        self._samples = 0
+        self._last_step = -1
+        self._seen_before = 0
+
+    @property
+    def rounds(self) -> int:
+        return self._round
+
+    def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
+        named = sorted(pl_module.lm.named_parameters(), key=lambda item: item[0])
+        return [p for _, p in named if p.requires_grad]
+
+    def aggregate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = self._params(pl_module)
+        self._samples = pl_module.samples_seen - self._seen_before
+        with torch.no_grad():
+            vector = parameters_to_vector(params).detach().float()
+            average = self._link.aggregate(self._round, vector, float(self._samples))
+            vector_to_parameters(average.to(params[0].dtype), params)
+        self._round += 1
+        self._seen_before = pl_module.samples_seen
+        self._last_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._every and step > 0 and step % self._every == 0 and step != self._last_step:
+            self.aggregate(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._every == 0 and trainer.global_step != self._last_step:
+            self.aggregate(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.aggregate(trainer, pl_module)

@@ -1,0 +1,107 @@
+"""``SplitClientModule``: the LightningModule users subclass to train a task through the split.
+
+A subclass writes ``training_step``/``validation_step`` against ``self(input_ids, mask)`` as
+for any causal LM. This base class makes the split invisible to Lightning:
+
+* the optimizer covers the client blocks; the server steps its own optimizer right after
+  (``optimizer_step``), with the LR schedule evaluated at this client's step;
+* gradient clipping by global norm spans client *and* server gradients
+  (``configure_gradient_clipping``), so it clips exactly as centralized training would;
+* with a whole model (``FullCausalLM``) it is a plain LightningModule: the centralized run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from flglm.config import OptimConfig
+from flglm.optim import build_optimizer, build_scheduler, clip_coefficient, grad_sq_norm, scale_grads
+
+
+class SplitClientModule(L.LightningModule):
+    """Base class of every task; owns the LM (split or whole) and the optimizer."""
+
+    def __init__(self, lm: nn.Module, *, optim: OptimConfig) -> None:
+        super().__init__()
+        self.lm = lm
+        self.optim_cfg = optim
+        self.loss_history: list[float] = []
+        self.samples_seen = 0
+        self._total_steps = 1
+        self._server_grad_scale = 1.0
+        self._server_clip_value: float | None = None
+
+    @property
+    def link(self):
+        """The server link, or None for a centralized (whole-model) run."""
+        return getattr(self.lm, "link", None)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.lm(input_ids, attention_mask, position_ids)
+
+    # ----------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> Any:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        self._total_steps = max(1, int(total)) if math.isfinite(total) else 1
+        optimizer = build_optimizer(self.lm.parameters(), self.optim_cfg)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, self._total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.link is None or gradient_clip_val is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm in (None, "norm"):
+            total = math.sqrt(grad_sq_norm(params) + self.link.grad_sq_norm())
+            self._server_grad_scale = clip_coefficient(total, float(gradient_clip_val))
+            scale_grads(params, self._server_grad_scale)
+        else:
+            torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+            self._server_clip_value = float(gradient_clip_val)
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        step_index = self.trainer.global_step
+        optimizer.step(closure=optimizer_closure)
+        if self.link is not None:
+            self.link.step(
+                client_step=step_index,
+                total_steps=self._total_steps,
+                grad_scale=self._server_grad_scale,
+                clip_value=self._server_clip_value,
+            )
+        self._server_grad_scale = 1.0
+        self._server_clip_value = None
+
+    # ------------------------------------------------------------------ records
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.loss_history.append(float(loss.detach()))
+        self.samples_seen += _batch_size(batch)
+
+    def client_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.lm.client_state_dict()
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids", next(iter(batch.values())))
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) else len(batch)

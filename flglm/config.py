@@ -1,0 +1,255 @@
+"""The federation's configuration: one typed schema, one loader.
+
+A single YAML file describes the whole federation (model, split, server, clients, data,
+trainer). Server and clients read the same file, so they cannot disagree; the server also
+compares a fingerprint of it at each client's handshake. The file is validated against the
+dataclasses below (OmegaConf structured config) before any process starts work, and
+``key=value`` overrides from the command line are merged on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: Optional[str] = None
+    """Local directory with a Hugging Face causal LM (config + safetensors). Never downloaded."""
+    config: Dict[str, Any] = field(default_factory=dict)
+    """A Hugging Face config dict (with ``model_type``) for a randomly initialised model."""
+    init_seed: int = 0
+    """Seed of the random initialisation; each parameter is drawn from its own name-keyed stream."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of every block: ``sdpa`` or ``eager``."""
+
+
+@dataclass(kw_only=True)
+class SplitConfig:
+    client_head_layers: int = 1
+    """Transformer blocks kept on the client after the embedding (the input block)."""
+    client_tail_layers: int = 1
+    """Transformer blocks kept on the client before the final norm and LM head (the output block)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "adamw"
+    """``adamw`` or ``sgd``; the same optimizer runs on the client blocks and on the server."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.0
+    """SGD only."""
+    scheduler: str = "constant"
+    """``constant``, ``linear`` (warm-up then linear decay to 0) or ``cosine``."""
+    warmup_steps: int = 0
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    state_timeout_s: float = 300.0
+    """A forward's autograd state is released if its backward has not come within this time."""
+    max_pending_per_client: int = 8
+    """At most this many forwards awaiting their backward are kept per client (oldest evicted)."""
+    max_batch_size: int = 4096
+    """Larger hidden-state batches are rejected before they touch the model."""
+    rpc_timeout_s: float = 300.0
+    """Timeout of every client-server call."""
+    startup_timeout_s: float = 600.0
+    """How long the server waits for every client to join, and a client for the server."""
+    num_rpc_threads: int = 16
+
+
+@dataclass(kw_only=True)
+class FederationConfig:
+    num_clients: int = 1
+    """Number of client processes; torchrun starts ``num_clients + 1`` processes (rank 0: server)."""
+    aggregate_every: int = 0
+    """FedAvg of the client blocks every this many optimizer steps; 0: only at each epoch end."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_path: str = MISSING
+    """Training file (.tsv with a header, or .jsonl). ``{client}`` is replaced by the client index."""
+    dev_path: Optional[str] = None
+    """Validation file, evaluated by every client through the split."""
+    text_field: str = "sentence"
+    label_field: Optional[str] = "label"
+    partition: str = "iid"
+    """How one training file is divided among clients: ``iid``, ``dirichlet`` or ``none`` (each
+    client's ``train_path`` is its own file)."""
+    alpha: float = 0.5
+    """Dirichlet concentration for ``partition=dirichlet`` (smaller: more skewed labels)."""
+    max_train_rows: Optional[int] = None
+    """Use only the first N rows of the training file (a stated subset for quick experiments)."""
+    max_dev_rows: Optional[int] = None
+    max_length: int = 64
+    """Token budget of one example; longer texts are truncated from the end."""
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    tokenizer_path: Optional[str] = None
+    """A saved tokenizer directory to use with a random-init model; if unset, one is trained on
+    the training file (the same on every client) and saved under ``run_dir/tokenizer``."""
+    tokenizer_vocab_size: int = 2000
+    """Vocabulary size of the word-level tokenizer trained for a randomly initialised model."""
+    shuffle: bool = True
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    kind: str = "classification"
+    """``classification`` (prompt + verbalizer) or ``language_modeling``."""
+    prompt: str = "{text} sentiment :"
+    """Prompt template for classification; ``{text}`` is the example's text."""
+    label_words: List[str] = field(default_factory=lambda: ["negative", "positive"])
+    """One word per label; the LM's score of each word after the prompt classifies."""
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    max_epochs: int = 1
+    max_steps: int = -1
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: str = "norm"
+    precision: str = "32-true"
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    limit_val_batches: Optional[float] = None
+    num_sanity_val_steps: int = 0
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The root of the configuration file."""
+
+    seed: int = 0
+    run_dir: str = "runs/default"
+    """Everything a run writes goes under this directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.name": ("adamw", "sgd"),
+    "optim.scheduler": ("constant", "linear", "cosine"),
+    "data.partition": ("iid", "dirichlet", "none"),
+    "task.kind": ("classification", "language_modeling"),
+    "trainer.gradient_clip_algorithm": ("norm", "value"),
+    "model.attn_implementation": ("sdpa", "eager"),
+}
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read ``path`` (YAML), merge ``key=value`` overrides, validate, and return the typed config.
+
+    Raises:
+        ConfigError: naming the offending key, for unknown keys, wrong types, missing values or
+            inconsistent settings.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"overrides must be key=value, got {bad}")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        where = f" (key: {key})" if key else ""
+        raise ConfigError(f"invalid configuration{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check the relations between values that the schema's types cannot express."""
+    flat = to_dict(cfg)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = flat[section][name]
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {list(choices)}")
+    if (cfg.model.path is None) == (not cfg.model.config):
+        raise ConfigError("set exactly one of model.path (a local directory) and model.config (a config dict)")
+    if cfg.model.config and "model_type" not in cfg.model.config:
+        raise ConfigError("model.config needs a 'model_type' key (e.g. glm, llama, gpt2)")
+    positive = {
+        "federation.num_clients": cfg.federation.num_clients,
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "data.max_length": cfg.data.max_length,
+        "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "server.max_pending_per_client": cfg.server.max_pending_per_client,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {
+        "split.client_head_layers": cfg.split.client_head_layers,
+        "split.client_tail_layers": cfg.split.client_tail_layers,
+        "federation.aggregate_every": cfg.federation.aggregate_every,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if cfg.data.alpha <= 0:
+        raise ConfigError(f"data.alpha must be > 0, got {cfg.data.alpha}")
+    if cfg.task.kind == "classification" and len(cfg.task.label_words) < 2:
+        raise ConfigError(f"task.label_words needs at least 2 words, got {cfg.task.label_words}")
+    if cfg.task.kind == "classification" and "{text}" not in cfg.task.prompt:
+        raise ConfigError(f"task.prompt must contain '{{text}}', got {cfg.task.prompt!r}")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain containers (for logging, hashing and saving with the run)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """A hash of everything server and clients must agree on.
+
+    ``run_dir`` is left out (each machine may write elsewhere); so is the trainer's display
+    setting, which does not change what is computed.
+    """
+    shared = to_dict(cfg)
+    shared.pop("run_dir")
+    shared["trainer"].pop("enable_progress_bar")
+    blob = json.dumps(shared, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

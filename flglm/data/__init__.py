@@ -1,0 +1,51 @@
+"""The data layer: read examples, split them among clients, tokenize them.
+
+Everything here is deterministic given its inputs and a seed, so each process
+of a federation can build its own share of the data without coordination.
+"""
+
+from flglm.data.demo import write_demo_dataset
+from flglm.data.partition import (
+    PARTITION_KINDS,
+    EmptyPartitionError,
+    check_partition,
+    partition,
+    partition_dirichlet,
+    partition_iid,
+)
+from flglm.data.readers import (
+    SUPPORTED_SUFFIXES,
+    DataFormatError,
+    Example,
+    read_examples,
+    read_jsonl,
+    read_tsv,
+)
+from flglm.data.tokenizer import (
+    SPECIAL_TOKENS,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_fingerprint,
+    train_word_tokenizer,
+)
+
+__all__ = [
+    "PARTITION_KINDS",
+    "SPECIAL_TOKENS",
+    "SUPPORTED_SUFFIXES",
+    "DataFormatError",
+    "EmptyPartitionError",
+    "Example",
+    "check_partition",
+    "load_tokenizer",
+    "partition",
+    "partition_dirichlet",
+    "partition_iid",
+    "read_examples",
+    "read_jsonl",
+    "read_tsv",
+    "save_tokenizer",
+    "tokenizer_fingerprint",
+    "train_word_tokenizer",
+    "write_demo_dataset",
+]

@@ -1,0 +1,113 @@
+"""This process's share of the data and the federation's tokenizer, from the config.
+
+In an experiment one training file is divided among the clients (``iid`` or ``dirichlet``):
+each client reads the file and keeps only its own partition, computed deterministically
+from the seed, so no process has to hand data to another. With ``partition=none`` every
+client's ``train_path`` (``{client}`` substituted) is its own file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from flglm.config import ConfigError, RunConfig
+from flglm.data import (
+    Example,
+    check_partition,
+    load_tokenizer,
+    partition,
+    read_examples,
+    save_tokenizer,
+    train_word_tokenizer,
+)
+
+
+def _read(cfg: RunConfig, path: str, max_rows: int | None) -> list[Example]:
+    label_field = cfg.data.label_field if cfg.task.kind == "classification" else None
+    examples = read_examples(path, text_field=cfg.data.text_field, label_field=label_field)
+    return examples[:max_rows] if max_rows is not None else examples
+
+
+def train_path(cfg: RunConfig, client_index: int | None) -> str:
+    if "{client}" in cfg.data.train_path:
+        if client_index is None:
+            raise ConfigError("data.train_path has a {client} placeholder; a centralized run needs one file")
+        return cfg.data.train_path.replace("{client}", str(client_index))
+    return cfg.data.train_path
+
+
+def all_train_examples(cfg: RunConfig) -> list[Example]:
+    """The whole training file (the centralized run's data; the union of all partitions)."""
+    examples = _read(cfg, train_path(cfg, None), cfg.data.max_train_rows)
+    if cfg.data.partition == "iid":
+        # Equal shares keep every client's epoch the same length; the < num_clients
+        # remainder rows are left out, here too, so both runs see the same union.
+        usable = len(examples) - len(examples) % cfg.federation.num_clients
+        examples = examples[:usable]
+    return examples
+
+
+def client_train_examples(cfg: RunConfig, client_index: int) -> list[Example]:
+    """Client ``client_index``'s training examples, in file order."""
+    if cfg.data.partition == "none":
+        examples = _read(cfg, train_path(cfg, client_index), cfg.data.max_train_rows)
+        check_partition([examples], 0, f"client {client_index}'s own file {train_path(cfg, client_index)}")
+        return examples
+    examples = all_train_examples(cfg)
+    labels = [e.label for e in examples] if cfg.data.partition == "dirichlet" else None
+    if labels is not None and any(label is None for label in labels):
+        raise ConfigError("data.partition=dirichlet needs labelled training data (data.label_field)")
+    parts = partition(
+        cfg.data.partition,
+        len(examples),
+        cfg.federation.num_clients,
+        labels=labels,  # type: ignore[arg-type]
+        alpha=cfg.data.alpha,
+        seed=cfg.seed,
+    )
+    description = f"partition={cfg.data.partition}" + (f", alpha={cfg.data.alpha}" if labels else "")
+    mine = sorted(check_partition(parts, client_index, description))
+    return [examples[i] for i in mine]
+
+
+def dev_examples(cfg: RunConfig) -> list[Example] | None:
+    if cfg.data.dev_path is None:
+        return None
+    return _read(cfg, cfg.data.dev_path, cfg.data.max_dev_rows)
+
+
+def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
+    """The federation's tokenizer: the pretrained model's own, a saved one, or a trained one.
+
+    A trained tokenizer is a pure function of the training file, so every process builds the
+    same one (the server checks its fingerprint at each client's handshake); ``save`` writes
+    it to ``run_dir/tokenizer`` so the run can be reused.
+    """
+    if cfg.model.path is not None:
+        return AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+    if cfg.data.tokenizer_path is not None:
+        return load_tokenizer(cfg.data.tokenizer_path)
+    if cfg.data.partition == "none":
+        raise ConfigError(
+            "with data.partition=none each client has its own file, so no shared tokenizer can be "
+            "trained: set data.tokenizer_path to a saved tokenizer directory"
+        )
+    texts = [e.text for e in all_train_examples(cfg)]
+    texts += [cfg.task.prompt.replace("{text}", " "), *cfg.task.label_words]
+    tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size)
+    if save:
+        save_tokenizer(tokenizer, Path(cfg.run_dir) / "tokenizer")
+    return tokenizer
+
+
+def check_fits_model(cfg: RunConfig, tokenizer: Any, *, vocab_size: int, max_positions: int | None) -> None:
+    """The data must fit the model: token ids below its vocabulary, lengths within its limit."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}")
+    if max_positions is not None and cfg.data.max_length > max_positions:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} is longer than the model's limit of {max_positions} positions"
+        )

@@ -1,0 +1,106 @@
+"""FedAvg of the client blocks: the pure average, and the server-side round that gathers it.
+
+What to aggregate (the strategy) is kept apart from how updates move (the transport): the
+``fedavg`` function is pure, ``AggregationRounds`` only collects contributions and hands the
+average back through futures, so no RPC thread blocks while a round fills.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch.futures import Future
+
+
+def fedavg(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Weighted mean of equally shaped tensors; equal weights when all weights are zero."""
+    if not vectors:
+        raise ValueError("fedavg needs at least one contribution")
+    if len(vectors) != len(weights):
+        raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights must be >= 0, got {list(weights)}")
+    total = float(sum(weights))
+    coeffs = [w / total for w in weights] if total > 0 else [1.0 / len(vectors)] * len(vectors)
+    out = torch.zeros_like(vectors[0], dtype=torch.float64)
+    for vector, coeff in zip(vectors, coeffs):
+        out += vector.double() * coeff
+    return out.to(vectors[0].dtype)
+
+
+@dataclass
+class _Round:
+    vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    futures: dict[int, Future] = field(default_factory=dict)
+
+
+class AggregationRounds:
+    """Collects each active client's contribution to round ``r`` and answers all at once.
+
+    A round completes when every active client has contributed; a client that leaves the
+    federation stops being waited for, so the others never deadlock on it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rounds: dict[int, _Round] = {}
+        self._active: set[int] = set()
+        self._size: int | None = None
+        self.completed = 0
+
+    def join(self, client_id: int) -> None:
+        with self._lock:
+            self._active.add(client_id)
+
+    def leave(self, client_id: int) -> None:
+        with self._lock:
+            self._active.discard(client_id)
+            ready = [r for r in list(self._rounds) if self._ready(r)]
+            results = [self._finish(r) for r in ready]
+        for finished in results:
+            _deliver(finished)
+
+    def contribute(self, client_id: int, round_index: int, vector: torch.Tensor, weight: float) -> Future:
+        if vector.dim() != 1 or not vector.is_floating_point():
+            raise ValueError(f"client {client_id}: aggregation vector must be a 1-D float tensor, got {vector.dtype} {list(vector.shape)}")
+        if weight < 0:
+            raise ValueError(f"client {client_id}: aggregation weight must be >= 0, got {weight}")
+        future: Future = Future()
+        with self._lock:
+            if client_id not in self._active:
+                raise ValueError(f"client {client_id} is not an active member of the federation")
+            if self._size is None:
+                self._size = vector.numel()
+            elif vector.numel() != self._size:
+                raise ValueError(f"client {client_id}: aggregation vector has {vector.numel()} entries, expected {self._size}")
+            state = self._rounds.setdefault(round_index, _Round())
+            if client_id in state.vectors:
+                raise ValueError(f"client {client_id} already contributed to round {round_index}")
+            state.vectors[client_id] = vector
+            state.weights[client_id] = float(weight)
+            state.futures[client_id] = future
+            finished = self._finish(round_index) if self._ready(round_index) else None
+        if finished is not None:
+            _deliver(finished)
+        return future
+
+    def _ready(self, round_index: int) -> bool:
+        state = self._rounds[round_index]
+        return bool(state.vectors) and self._active <= set(state.vectors)
+
+    def _finish(self, round_index: int) -> tuple[_Round, torch.Tensor]:
+        state = self._rounds.pop(round_index)
+        ids = sorted(state.vectors)
+        average = fedavg([state.vectors[i] for i in ids], [state.weights[i] for i in ids])
+        self.completed += 1
+        return state, average
+
+
+def _deliver(finished: tuple[_Round, torch.Tensor]) -> None:
+    state, average = finished
+    for future in state.futures.values():
+        future.set_result(average)

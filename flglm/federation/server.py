@@ -1,0 +1,336 @@
+"""The server: holds the middle stack, its optimizer, and per-request autograd state.
+
+Clients reach one ``MiddleServer`` through an RRef (``rpc.remote``) and call a handful of
+named methods: ``hello``, ``forward``, ``infer``, ``backward``, ``grad_sq_norm``, ``step``,
+``aggregate``, ``leave``. Sequential serving: a client's training step (its forwards,
+backwards and optimizer step) has the middle stack to itself; other clients wait for their
+turn. Evaluation (``infer``) runs under no_grad, keeps nothing and needs no turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed.rpc as rpc
+from torch.futures import Future
+
+from flglm.config import RunConfig, fingerprint
+from flglm.federation.aggregation import AggregationRounds
+from flglm.federation.messages import (
+    AUTOCAST_DTYPES,
+    InvalidMessageError,
+    RequestHeader,
+    check_forward,
+    check_gradient,
+    check_header,
+    wire,
+)
+from flglm.models.split import MiddleStack, plan_split, load_hf_config, num_layers_of
+from flglm.optim import build_optimizer, grad_sq_norm, scale_grads, set_lr
+
+log = logging.getLogger("flglm.server")
+
+
+@dataclass
+class _Pending:
+    """Autograd state of one forward, kept until its backward (or a timeout)."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    created: float
+
+
+@dataclass
+class ServerStats:
+    forwards: int = 0
+    inferences: int = 0
+    backwards: int = 0
+    steps: int = 0
+    rejected: int = 0
+    evicted: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: v for k, v in self.__dict__.items() if k != "started"}
+        out["elapsed_s"] = round(time.monotonic() - self.started, 3)
+        return out
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class MiddleServer:
+    """Serves the middle stack to the clients of one federation."""
+
+    def __init__(self, cfg: RunConfig, *, middle: MiddleStack | None = None) -> None:
+        self.cfg = cfg
+        if middle is None:
+            plan = plan_split(
+                num_layers_of(load_hf_config(cfg.model)),
+                client_head_layers=cfg.split.client_head_layers,
+                client_tail_layers=cfg.split.client_tail_layers,
+            )
+            middle = MiddleStack(cfg.model, plan)
+        self.middle = middle
+        self.params = [p for p in middle.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim) if self.params else None
+        self.max_positions = getattr(middle.hf.config, "max_position_embeddings", None)
+        self.stats = ServerStats()
+        self._fingerprint = fingerprint(cfg)
+        self._lock = threading.RLock()
+        self._pending: OrderedDict[tuple[int, int], _Pending] = OrderedDict()
+        self._turn = threading.Condition()
+        self._turn_owner: int | None = None
+        self._turn_since = 0.0
+        self._rounds = AggregationRounds()
+        self._joined: set[int] = set()
+        self._left: set[int] = set()
+        self._client_metrics: dict[int, dict[str, float]] = {}
+        self._tokenizer_fingerprint: str | None = None
+        self._done = threading.Event()
+
+    # ----------------------------------------------------------------- membership
+    def hello(self, client_id: int, config_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
+        """Handshake: the client must run the same config and tokenizer as the federation."""
+        if config_fingerprint != self._fingerprint:
+            raise ValueError(
+                f"client {client_id}: its configuration differs from the server's "
+                f"(fingerprint {config_fingerprint[:12]} != {self._fingerprint[:12]}); "
+                "start every process with the same config file and overrides"
+            )
+        with self._lock:
+            if self._tokenizer_fingerprint is None:
+                self._tokenizer_fingerprint = tokenizer_fingerprint
+            elif tokenizer_fingerprint != self._tokenizer_fingerprint:
+                raise ValueError(f"client {client_id}: its tokenizer differs from the other clients'")
+            if client_id in self._joined and client_id not in self._left:
+                raise ValueError(f"client {client_id} is already connected")
+            self._joined.add(client_id)
+            self._left.discard(client_id)
+            self._rounds.join(client_id)
+        log.info("client %d joined (%d/%d)", client_id, len(self._joined), self.cfg.federation.num_clients)
+        return {
+            "hidden_size": self.middle.hidden_size,
+            "server_layers": list(self.middle.plan.middle),
+            "trainable": bool(self.params),
+        }
+
+    def leave(self, client_id: int, metrics: dict[str, float]) -> None:
+        with self._lock:
+            self._left.add(client_id)
+            self._client_metrics[client_id] = {k: float(v) for k, v in metrics.items()}
+            self._drop_client_state(client_id)
+        self._release_turn(client_id, discard_grads=True)
+        self._rounds.leave(client_id)
+        log.info("client %d left", client_id)
+        expected = self.cfg.federation.num_clients
+        if len(self._joined) >= expected and self._left >= self._joined:
+            self._done.set()
+
+    def wait_until_done(self, *, timeout: float) -> None:
+        """Block until every expected client has joined and left; joins are bounded by ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._done.wait(timeout=1.0):
+            if len(self._joined) < self.cfg.federation.num_clients and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(self._joined)} of {self.cfg.federation.num_clients} clients joined within "
+                    f"server.startup_timeout_s={timeout}"
+                )
+
+    # ------------------------------------------------------------------- the turn
+    def _acquire_turn(self, client_id: int) -> None:
+        with self._turn:
+            while self._turn_owner not in (None, client_id):
+                if time.monotonic() - self._turn_since > self.cfg.server.state_timeout_s:
+                    stale = self._turn_owner
+                    log.warning("client %s held the server for over %.0fs; releasing its turn", stale, self.cfg.server.state_timeout_s)
+                    with self._lock:
+                        self._drop_client_state(stale)
+                        self._zero_grads()
+                    break
+                self._turn.wait(timeout=0.5)
+            if self._turn_owner != client_id:
+                self._turn_owner = client_id
+                self._turn_since = time.monotonic()
+
+    def _release_turn(self, client_id: int, *, discard_grads: bool = False) -> None:
+        with self._turn:
+            if self._turn_owner == client_id:
+                if discard_grads:
+                    with self._lock:
+                        self._zero_grads()
+                self._turn_owner = None
+                self._turn.notify_all()
+
+    # ------------------------------------------------------------ forward/backward
+    def _check(self, header: object, hidden: object, mask: object, pos: object) -> RequestHeader:
+        try:
+            header = check_header(header)
+            check_forward(
+                header,
+                hidden,
+                mask,
+                pos,
+                hidden_size=self.middle.hidden_size,
+                max_batch_size=self.cfg.server.max_batch_size,
+                max_positions=self.max_positions,
+            )
+        except InvalidMessageError:
+            self.stats.rejected += 1
+            raise
+        return header
+
+    def _run(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        dtype = AUTOCAST_DTYPES[header.autocast]
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+        with ctx:
+            return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1))
+
+    def forward(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Training forward: keeps the autograd state until the matching ``backward``."""
+        header = self._check(header, hidden, mask, pos)
+        self._acquire_turn(header.client_id)
+        with self._lock:
+            self._sweep()
+            key = (header.client_id, header.request_id)
+            if key in self._pending:
+                raise InvalidMessageError(f"{header.describe()}: a forward with this id is already pending")
+            self._evict_over_limit(header.client_id)
+            self.middle.train()
+            inputs = hidden.detach().requires_grad_(hidden.is_floating_point())
+            with torch.enable_grad():
+                outputs = self._run(header, inputs, mask, pos)
+            self._pending[key] = _Pending(inputs, outputs, time.monotonic())
+            self.stats.forwards += 1
+            self.stats.bytes_in += _nbytes(hidden, mask, pos)
+            result = wire(outputs.to(hidden.dtype))
+            self.stats.bytes_out += _nbytes(result)
+            return result
+
+    def infer(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Evaluation forward: no_grad, nothing kept."""
+        header = self._check(header, hidden, mask, pos)
+        with self._lock, torch.no_grad():
+            self.middle.eval()
+            outputs = self._run(header, hidden, mask, pos)
+            self.stats.inferences += 1
+            self.stats.bytes_in += _nbytes(hidden, mask, pos)
+            result = wire(outputs.to(hidden.dtype))
+            self.stats.bytes_out += _nbytes(result)
+            return result
+
+    def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
+        """Backpropagate ``grad`` (d loss / d outputs) and return d loss / d inputs."""
+        header = check_header(header)
+        with self._lock:
+            key = (header.client_id, header.request_id)
+            pending = self._pending.get(key)
+            if pending is None:
+                self.stats.rejected += 1
+                raise InvalidMessageError(
+                    f"{header.describe()}: no pending forward (never sent, already backpropagated, or timed out)"
+                )
+            try:
+                check_gradient(header, grad, pending.outputs)
+            except InvalidMessageError:
+                self.stats.rejected += 1
+                raise
+            del self._pending[key]
+            self.stats.bytes_in += _nbytes(grad)
+            pending.outputs.backward(grad.to(pending.outputs.dtype))
+            self.stats.backwards += 1
+            grad_in = pending.inputs.grad
+            if grad_in is None:
+                grad_in = torch.zeros_like(pending.inputs)
+            result = wire(grad_in)
+            self.stats.bytes_out += _nbytes(result)
+            return result
+
+    # ------------------------------------------------------------------ optimizer
+    def grad_sq_norm(self, client_id: int) -> float:
+        with self._lock:
+            return grad_sq_norm(self.params)
+
+    def step(self, client_id: int, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None) -> None:
+        """Apply the accumulated gradients of ``client_id``'s step, then hand the turn on.
+
+        ``grad_scale`` is the global-norm clipping coefficient the client computed over both
+        sides' gradients; the LR schedule is evaluated at the client's own step index.
+        """
+        with self._lock:
+            if self.optimizer is not None:
+                scale_grads(self.params, float(grad_scale))
+                if clip_value is not None:
+                    torch.nn.utils.clip_grad_value_(self.params, clip_value)
+                set_lr(self.optimizer, self.cfg.optim, int(client_step), int(total_steps))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self.stats.steps += 1
+        self._release_turn(client_id)
+
+    # ---------------------------------------------------------------- aggregation
+    @rpc.functions.async_execution
+    def aggregate(self, client_id: int, round_index: int, vector: torch.Tensor, weight: float) -> Future:
+        """FedAvg of the client blocks: answered when every active client has contributed."""
+        return self._rounds.contribute(client_id, round_index, vector, weight)
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        timeout = self.cfg.server.state_timeout_s
+        for key in [k for k, p in self._pending.items() if now - p.created > timeout]:
+            del self._pending[key]
+            self.stats.evicted += 1
+            log.warning("released the state of client %d request %d: no backward within %.0fs", *key, timeout)
+
+    def _evict_over_limit(self, client_id: int) -> None:
+        mine = [k for k in self._pending if k[0] == client_id]
+        while len(mine) >= self.cfg.server.max_pending_per_client:
+            oldest = mine.pop(0)
+            del self._pending[oldest]
+            self.stats.evicted += 1
+            log.warning("client %d has too many forwards without backward; evicted request %d", *oldest)
+
+    def _drop_client_state(self, client_id: int | None) -> None:
+        for key in [k for k in self._pending if k[0] == client_id]:
+            del self._pending[key]
+
+    def _zero_grads(self) -> None:
+        """Discard a half-done step's gradients (its client left or timed out)."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "server": self.stats.as_dict() | {"aggregation_rounds": self._rounds.completed},
+            "clients": {str(k): v for k, v in sorted(self._client_metrics.items())},
+        }
+
+
+_INSTANCE: MiddleServer | None = None
+
+
+def install(server: MiddleServer) -> None:
+    """Make ``server`` the process's instance that ``rpc.remote(..., instance)`` hands out."""
+    global _INSTANCE
+    _INSTANCE = server
+
+
+def instance() -> MiddleServer:
+    if _INSTANCE is None:
+        raise RuntimeError("no MiddleServer is running in this process")
+    return _INSTANCE

@@ -1,0 +1,318 @@
+"""Cut a Hugging Face causal LM into the client's blocks and the server's middle stack.
+
+Two steps, as in pipeline-parallel planners: ``plan_split`` is pure arithmetic on layer
+counts (testable without a model), ``build_side`` builds only the modules one side owns.
+The whole model is first built on the ``meta`` device (no memory), the modules the side does
+not own are dropped, and only what is left is allocated and filled — from a local checkpoint
+or from a seeded random initialisation. A server therefore never allocates the embedding or
+the LM head, and a client never allocates the middle stack.
+
+Kept modules keep their Hugging Face names (``model.layers.5.mlp...``), so a side's
+``state_dict`` loads from and saves to the original checkpoint layout, and the parts of all
+sides merge back into the full model by key.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.masking_utils import create_causal_mask
+
+from flglm.config import ModelConfig
+from flglm.models.adapters import ArchitectureAdapter, adapter_for
+
+Side = Literal["client", "server", "full"]
+
+
+class SplitError(ValueError):
+    """The requested cut does not fit the model."""
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which transformer blocks each side runs, by index in the full model."""
+
+    num_layers: int
+    head: range
+    middle: range
+    tail: range
+
+    def layers_of(self, side: Side) -> list[int]:
+        if side == "client":
+            return [*self.head, *self.tail]
+        if side == "server":
+            return list(self.middle)
+        return list(range(self.num_layers))
+
+
+def plan_split(num_layers: int, *, client_head_layers: int, client_tail_layers: int) -> SplitPlan:
+    """Blocks ``[0, head)`` and ``[L - tail, L)`` stay on the client, the rest on the server."""
+    if client_head_layers < 0 or client_tail_layers < 0:
+        raise SplitError(
+            f"client_head_layers={client_head_layers} and client_tail_layers={client_tail_layers} must be >= 0"
+        )
+    on_client = client_head_layers + client_tail_layers
+    if on_client >= num_layers:
+        raise SplitError(
+            f"the split keeps {client_head_layers} + {client_tail_layers} = {on_client} blocks on the client "
+            f"but the model has only {num_layers} blocks: the server needs at least one "
+            f"(client_head_layers + client_tail_layers must be < {num_layers})"
+        )
+    return SplitPlan(
+        num_layers=num_layers,
+        head=range(0, client_head_layers),
+        middle=range(client_head_layers, num_layers - client_tail_layers),
+        tail=range(num_layers - client_tail_layers, num_layers),
+    )
+
+
+def load_hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
+    """The Hugging Face config, from ``model.path`` or from the ``model.config`` dict."""
+    if model_cfg.path is not None:
+        path = Path(model_cfg.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.path={path} has no config.json (models are only read from local directories)")
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    else:
+        kwargs = dict(model_cfg.config)
+        model_type = kwargs.pop("model_type")
+        config = AutoConfig.for_model(model_type, **kwargs)
+    config.use_cache = False
+    return config
+
+
+def num_layers_of(config: PretrainedConfig) -> int:
+    return int(config.num_hidden_layers)
+
+
+def build_skeleton(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
+    """The full model on the meta device: its structure and names, no memory."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    adapter_for(type(model).__name__)  # fail early, listing the supported classes
+    return model
+
+
+def _set(root: nn.Module, dotted: str, module: nn.Module | None) -> None:
+    parent_path, _, name = dotted.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _prune(model: nn.Module, adapter: ArchitectureAdapter, plan: SplitPlan, side: Side) -> None:
+    """Drop what ``side`` does not own; blocks go into a ModuleDict keyed by their index."""
+    layers = adapter.get(model, adapter.layers)
+    kept = nn.ModuleDict({str(i): layers[i] for i in plan.layers_of(side)})
+    _set(model, adapter.layers, kept)
+    if side == "server":
+        for path in adapter.client_module_paths():
+            _set(model, path, None)
+
+
+def _rebuild_rotary(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """Rotary tables are non-persistent buffers: recompute them on the CPU from the config."""
+    if adapter.rotary is None:
+        return
+    old = adapter.get(model, adapter.rotary)
+    _set(model, adapter.rotary, type(old)(config=model.config))
+
+
+def _tie_head(model: nn.Module, adapter: ArchitectureAdapter, side: Side) -> None:
+    if side != "server" and getattr(model.config, "tie_word_embeddings", False):
+        adapter.get(model, adapter.lm_head).weight = adapter.get(model, adapter.token_embedding).weight
+
+
+def _norm_parameter_names(model: nn.Module) -> set[str]:
+    names = set()
+    for module_name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower():
+            names.update(f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False))
+    return names
+
+
+def init_random(model: nn.Module, *, seed: int) -> None:
+    """Seeded random initialisation, one stream per parameter name.
+
+    Each parameter's values depend only on (seed, its name), so the client, the server and a
+    centralized copy of the model draw identical weights without building each other's parts.
+    Norm weights start at 1, biases at 0, everything else N(0, initializer_range).
+    """
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    norms = _norm_parameter_names(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in norms:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def load_local(model: nn.Module, path: str | Path) -> None:
+    """Read from a local safetensors checkpoint only the tensors this side owns."""
+    from safetensors import safe_open
+
+    wanted = dict(model.named_parameters())
+    wanted.update(dict(model.named_buffers()))
+    found: set[str] = set()
+    with torch.no_grad():
+        for file in _checkpoint_files(Path(path)):
+            with safe_open(str(file), framework="pt") as reader:
+                for key in reader.keys():
+                    if key in wanted:
+                        tensor = reader.get_tensor(key)
+                        if tensor.shape != wanted[key].shape:
+                            raise ValueError(f"{file}: {key} has shape {list(tensor.shape)}, model expects {list(wanted[key].shape)}")
+                        wanted[key].copy_(tensor)
+                        found.add(key)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(dict(model.named_parameters())) - found - tied)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) this side needs, e.g. {missing[:5]}")
+
+
+def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side) -> nn.Module:
+    """Build, allocate and fill the modules of ``side`` (``plan`` may be None for ``full``)."""
+    config = load_hf_config(model_cfg)
+    model = build_skeleton(config, model_cfg.attn_implementation)
+    adapter = adapter_for(type(model).__name__)
+    if side != "full":
+        assert plan is not None, "a client or server side needs a split plan"
+        _prune(model, adapter, plan, side)
+    model.to_empty(device="cpu")
+    _rebuild_rotary(model, adapter)
+    _tie_head(model, adapter, side)
+    if model_cfg.path is not None:
+        load_local(model, model_cfg.path)
+    else:
+        init_random(model, seed=model_cfg.init_seed)
+    return model
+
+
+@dataclass
+class Crossing:
+    """What crosses the link with the hidden states: the padding mask and the position ids."""
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+
+
+def run_blocks(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    layer_ids: Iterable[int],
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Run the given blocks exactly as the full model's decoder loop would."""
+    mask = create_causal_mask(
+        config=model.config,
+        inputs_embeds=hidden,
+        attention_mask=attention_mask,
+        cache=None,
+        position_ids=position_ids,
+    )
+    rotary = adapter.get(model, adapter.rotary) if adapter.rotary else None
+    position_embeddings = adapter.position_embeddings(rotary, hidden, position_ids)
+    layers = adapter.get(model, adapter.layers)
+    for i in layer_ids:
+        hidden = adapter.call_block(
+            layers[str(i)],
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+        )
+    return hidden
+
+
+def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0..T-1 on every row, as the Hugging Face models use for right-padded batches."""
+    batch, length = attention_mask.shape
+    return torch.arange(length, device=attention_mask.device).unsqueeze(0).expand(batch, length).contiguous()
+
+
+class ClientBlocks(nn.Module):
+    """The client's part: input block (embedding + head blocks), output block (tail blocks,
+    final norm, LM head). The ``hf`` submodule keeps the Hugging Face names."""
+
+    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan) -> None:
+        super().__init__()
+        self.hf = build_side(model_cfg, plan, "client")
+        self.adapter = adapter_for(type(self.hf).__name__)
+        self.plan = plan
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf.config.hidden_size)
+
+    @property
+    def max_positions(self) -> int | None:
+        value = getattr(self.hf.config, "max_position_embeddings", None)
+        return int(value) if value is not None else None
+
+    def input_block(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> Crossing:
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask)
+        hidden = self.adapter.embed(self.hf, input_ids, position_ids)
+        hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, attention_mask, position_ids)
+        return Crossing(hidden, attention_mask, position_ids)
+
+    def output_block(self, crossing: Crossing) -> torch.Tensor:
+        hidden = run_blocks(
+            self.hf, self.adapter, self.plan.tail, crossing.hidden, crossing.attention_mask, crossing.position_ids
+        )
+        hidden = self.adapter.get(self.hf, self.adapter.final_norm)(hidden)
+        return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.hf.state_dict()
+
+
+class MiddleStack(nn.Module):
+    """The server's part: the blocks between the client's head and tail."""
+
+    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan) -> None:
+        super().__init__()
+        self.hf = build_side(model_cfg, plan, "server")
+        self.adapter = adapter_for(type(self.hf).__name__)
+        self.plan = plan
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf.config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, attention_mask, position_ids)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.hf.state_dict()
+
+
+def build_full_model(model_cfg: ModelConfig) -> nn.Module:
+    """The whole Hugging Face model with the same weights the split sides get (centralized reference)."""
+    return build_side(model_cfg, None, "full")

@@ -1,0 +1,281 @@
+"""Run one process of a federation (server or client), or a centralized reference run.
+
+The launcher reads the config and the distributed environment, decides the role, and calls
+``run_server`` or ``run_client``. ``run_centralized`` trains the whole model on the union of
+the clients' data with the same task module, optimizer and seed: the reference every
+federated result is compared with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed.rpc as rpc
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero
+from lightning_fabric.utilities import rank_zero as fabric_rank_zero
+from torch.utils.data import DataLoader
+
+from flglm.callbacks import FedAvgCallback
+from flglm.checkpoint import save_tensors, write_json
+from flglm.client.lm import FullCausalLM, SplitCausalLM
+from flglm.client.module import SplitClientModule
+from flglm.config import RunConfig, fingerprint, to_yaml
+from flglm.data import Example, tokenizer_fingerprint
+from flglm.datasets import (
+    all_train_examples,
+    build_tokenizer,
+    check_fits_model,
+    client_train_examples,
+    dev_examples,
+)
+from flglm.distributed import DistEnv
+from flglm.federation import server as server_mod
+from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.federation.server import MiddleServer
+from flglm.models.split import ClientBlocks, build_full_model, load_hf_config, num_layers_of, plan_split
+from flglm.roles import SERVER_NAME, Role
+from flglm.tasks import build_task
+
+log = logging.getLogger("flglm")
+
+
+class StandaloneEnvironment(LightningEnvironment):
+    """Each client's Trainer is a single-process job, even though torchrun started it.
+
+    torchrun's RANK/WORLD_SIZE describe the federation, not a data-parallel job; this
+    environment keeps Lightning from reading them.
+    """
+
+    @staticmethod
+    def detect() -> bool:
+        return False
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return False
+
+    def world_size(self) -> int:
+        return 1
+
+    def global_rank(self) -> int:
+        return 0
+
+    def local_rank(self) -> int:
+        return 0
+
+    def node_rank(self) -> int:
+        return 0
+
+
+def setup_logging(run_dir: Path, name: str) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [{name}] %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / f"{name}.log")):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def _loggers(out_dir: Path) -> list[Logger]:
+    """CSV always; TensorBoard too when it is installed."""
+    loggers: list[Logger] = [CSVLogger(str(out_dir), name="logs", version="")]
+    if _tensorboard_available():
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard", version=""))
+    return loggers
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ModuleNotFoundError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ModuleNotFoundError:
+            return False
+    return True
+
+
+def make_trainer(cfg: RunConfig, out_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    """A single-process CPU Trainer configured from ``cfg.trainer``."""
+    rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
+    fabric_rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
+    t = cfg.trainer
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        num_nodes=1,
+        plugins=[StandaloneEnvironment()],
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_algorithm=t.gradient_clip_algorithm if t.gradient_clip_val is not None else None,
+        precision=t.precision,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        limit_val_batches=t.limit_val_batches,
+        logger=_loggers(out_dir),
+        callbacks=callbacks,
+        default_root_dir=str(out_dir),
+    )
+
+
+def _loaders(
+    cfg: RunConfig, train: list[Example], dev: list[Example] | None, collate: Any, seed: int
+) -> tuple[DataLoader, DataLoader | None]:
+    generator = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(
+        train, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, collate_fn=collate, generator=generator
+    )
+    dev_loader = (
+        DataLoader(dev, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate) if dev else None
+    )
+    return train_loader, dev_loader
+
+
+def _final_metrics(trainer: L.Trainer, module: SplitClientModule, dev_loader: DataLoader | None) -> dict[str, float]:
+    """Metrics of the final model: a validation pass after the last aggregation."""
+    metrics: dict[str, float] = {}
+    if module.loss_history:
+        metrics["train_loss"] = module.loss_history[-1]
+    if dev_loader is not None:
+        for key, value in trainer.validate(module, dev_loader, verbose=False)[0].items():
+            metrics[key] = float(value)
+    metrics["steps"] = float(trainer.global_step)
+    metrics["samples"] = float(module.samples_seen)
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def _rpc_options(cfg: RunConfig, env: DistEnv) -> rpc.TensorPipeRpcBackendOptions:
+    return rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=max(cfg.server.num_rpc_threads, 2 * cfg.federation.num_clients + 4),
+        rpc_timeout=cfg.server.rpc_timeout_s,
+        init_method="env://",
+    )
+
+
+def run_server(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
+    """Serve the middle stack until every client has joined and left; write the summary."""
+    run_dir = Path(cfg.run_dir)
+    server = MiddleServer(cfg)
+    server_mod.install(server)
+    log.info(
+        "server: middle stack = blocks %s (%d parameters)",
+        list(server.middle.plan.middle),
+        sum(p.numel() for p in server.middle.parameters()),
+    )
+    rpc.init_rpc(SERVER_NAME, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg, env))
+    try:
+        server.wait_until_done(timeout=cfg.server.startup_timeout_s)
+        save_tensors(server.middle.hf_state_dict(), run_dir / "server" / "middle.safetensors")
+        summary = server.summary()
+        summary["federation"] = federation_metrics(summary["clients"])
+        summary["config_fingerprint"] = fingerprint(cfg)
+        write_json(summary, run_dir / "summary.json")
+        log.info("federation done: %s", summary["federation"])
+    except BaseException:
+        log.exception("server failed")
+        rpc.shutdown(graceful=False)
+        raise
+    rpc.shutdown()
+    return summary
+
+
+def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Sample-weighted mean of each metric over the clients that reported it."""
+    out: dict[str, float] = {}
+    keys = sorted({k for metrics in clients.values() for k in metrics})
+    for key in keys:
+        rows = [(m[key], m.get("samples", 1.0)) for m in clients.values() if key in m]
+        if key in ("steps", "samples"):
+            out[key] = float(sum(v for v, _ in rows))
+            continue
+        total = sum(w for _, w in rows) or float(len(rows))
+        out[key] = float(sum(v * (w or 1.0) for v, w in rows) / total)
+    return out
+
+
+def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
+    """Train this client's task through the split; return its final metrics."""
+    assert role.client_index is not None
+    index = role.client_index
+    out_dir = Path(cfg.run_dir) / role.worker_name
+    # Everything that can fail on bad input is checked before joining the federation.
+    train = client_train_examples(cfg, index)
+    dev = dev_examples(cfg)
+    tokenizer = build_tokenizer(cfg, save=index == 0)
+    plan = plan_split(
+        num_layers_of(load_hf_config(cfg.model)),
+        client_head_layers=cfg.split.client_head_layers,
+        client_tail_layers=cfg.split.client_tail_layers,
+    )
+    blocks = ClientBlocks(cfg.model, plan)
+    check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
+    log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))
+
+    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg, env))
+    try:
+        rref = rpc.remote(SERVER_NAME, server_mod.instance, timeout=cfg.server.startup_timeout_s)
+        link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s)
+        info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
+        lm = SplitCausalLM(blocks, RemoteMiddle(link, server_trainable=info["trainable"]))
+        module, collate = build_task(cfg, lm, tokenizer)
+        train_loader, dev_loader = _loaders(cfg, train, dev, collate, seed=cfg.seed + index)
+        fedavg = FedAvgCallback(link, every_n_steps=cfg.federation.aggregate_every)
+        trainer = make_trainer(cfg, out_dir, [fedavg])
+        started = time.monotonic()
+        trainer.fit(module, train_loader, dev_loader)
+        metrics = _final_metrics(trainer, module, dev_loader)
+        metrics["train_time_s"] = round(time.monotonic() - started, 3)
+        metrics["fedavg_rounds"] = float(fedavg.rounds)
+        save_tensors(module.client_state_dict(), out_dir / "client_blocks.safetensors")
+        write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
+        link.leave(metrics)
+    except BaseException:
+        # Fail fast: a graceful shutdown would wait for the others; torchrun stops them.
+        log.exception("%s failed", role.worker_name)
+        rpc.shutdown(graceful=False)
+        raise
+    rpc.shutdown()
+    return metrics
+
+
+def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str, float]:
+    """Train the whole model on all the training data in one process (the reference)."""
+    out_dir = out_dir or Path(cfg.run_dir) / "centralized"
+    train = all_train_examples(cfg)
+    dev = dev_examples(cfg)
+    tokenizer = build_tokenizer(cfg, save=True)
+    lm = FullCausalLM(build_full_model(cfg.model))
+    check_fits_model(cfg, tokenizer, vocab_size=lm.hf.config.vocab_size, max_positions=lm.max_positions)
+    module, collate = build_task(cfg, lm, tokenizer)
+    train_loader, dev_loader = _loaders(cfg, train, dev, collate, seed=cfg.seed)
+    trainer = make_trainer(cfg, out_dir, [])
+    started = time.monotonic()
+    trainer.fit(module, train_loader, dev_loader)
+    metrics = _final_metrics(trainer, module, dev_loader)
+    metrics["train_time_s"] = round(time.monotonic() - started, 3)
+    save_tensors(module.client_state_dict(), out_dir / "model.safetensors")
+    write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
+    return metrics
+
+
+def save_run_config(cfg: RunConfig) -> None:
+    path = Path(cfg.run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))

@@ -1,0 +1,60 @@
+"""Next-token language modeling with loss and perplexity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.text import Perplexity
+
+from flglm.client.module import SplitClientModule
+from flglm.config import OptimConfig
+from flglm.data.readers import Example
+
+
+@dataclass
+class TextCollator:
+    """Tokenizes texts (BOS-prefixed, truncated to ``max_length``) into a right-padded batch."""
+
+    tokenizer: Any
+    max_length: int
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            [e.text for e in examples],
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+
+class LanguageModelingTask(SplitClientModule):
+    """Causal LM loss on every non-padding next token; validation perplexity."""
+
+    def __init__(self, lm: nn.Module, *, optim: OptimConfig) -> None:
+        super().__init__(lm, optim=optim)
+        self.val_ppl = Perplexity(ignore_index=-100)
+
+    @staticmethod
+    def shifted(batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        return logits[:, :-1].float(), targets
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, targets = self.shifted(batch, self(batch["input_ids"], batch["attention_mask"]))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits, targets = self.shifted(batch, self(batch["input_ids"], batch["attention_mask"]))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        self.val_ppl.update(logits, targets)
+        n = batch["input_ids"].shape[0]
+        self.log("val_loss", loss, prog_bar=True, batch_size=n)
+        self.log("val_ppl", self.val_ppl, prog_bar=True, batch_size=n)
