@@ -7,7 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 from typing_extensions import override
 
 
@@ -49,7 +49,10 @@ class FedAvgCallback(Callback):
         with torch.no_grad():
             vector = parameters_to_vector(params).detach().float()
             average = self._link.aggregate(self._round, vector, float(self._samples))
-            vector_to_parameters(average.to(params[0].dtype), params)
+            offset = 0
+            for param in params:  # copy in place: parameters keep their own storage
+                param.copy_(average[offset : offset + param.numel()].view_as(param))
+                offset += param.numel()
         self._round += 1
         self._seen_before = pl_module.samples_seen
         self._last_step = trainer.global_step

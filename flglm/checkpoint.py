@@ -16,13 +16,13 @@ def save_tensors(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     stored once, under its first name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     unique: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        if ptr in seen and tensor.numel():
+        alias = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if alias in seen and tensor.numel():
             continue
-        seen.add(ptr)
+        seen.add(alias)
         unique[key] = tensor.detach().contiguous().cpu()
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(unique, str(tmp))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -211,6 +212,7 @@ def validate(cfg: RunConfig) -> None:
         "data.max_length": cfg.data.max_length,
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
         "server.max_pending_per_client": cfg.server.max_pending_per_client,
+        "server.max_batch_size": cfg.server.max_batch_size,
     }
     for key, value in positive.items():
         if value < 1:
@@ -223,10 +225,11 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.data.alpha <= 0:
-        raise ConfigError(f"data.alpha must be > 0, got {cfg.data.alpha}")
+    # Written as `not x > 0` so that NaN is rejected too.
+    if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
+        raise ConfigError(f"optim.lr must be finite and > 0, got {cfg.optim.lr}")
+    if not (cfg.data.alpha > 0 and math.isfinite(cfg.data.alpha)):
+        raise ConfigError(f"data.alpha must be finite and > 0, got {cfg.data.alpha}")
     if cfg.task.kind == "classification" and len(cfg.task.label_words) < 2:
         raise ConfigError(f"task.label_words needs at least 2 words, got {cfg.task.label_words}")
     if cfg.task.kind == "classification" and "{text}" not in cfg.task.prompt:

@@ -54,23 +54,26 @@ def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_
     return lr
 
 
-def grad_sq_norm(params: Iterable[torch.nn.Parameter]) -> float:
-    """Sum of squared gradient entries (float64), the piece of a global norm one side owns."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            total += p.grad.detach().double().pow(2).sum()
-    return float(total)
+def grad_norms(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Per-parameter L2 norms of the gradients, as ``torch.nn.utils.clip_grad_norm_`` takes them.
+
+    One side's piece of a global norm: the client merges both sides' norms in the full model's
+    parameter order, so the total (and the clipping) is bit-identical to centralized clipping.
+    """
+    return {
+        name: torch.linalg.vector_norm(p.grad.detach(), 2.0) for name, p in named_params if p.grad is not None
+    }
 
 
-def scale_grads(params: Iterable[torch.nn.Parameter], factor: float) -> None:
-    if factor == 1.0:
-        return
+def global_clip_coefficient(norms: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_``'s coefficient: min(1, max_norm / (||norms|| + 1e-6)), in float32."""
+    if not norms:
+        return torch.ones(())
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
+def scale_grads(params: Iterable[torch.nn.Parameter], factor: float | torch.Tensor) -> None:
     for p in params:
         if p.grad is not None:
             p.grad.mul_(factor)
-
-
-def clip_coefficient(total_norm: float, max_norm: float) -> float:
-    """Same formula as ``torch.nn.utils.clip_grad_norm_``."""
-    return min(1.0, max_norm / (total_norm + 1e-6))

@@ -233,7 +233,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         rref = rpc.remote(SERVER_NAME, server_mod.instance, timeout=cfg.server.startup_timeout_s)
         link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s)
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
-        lm = SplitCausalLM(blocks, RemoteMiddle(link, server_trainable=info["trainable"]))
+        lm = SplitCausalLM(blocks, RemoteMiddle(link, server_info=info))
         module, collate = build_task(cfg, lm, tokenizer)
         train_loader, dev_loader = _loaders(cfg, train, dev, collate, seed=cfg.seed + index)
         fedavg = FedAvgCallback(link, every_n_steps=cfg.federation.aggregate_every)

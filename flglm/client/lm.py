@@ -40,6 +40,16 @@ class SplitCausalLM(nn.Module):
         """The client blocks under the Hugging Face parameter names."""
         return self.blocks.hf_state_dict()
 
+    def named_parameters_hf(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.blocks.hf.named_parameters())
+
+    @property
+    def server_parameter_names(self) -> list[str]:
+        return self.middle.server_parameter_names
+
+    def full_parameter_order(self) -> list[str]:
+        return self.blocks.hf.flglm_full_parameter_order
+
 
 class FullCausalLM(nn.Module):
     """The whole Hugging Face model in one process: the centralized reference."""

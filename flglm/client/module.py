@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from flglm.config import OptimConfig
-from flglm.optim import build_optimizer, build_scheduler, clip_coefficient, grad_sq_norm, scale_grads
+from flglm.optim import build_optimizer, build_scheduler, global_clip_coefficient, grad_norms, scale_grads
 
 
 class SplitClientModule(L.LightningModule):
@@ -64,9 +64,13 @@ class SplitClientModule(L.LightningModule):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm in (None, "norm"):
-            total = math.sqrt(grad_sq_norm(params) + self.link.grad_sq_norm())
-            self._server_grad_scale = clip_coefficient(total, float(gradient_clip_val))
-            scale_grads(params, self._server_grad_scale)
+            norms = grad_norms(self.lm.named_parameters_hf())
+            server_norms = self.link.grad_norms()
+            norms.update({n: v for n, v in zip(self.lm.server_parameter_names, server_norms) if v >= 0})
+            ordered = [norms[n] for n in self.lm.full_parameter_order() if n in norms]
+            coefficient = global_clip_coefficient(ordered, float(gradient_clip_val))
+            scale_grads(params, coefficient)
+            self._server_grad_scale = float(coefficient)
         else:
             torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
             self._server_clip_value = float(gradient_clip_val)

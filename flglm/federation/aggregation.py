@@ -7,6 +7,7 @@ average back through futures, so no RPC thread blocks while a round fills.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,8 +22,12 @@ def fedavg(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
         raise ValueError("fedavg needs at least one contribution")
     if len(vectors) != len(weights):
         raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
-    if any(w < 0 for w in weights):
-        raise ValueError(f"weights must be >= 0, got {list(weights)}")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
+    shapes = {tuple(v.shape) for v in vectors}
+    if len(shapes) > 1:
+        # Without this, broadcasting would silently average a [1] tensor into a [n] one.
+        raise ValueError(f"fedavg needs equally shaped tensors, got shapes {sorted(list(s) for s in shapes)}")
     total = float(sum(weights))
     coeffs = [w / total for w in weights] if total > 0 else [1.0 / len(vectors)] * len(vectors)
     out = torch.zeros_like(vectors[0], dtype=torch.float64)
@@ -67,8 +72,10 @@ class AggregationRounds:
     def contribute(self, client_id: int, round_index: int, vector: torch.Tensor, weight: float) -> Future:
         if vector.dim() != 1 or not vector.is_floating_point():
             raise ValueError(f"client {client_id}: aggregation vector must be a 1-D float tensor, got {vector.dtype} {list(vector.shape)}")
-        if weight < 0:
-            raise ValueError(f"client {client_id}: aggregation weight must be >= 0, got {weight}")
+        if not math.isfinite(weight) or weight < 0:
+            # Checked here, not only in fedavg: a failure while finishing a round would leave the
+            # other contributors' futures unresolved.
+            raise ValueError(f"client {client_id}: aggregation weight must be finite and >= 0, got {weight}")
         future: Future = Future()
         with self._lock:
             if client_id not in self._active:

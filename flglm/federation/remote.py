@@ -59,8 +59,8 @@ class ServerLink:
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
         return self._call("backward", header, wire(grad))
 
-    def grad_sq_norm(self) -> float:
-        return float(self._call("grad_sq_norm", self.client_id))
+    def grad_norms(self) -> torch.Tensor:
+        return self._call("grad_norms", self.client_id)
 
     def step(self, *, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None) -> None:
         self._call("step", self.client_id, client_step, total_steps, grad_scale, clip_value)
@@ -91,10 +91,11 @@ class _MiddleCall(torch.autograd.Function):
 class RemoteMiddle(nn.Module):
     """The server's middle stack as seen from the client."""
 
-    def __init__(self, link: ServerLink, *, server_trainable: bool) -> None:
+    def __init__(self, link: ServerLink, *, server_info: dict[str, Any]) -> None:
         super().__init__()
         self.link = link
-        self.server_trainable = server_trainable
+        self.server_trainable = bool(server_info["trainable"])
+        self.server_parameter_names: list[str] = list(server_info["parameter_names"])
         # Autograd calls _MiddleCall.backward only if one of its inputs requires grad; when the
         # client's input block is frozen but the server trains, this anchor makes it so.
         self._anchor = torch.zeros((), requires_grad=True)

@@ -1,7 +1,7 @@
 """The server: holds the middle stack, its optimizer, and per-request autograd state.
 
 Clients reach one ``MiddleServer`` through an RRef (``rpc.remote``) and call a handful of
-named methods: ``hello``, ``forward``, ``infer``, ``backward``, ``grad_sq_norm``, ``step``,
+named methods: ``hello``, ``forward``, ``infer``, ``backward``, ``grad_norms``, ``step``,
 ``aggregate``, ``leave``. Sequential serving: a client's training step (its forwards,
 backwards and optimizer step) has the middle stack to itself; other clients wait for their
 turn. Evaluation (``infer``) runs under no_grad, keeps nothing and needs no turn.
@@ -33,7 +33,7 @@ from flglm.federation.messages import (
     wire,
 )
 from flglm.models.split import MiddleStack, plan_split, load_hf_config, num_layers_of
-from flglm.optim import build_optimizer, grad_sq_norm, scale_grads, set_lr
+from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
 
 log = logging.getLogger("flglm.server")
 
@@ -82,7 +82,8 @@ class MiddleServer:
             )
             middle = MiddleStack(cfg.model, plan)
         self.middle = middle
-        self.params = [p for p in middle.parameters() if p.requires_grad]
+        self.named_params = [(n, p) for n, p in middle.hf.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(self.params, cfg.optim) if self.params else None
         self.max_positions = getattr(middle.hf.config, "max_position_embeddings", None)
         self.stats = ServerStats()
@@ -123,6 +124,7 @@ class MiddleServer:
             "hidden_size": self.middle.hidden_size,
             "server_layers": list(self.middle.plan.middle),
             "trainable": bool(self.params),
+            "parameter_names": [n for n, _ in self.named_params],
         }
 
     def leave(self, client_id: int, metrics: dict[str, float]) -> None:
@@ -257,9 +259,11 @@ class MiddleServer:
             return result
 
     # ------------------------------------------------------------------ optimizer
-    def grad_sq_norm(self, client_id: int) -> float:
+    def grad_norms(self, client_id: int) -> torch.Tensor:
+        """Per-parameter gradient norms in ``hello()['parameter_names']`` order (-1: no gradient)."""
         with self._lock:
-            return grad_sq_norm(self.params)
+            norms = grad_norms(self.named_params)
+            return torch.stack([norms.get(n, torch.tensor(-1.0)) for n, _ in self.named_params]) if self.named_params else torch.zeros(0)
 
     def step(self, client_id: int, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None) -> None:
         """Apply the accumulated gradients of ``client_id``'s step, then hand the turn on.

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from flglm.config import ModelConfig
-from flglm.models.adapters import ArchitectureAdapter, adapter_for
+from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
 
 Side = Literal["client", "server", "full"]
 
@@ -94,6 +95,11 @@ def num_layers_of(config: PretrainedConfig) -> int:
 
 def build_skeleton(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
     """The full model on the meta device: its structure and names, no memory."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        # Otherwise transformers raises a plain ValueError listing every causal LM it knows.
+        raise UnsupportedModelError(
+            f"model_type {config.model_type!r} has no causal LM class; supported: {', '.join(sorted(ADAPTERS))}"
+        )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     adapter_for(type(model).__name__)  # fail early, listing the supported classes
@@ -196,6 +202,9 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side) -> nn
     config = load_hf_config(model_cfg)
     model = build_skeleton(config, model_cfg.attn_implementation)
     adapter = adapter_for(type(model).__name__)
+    # The whole model's parameter order, which global-norm clipping must follow to match
+    # centralized clipping bit for bit (recorded before the other side's modules are dropped).
+    full_order = [name for name, _ in model.named_parameters()]
     if side != "full":
         assert plan is not None, "a client or server side needs a split plan"
         _prune(model, adapter, plan, side)
@@ -206,6 +215,7 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side) -> nn
         load_local(model, model_cfg.path)
     else:
         init_random(model, seed=model_cfg.init_seed)
+    model.flglm_full_parameter_order = full_order
     return model
 
 
