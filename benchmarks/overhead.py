@@ -53,7 +53,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from flglm.client.lm import FullCausalLM, SplitCausalLM
     from flglm.config import fingerprint
-    from flglm.distributed import configure_threads, read_env
+    from flglm.distributed import configure_threads, read_env, rpc_options
     from flglm.federation import server as server_mod
     from flglm.federation.remote import RemoteMiddle, ServerLink
     from flglm.models.split import ClientBlocks, build_full_model, plan_split
@@ -62,7 +62,7 @@ def _worker(args: argparse.Namespace) -> None:
     env = read_env()
     configure_threads(env.local_world_size)
     cfg = _config()
-    opts = rpc.TensorPipeRpcBackendOptions(init_method="env://", num_worker_threads=8, rpc_timeout=300, _transports=os.environ.get("TP_T","uv,shm").split(","), _channels=os.environ.get("TP_C","basic").split(","))
+    opts = rpc_options(num_worker_threads=8, timeout_s=300)
     if env.rank == 0:
         server = server_mod.MiddleServer(cfg)
         server_mod.install(server)

@@ -37,7 +37,7 @@ from flglm.datasets import (
     client_train_examples,
     dev_examples,
 )
-from flglm.distributed import DistEnv
+from flglm.distributed import DistEnv, rpc_options
 from flglm.federation import server as server_mod
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.federation.server import MiddleServer
@@ -161,11 +161,10 @@ def _final_metrics(trainer: L.Trainer, module: SplitClientModule, dev_loader: Da
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _rpc_options(cfg: RunConfig, env: DistEnv) -> rpc.TensorPipeRpcBackendOptions:
-    return rpc.TensorPipeRpcBackendOptions(
+def _rpc_options(cfg: RunConfig) -> rpc.TensorPipeRpcBackendOptions:
+    return rpc_options(
         num_worker_threads=max(cfg.server.num_rpc_threads, 2 * cfg.federation.num_clients + 4),
-        rpc_timeout=cfg.server.rpc_timeout_s,
-        init_method="env://",
+        timeout_s=cfg.server.rpc_timeout_s,
     )
 
 
@@ -179,7 +178,7 @@ def run_server(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
         list(server.middle.plan.middle),
         sum(p.numel() for p in server.middle.parameters()),
     )
-    rpc.init_rpc(SERVER_NAME, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg, env))
+    rpc.init_rpc(SERVER_NAME, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
     try:
         server.wait_until_done(timeout=cfg.server.startup_timeout_s)
         save_tensors(server.middle.hf_state_dict(), run_dir / "server" / "middle.safetensors")
@@ -228,7 +227,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
     log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))
 
-    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg, env))
+    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
     try:
         rref = rpc.remote(SERVER_NAME, server_mod.instance, timeout=cfg.server.startup_timeout_s)
         link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s)

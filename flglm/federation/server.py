@@ -206,6 +206,7 @@ class MiddleServer:
             self._sweep()
             key = (header.client_id, header.request_id)
             if key in self._pending:
+                self.stats.rejected += 1
                 raise InvalidMessageError(f"{header.describe()}: a forward with this id is already pending")
             self._evict_over_limit(header.client_id)
             self.middle.train()
@@ -233,7 +234,11 @@ class MiddleServer:
 
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
         """Backpropagate ``grad`` (d loss / d outputs) and return d loss / d inputs."""
-        header = check_header(header)
+        try:
+            header = check_header(header)
+        except InvalidMessageError:
+            self.stats.rejected += 1
+            raise
         with self._lock:
             key = (header.client_id, header.request_id)
             pending = self._pending.get(key)
