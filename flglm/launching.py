@@ -44,6 +44,65 @@ def describe_logs(run_dir: Path, output: str) -> str:
     return "\n".join(parts)
 
 
+def _echo(proc: subprocess.Popen, timeout_s: float) -> str:
+    """Copy the child's output to our stdout as it comes; raise TimeoutExpired past the deadline."""
+    import threading
+
+    chunks: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            chunks.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    proc.wait(timeout=timeout_s)
+    reader.join(timeout=5)
+    return "".join(chunks)
+
+
+def run_torchrun(
+    script: str | Path,
+    args: Sequence[str],
+    *,
+    nproc: int,
+    timeout_s: float,
+    run_dir: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    stream: bool = False,
+) -> FederationRun:
+    """Run ``script`` in ``nproc`` processes under torchrun (free port); kill them all on timeout.
+
+    Raises FederationFailed with the output (and the logs under ``run_dir/logs``) on timeout
+    or a non-zero exit. ``stream`` echoes the output (progress bars, logs) while it runs.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script), *args]
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    logs_dir = run_dir if run_dir is not None else Path("/nonexistent")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        output = _echo(proc, timeout_s) if stream else proc.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise FederationFailed(
+            f"{Path(script).name} did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(logs_dir, output)}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if proc.returncode != 0:
+        raise FederationFailed(f"{Path(script).name} exited with {proc.returncode}.\n{describe_logs(logs_dir, output)}")
+    return FederationRun(proc.returncode, output, logs_dir)
+
+
 def run_federation(
     config: str | Path,
     overrides: Sequence[str] = (),
@@ -52,40 +111,11 @@ def run_federation(
     run_dir: str | Path,
     timeout_s: float,
     extra_env: dict[str, str] | None = None,
-    check: bool = True,
+    stream: bool = False,
 ) -> FederationRun:
-    """Run ``1 + num_clients`` processes of ``launch/train.py`` under torchrun and wait."""
+    """Run a federation: ``1 + num_clients`` processes of ``launch/train.py``, and wait."""
     run_dir = Path(run_dir)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={num_clients + 1}",
-        str(TRAIN_SCRIPT),
-        "--config",
-        str(config),
-        f"run_dir={run_dir}",
-        f"federation.num_clients={num_clients}",
-        *overrides,
-    ]
-    env = dict(os.environ)
-    env.update(extra_env or {})
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    args = ["--config", str(config), f"run_dir={run_dir}", f"federation.num_clients={num_clients}", *overrides]
+    return run_torchrun(
+        TRAIN_SCRIPT, args, nproc=num_clients + 1, timeout_s=timeout_s, run_dir=run_dir, extra_env=extra_env, stream=stream
     )
-    try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise FederationFailed(
-            f"federation did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(run_dir, output)}"
-        ) from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    if check and proc.returncode != 0:
-        raise FederationFailed(f"federation exited with {proc.returncode}.\n{describe_logs(run_dir, output)}")
-    return FederationRun(proc.returncode, output, run_dir)

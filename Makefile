@@ -1,0 +1,23 @@
+# The two commands of the quick start. Each installs what it needs first (CPU torch from
+# this machine's disk, then the package and its test tools).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install demo test bench
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) "torch==2.13.0"
+	@$(PIP) -e ".[test]"
+
+demo: install
+	$(PYTHON) launch/demo.py
+
+# pytest exits 5 when it collects no test (e.g. a -k filter that matches nothing): say so
+# and pass that code on; .ci/run decides what it means for CI.
+test: install
+	@$(PYTHON) -m pytest -q $(PYTEST_ARGS); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests"; fi; exit $$status
+
+bench: install
+	$(PYTHON) benchmarks/overhead.py
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2

@@ -1,0 +1,93 @@
+"""Worker of tests/test_rpc_split.py: split == whole model over real RPC, for every architecture.
+
+    torchrun --standalone --nproc-per-node=2 tests/workers/rpc_split_check.py
+
+Rank 0 serves one MiddleServer per architecture; rank 1 runs each split model through the
+server over RPC and compares logits and every parameter's gradient with the whole model.
+Prints one JSON line with the largest differences; exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.rpc as rpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from conftest import TINY_MODEL_CONFIGS  # noqa: E402
+
+from flglm.client.lm import SplitCausalLM  # noqa: E402
+from flglm.config import ModelConfig, RunConfig, fingerprint  # noqa: E402
+from flglm.distributed import configure_threads, read_env, rpc_options  # noqa: E402
+from flglm.federation.remote import RemoteMiddle, ServerLink  # noqa: E402
+from flglm.federation.server import MiddleServer  # noqa: E402
+from flglm.models import ClientBlocks, build_full_model, plan_split  # noqa: E402
+
+_SERVERS: dict[str, MiddleServer] = {}
+
+
+def _config(arch: str) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model = ModelConfig(config=dict(TINY_MODEL_CONFIGS[arch]))
+    cfg.data.train_path = "unused"
+    return cfg
+
+
+def server_for(arch: str) -> MiddleServer:
+    return _SERVERS[arch]
+
+
+def server_grads(arch: str) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in _SERVERS[arch].middle.hf.named_parameters() if p.grad is not None}
+
+
+def check(arch: str) -> dict[str, float]:
+    cfg = _config(arch)
+    link = ServerLink(rpc.remote("server", server_for, args=(arch,)), client_id=0, timeout_s=60)
+    info = link.hello(fingerprint(cfg), "test")
+    lm = SplitCausalLM(ClientBlocks(cfg.model, plan_split(4, client_head_layers=1, client_tail_layers=1)), RemoteMiddle(link, server_info=info))
+    full = build_full_model(cfg.model)
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
+    ids = torch.randint(3, 128, mask.shape, generator=gen).masked_fill(mask == 0, 0)
+    weights = torch.randn(3, 10, 128, generator=gen) * mask.unsqueeze(-1)
+    split_logits = lm(ids, mask)
+    full_logits = full(input_ids=ids, attention_mask=mask, position_ids=torch.arange(10).expand(3, 10)).logits
+    (split_logits * weights).sum().backward()
+    (full_logits * weights).sum().backward()
+    grads = {n: p.grad for n, p in lm.blocks.hf.named_parameters()}
+    grads.update(rpc.rpc_sync("server", server_grads, args=(arch,)))
+    full_grads = {n: p.grad for n, p in full.named_parameters()}
+    assert sorted(grads) == sorted(full_grads), (arch, sorted(set(grads) ^ set(full_grads)))
+    link.leave({})
+    return {
+        "logits": float((split_logits - full_logits).abs().max()),
+        "grads": max(float((grads[n] - full_grads[n]).abs().max()) for n in full_grads),
+    }
+
+
+def main() -> int:
+    env = read_env()
+    configure_threads(env.local_world_size)
+    opts = rpc_options(num_worker_threads=8, timeout_s=120)
+    if env.rank == 0:
+        for arch in TINY_MODEL_CONFIGS:
+            _SERVERS[arch] = MiddleServer(_config(arch))
+        rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
+        for server in _SERVERS.values():
+            server.wait_until_done(timeout=120)
+        rpc.shutdown()
+        return 0
+    rpc.init_rpc("client0", rank=1, world_size=2, rpc_backend_options=opts)
+    results = {arch: check(arch) for arch in TINY_MODEL_CONFIGS}
+    rpc.shutdown()
+    print(json.dumps(results))
+    worst = max(max(r.values()) for r in results.values())
+    return 0 if worst <= 1e-5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
