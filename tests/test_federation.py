@@ -66,10 +66,20 @@ def merged_weights(run_dir: Path, client: int = 0) -> dict[str, torch.Tensor]:
     return weights
 
 
-def test_one_client_federation_equals_centralized_training(tmp_path: Path) -> None:
-    # Prepare: 20 steps, AdamW with warm-up + linear decay, global-norm clipping.
-    config = write_config(tmp_path)
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        pytest.param({}, id="fp32"),
+        pytest.param({"accumulate_grad_batches": 2}, id="grad-accumulation"),
+        pytest.param({"precision": "bf16-mixed"}, id="bf16-mixed"),
+    ],
+)
+def test_one_client_federation_equals_centralized_training(tmp_path: Path, trainer: dict) -> None:
+    # Prepare: 20 optimizer steps, AdamW with warm-up + linear decay, global-norm clipping,
+    # and Lightning's accumulation / precision settings unchanged.
+    config = write_config(tmp_path, trainer=trainer)
     fed_dir = tmp_path / "fed"
+    micro_batches = 20 * trainer.get("accumulate_grad_batches", 1)
 
     # Execute
     run_federation(config, num_clients=1, run_dir=fed_dir, timeout_s=240)
@@ -80,7 +90,7 @@ def test_one_client_federation_equals_centralized_training(tmp_path: Path) -> No
     # Assert: per-step losses and final weights equal within 1e-5.
     fed = json.loads((fed_dir / "client0" / "metrics.json").read_text())
     central = json.loads((tmp_path / "central" / "centralized" / "metrics.json").read_text())
-    assert len(fed["losses"]) == len(central["losses"]) == 20
+    assert len(fed["losses"]) == len(central["losses"]) == micro_batches
     assert fed["losses"] == pytest.approx(central["losses"], abs=1e-5)
     fed_weights = merged_weights(fed_dir)
     central_weights = load_tensors(tmp_path / "central" / "centralized" / "model.safetensors")

@@ -1,0 +1,200 @@
+"""Accuracy parity: the same small GLM trained centralized and federated (2 and 4 clients) on SST-2.
+
+    python benchmarks/parity.py --data ../shared/data/sst2
+    python benchmarks/parity.py --data ../shared/data/sst2 peft.method=lora      # overrides for every run
+    python benchmarks/parity.py --data ../shared/data/sst2 --clients 2 trainer.max_epochs=1
+
+``--data`` is a directory with ``train.tsv`` and ``dev.tsv`` (header ``label<TAB>sentence``).
+Every run uses ``configs/sst2.yaml`` (a GLM with random init; the word-level tokenizer is
+trained from the training text) with the same seed, epochs, batch size and optimizer, plus
+the ``key=value`` overrides given after the flags, which are passed to every run unchanged.
+
+* Centralized: ``flglm.runner.run_centralized`` in a child process with one thread.
+* Federated: ``flglm.launching.run_federation``, 1 server + N clients under torchrun on
+  loopback (one thread per process, as ``flglm.distributed.configure_threads`` gives on a
+  2-core machine); IID split of the same rows.
+
+All runs train on the same union of rows: the script fixes ``data.max_train_rows`` to the
+configured subset rounded down to a multiple of every client count, so no run drops a
+remainder the others keep. Dev accuracy is measured on the whole dev file, by the final
+model (for a federation: after the last FedAvg, when every client holds the same blocks).
+
+Why one thread for the centralized run: measured on this 2-core machine, a 2-thread
+process is 20-40x slower whenever anything else uses a core (OpenMP spin-waits), so the
+reference gets the same single thread each federation process gets. Train times are
+reported for information; the figure this benchmark is about is accuracy.
+
+Runs go under ``runs/parity/`` (``--run-dir``); each run's output stays in its own directory
+(``logs/``), not on stdout. stdout is a table and, as its last line, one JSON object whose
+``ratio`` is the smallest federated / centralized dev-accuracy ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "sst2.yaml"
+
+
+def _centralized_worker(config: str, overrides: list[str]) -> None:
+    """Child process: one centralized run; its metrics land in ``run_dir/centralized/metrics.json``."""
+    import torch
+
+    from flglm.config import load_config
+    from flglm.runner import run_centralized, save_run_config, setup_logging
+
+    torch.set_num_threads(1)
+    cfg = load_config(config, overrides)
+    setup_logging(Path(cfg.run_dir), "centralized")
+    save_run_config(cfg)
+    run_centralized(cfg)
+
+
+def _resolve_data(data: str) -> Path:
+    """``--data`` relative to the current directory, or else to the repository root."""
+    for candidate in (Path(data), REPO_ROOT / data):
+        if (candidate / "train.tsv").is_file():
+            return candidate.resolve()
+    raise SystemExit(f"parity: error: no train.tsv in {data!r} (looked in {Path(data).resolve()} and {REPO_ROOT / data})")
+
+
+def _shared_rows(config: Path, overrides: list[str], clients: list[int]) -> int:
+    """Rows every run trains on: the configured subset, rounded down to suit every client count."""
+    from flglm.config import load_config
+    from flglm.datasets import all_train_examples
+
+    multiple = math.lcm(*clients)
+    cfg = load_config(config, [*overrides, f"federation.num_clients={multiple}"])
+    rows = len(all_train_examples(cfg))
+    if rows == 0:
+        raise SystemExit(f"parity: error: fewer training rows than {multiple} (the lcm of the client counts)")
+    return rows
+
+
+def _run_centralized(config: Path, overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, float]:
+    run_dir.mkdir(parents=True)
+    cmd = [sys.executable, __file__, "--centralized-worker", "--config", str(config), *overrides, f"run_dir={run_dir}"]
+    output = run_dir / "output.log"
+    with output.open("w") as sink:
+        try:
+            proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO_ROOT)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"parity: error: the centralized run took over {timeout_s:.0f}s; see {output}") from None
+    if proc.returncode != 0:
+        tail = "\n".join(output.read_text(errors="replace").splitlines()[-40:])
+        raise SystemExit(f"parity: error: the centralized run exited with {proc.returncode}:\n{tail}")
+    return json.loads((run_dir / "centralized" / "metrics.json").read_text())["metrics"]
+
+
+def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Path, timeout_s: float) -> dict[str, float]:
+    from flglm.launching import FederationFailed, run_federation
+
+    try:
+        run_federation(config, overrides, num_clients=clients, run_dir=run_dir, timeout_s=timeout_s)
+    except FederationFailed as err:
+        raise SystemExit(f"parity: error: the {clients}-client federation failed:\n{err}") from None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = dict(summary["federation"])
+    # The clients train concurrently: the federation's training time is the slowest client's.
+    metrics["train_time_s"] = max(m["train_time_s"] for m in summary["clients"].values())
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/sst2", help="directory with train.tsv and dev.tsv")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--clients", default="2,4", help="comma-separated client counts (default 2,4)")
+    parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "parity"))
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run")
+    parser.add_argument("--centralized-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    args = parser.parse_args()
+    if args.centralized_worker:
+        _centralized_worker(args.config, args.overrides)
+        return
+
+    started = time.monotonic()
+    config = Path(args.config).resolve()
+    clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+    if not clients or min(clients) < 1:
+        raise SystemExit(f"parity: error: --clients must list positive counts, got {args.clients!r}")
+    data = _resolve_data(args.data)
+    base = [
+        f"data.train_path={data / 'train.tsv'}",
+        f"data.dev_path={data / 'dev.tsv'}",
+        "trainer.enable_progress_bar=false",
+        *args.overrides,
+    ]
+    rows = _shared_rows(config, base, clients)
+    base.append(f"data.max_train_rows={rows}")
+    from flglm.config import load_config
+
+    cfg = load_config(config, base)
+    root = Path(args.run_dir).resolve()
+
+    results: dict[str, dict[str, float]] = {}
+    walls: dict[str, float] = {}
+    plan = [("centralized", None), *((f"federated_{n}", n) for n in clients)]
+    for name, n in plan:
+        run_dir = root / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"[parity] {name}: running ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        if n is None:
+            # num_clients only decides the iid remainder here; the rows are already a multiple.
+            overrides = [*base, f"federation.num_clients={max(clients)}"]
+            results[name] = _run_centralized(config, overrides, run_dir, args.timeout)
+        else:
+            results[name] = _run_federated(config, base, n, run_dir, args.timeout)
+        walls[name] = time.monotonic() - t0
+        print(f"[parity] {name}: val_acc {results[name]['val_acc']:.4f} in {walls[name]:.0f}s", file=sys.stderr, flush=True)
+
+    central_acc = results["centralized"]["val_acc"]
+    ratios = {name: results[name]["val_acc"] / central_acc for name, n in plan if n is not None}
+
+    print(
+        f"SST-2 parity: {rows} training rows (IID), {cfg.trainer.max_epochs} epoch(s), "
+        f"batch {cfg.data.batch_size} per client, FedAvg every {cfg.federation.aggregate_every} step(s); "
+        f"dev = {data / 'dev.tsv'}"
+    )
+    header = f"{'run':<22}{'dev acc':>9}{'dev F1':>9}{'train s':>9}{'wall s':>9}{'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, n in plan:
+        m = results[name]
+        label = "centralized" if n is None else f"federated, {n} clients"
+        ratio = f"{ratios[name]:.4f}" if n is not None else "1"
+        print(f"{label:<22}{m['val_acc']:>9.4f}{m.get('val_f1', float('nan')):>9.4f}"
+              f"{m['train_time_s']:>9.1f}{walls[name]:>9.1f}{ratio:>8}")
+
+    result: dict[str, object] = {
+        "benchmark": "parity",
+        "train_rows": rows,
+        "epochs": cfg.trainer.max_epochs,
+        "overrides": args.overrides,
+        "centralized_acc": round(central_acc, 4),
+        "centralized_f1": round(results["centralized"].get("val_f1", float("nan")), 4),
+    }
+    for name, n in plan:
+        if n is not None:
+            result[f"federated_{n}_acc"] = round(results[name]["val_acc"], 4)
+            result[f"federated_{n}_f1"] = round(results[name].get("val_f1", float("nan")), 4)
+    for name, n in plan:
+        if n is not None:
+            result[f"ratio_{n}"] = round(ratios[name], 4)
+    result["ratio"] = round(min(ratios.values()), 4)
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

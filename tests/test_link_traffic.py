@@ -1,0 +1,61 @@
+"""Only hidden states, the padding mask, position ids and gradients cross the link."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from conftest import TINY_MODEL_CONFIGS
+from flglm.client.lm import SplitCausalLM
+from flglm.config import ModelConfig, RunConfig, fingerprint
+from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.federation.server import MiddleServer
+from flglm.models import ClientBlocks, plan_split
+
+
+class RecordingLink(ServerLink):
+    """A link that keeps every call it makes, as a wiretap on the client-server channel would."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[str, tuple]] = []
+
+    def _call(self, name: str, *args: Any) -> Any:
+        self.calls.append((name, args))
+        return super()._call(name, *args)
+
+
+def test_a_training_step_sends_nothing_but_hidden_states_masks_positions_and_gradients() -> None:
+    # Prepare
+    cfg = RunConfig()
+    cfg.model = ModelConfig(config=dict(TINY_MODEL_CONFIGS["llama"]))
+    server = MiddleServer(cfg)
+    link = RecordingLink(server, client_id=0, timeout_s=10)
+    info = link.hello(fingerprint(cfg), "tok")
+    lm = SplitCausalLM(ClientBlocks(cfg.model, plan_split(4, client_head_layers=1, client_tail_layers=1)), RemoteMiddle(link, server_info=info))
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    ids = torch.randint(3, 128, (2, 8)).masked_fill(mask == 0, 0)
+    labels = torch.randint(3, 128, (2, 8))
+
+    # Execute: one training step and one evaluation forward.
+    logits = lm(ids, mask)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    link.step(client_step=0, total_steps=1)
+    with torch.no_grad():
+        lm(ids, mask)
+
+    # Assert
+    names = [name for name, _ in link.calls[1:]]
+    assert names == ["forward", "backward", "step", "infer"]
+    tensors = [a for _, args in link.calls[1:] for a in args if isinstance(a, torch.Tensor)]
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            assert tensor.shape == (2, 8, 64)  # hidden states or their gradient
+        else:
+            assert tensor.shape == (2, 8)
+            is_mask = torch.equal(tensor, mask)
+            is_positions = torch.equal(tensor, torch.arange(8).expand(2, 8))
+            assert is_mask or is_positions, tensor
+            assert not torch.equal(tensor, ids) and not torch.equal(tensor, labels)
+    assert len(tensors) == 3 + 1 + 3  # forward: h, mask, pos; backward: grad; infer: h, mask, pos
