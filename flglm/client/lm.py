@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.models.split import ClientBlocks, default_position_ids
+from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of
 
 
 class SplitCausalLM(nn.Module):
@@ -62,8 +62,7 @@ class FullCausalLM(nn.Module):
 
     @property
     def max_positions(self) -> int | None:
-        value = getattr(self.hf.config, "max_position_embeddings", None)
-        return int(value) if value is not None else None
+        return max_positions_of(self.hf.config)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None

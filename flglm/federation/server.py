@@ -32,7 +32,7 @@ from flglm.federation.messages import (
     check_header,
     wire,
 )
-from flglm.models.split import MiddleStack, plan_split, load_hf_config, num_layers_of
+from flglm.models.split import MiddleStack, load_hf_config, max_positions_of, num_layers_of, plan_split
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
 
 log = logging.getLogger("flglm.server")
@@ -85,7 +85,7 @@ class MiddleServer:
         self.named_params = [(n, p) for n, p in middle.hf.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]
         self.optimizer = build_optimizer(self.params, cfg.optim) if self.params else None
-        self.max_positions = getattr(middle.hf.config, "max_position_embeddings", None)
+        self.max_positions = max_positions_of(middle.hf.config)
         self.stats = ServerStats()
         self._fingerprint = fingerprint(cfg)
         self._lock = threading.RLock()

@@ -9,6 +9,7 @@ exactly that, so adding an architecture is one small entry in ``ADAPTERS``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 

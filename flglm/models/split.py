@@ -93,6 +93,12 @@ def num_layers_of(config: PretrainedConfig) -> int:
     return int(config.num_hidden_layers)
 
 
+def max_positions_of(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embedding covers (None: unbounded)."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value is not None else None
+
+
 def build_skeleton(config: PretrainedConfig, attn_implementation: str) -> nn.Module:
     """The full model on the meta device: its structure and names, no memory."""
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -188,7 +194,9 @@ def load_local(model: nn.Module, path: str | Path) -> None:
                     if key in wanted:
                         tensor = reader.get_tensor(key)
                         if tensor.shape != wanted[key].shape:
-                            raise ValueError(f"{file}: {key} has shape {list(tensor.shape)}, model expects {list(wanted[key].shape)}")
+                            raise ValueError(
+                                f"{file}: {key} has shape {list(tensor.shape)}, model expects {list(wanted[key].shape)}"
+                            )
                         wanted[key].copy_(tensor)
                         found.add(key)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
@@ -280,8 +288,7 @@ class ClientBlocks(nn.Module):
 
     @property
     def max_positions(self) -> int | None:
-        value = getattr(self.hf.config, "max_position_embeddings", None)
-        return int(value) if value is not None else None
+        return max_positions_of(self.hf.config)
 
     def input_block(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
