@@ -44,6 +44,24 @@ def describe_logs(run_dir: Path, output: str) -> str:
     return "\n".join(parts)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun puts its workers in new sessions,
+    so killing its process group is not enough)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        victims = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for victim in victims:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+
+
 def _echo(proc: subprocess.Popen, timeout_s: float) -> str:
     """Copy the child's output to our stdout as it comes; raise TimeoutExpired past the deadline."""
     import threading
@@ -90,14 +108,14 @@ def run_torchrun(
     try:
         output = _echo(proc, timeout_s) if stream else proc.communicate(timeout=timeout_s)[0]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        kill_tree(proc.pid)
+        output, _ = proc.communicate(timeout=30)
         raise FederationFailed(
-            f"{Path(script).name} did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(logs_dir, output)}"
+            f"{Path(script).name} did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(logs_dir, output or '')}"
         ) from None
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
     if proc.returncode != 0:
         raise FederationFailed(f"{Path(script).name} exited with {proc.returncode}.\n{describe_logs(logs_dir, output)}")
     return FederationRun(proc.returncode, output, logs_dir)
