@@ -1,4 +1,5 @@
-"""Command line: ``flglm train`` (one federation process, under torchrun), ``flglm centralized``.
+"""Command line: ``flglm train`` (one federation process, under torchrun), ``flglm centralized``
+(the whole model in one process), ``flglm export`` (merge a run's parts into one HF directory).
 
     torchrun --standalone --nproc-per-node=3 launch/train.py --config configs/demo.yaml
     flglm centralized --config configs/demo.yaml run_dir=runs/central
@@ -69,7 +70,24 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "centralized": centralized_main}
+def export_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flglm export", description="merge a run's parts into a Hugging Face directory")
+    parser.add_argument("--run-dir", required=True, help="a finished federation's run_dir")
+    parser.add_argument("--out", required=True, help="directory to write (config, weights, tokenizer)")
+    parser.add_argument("--client", type=int, default=0, help="whose client blocks to take (all equal after FedAvg)")
+    args = parser.parse_args(argv)
+    from flglm.export import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, client=args.client)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"flglm: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": train_main, "centralized": centralized_main, "export": export_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

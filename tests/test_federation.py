@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM
 
 from flglm.checkpoint import load_tensors
 from flglm.config import load_config
 from flglm.data import write_demo_dataset
-from flglm.models import build_full_model
+from flglm.export import export_run
 from flglm.launching import FederationFailed, run_federation
+from flglm.models import build_full_model
 from flglm.runner import run_centralized
 
 pytestmark = pytest.mark.multiprocess
@@ -98,6 +100,9 @@ def test_one_client_federation_equals_centralized_training(tmp_path: Path, train
     for name, value in central_weights.items():
         torch.testing.assert_close(fed_weights[name], value, atol=1e-5, rtol=0, msg=name)
     assert fed["metrics"]["val_acc"] == pytest.approx(central["metrics"]["val_acc"])
+    exported = AutoModelForCausalLM.from_pretrained(export_run(fed_dir, tmp_path / "exported"))
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, central_weights[name], atol=1e-5, rtol=0, msg=name)
     initial = build_full_model(cfg.model).state_dict()
     assert not torch.allclose(fed_weights["model.layers.2.mlp.down_proj.weight"], initial["model.layers.2.mlp.down_proj.weight"])
 

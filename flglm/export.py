@@ -1,0 +1,42 @@
+"""Merge a finished run's parts into one Hugging Face model directory.
+
+The client blocks (from one client: after the final FedAvg all clients hold the same ones)
+and the server's middle stack are saved under the full model's parameter names, so merging
+is a union of two state dicts. Whoever runs this holds both parts: in a real federation that
+is a decision of the parties, not something the training does by itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flglm.checkpoint import load_tensors
+from flglm.config import load_config
+from flglm.models.split import build_full_model
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> Path:
+    """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by ``from_pretrained``."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    weights = load_tensors(run_dir / f"client{client}" / "client_blocks.safetensors")
+    middle = load_tensors(run_dir / "server" / "middle.safetensors")
+    overlap = set(weights) & set(middle)
+    if overlap:
+        raise ValueError(f"client and server parts both hold {sorted(overlap)[:3]}: not parts of one split")
+    weights.update(middle)
+    model = build_full_model(cfg.model)
+    expected = set(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ValueError(f"the run's parts lack {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
+    model.load_state_dict(weights, strict=False)
+    model.save_pretrained(out_dir)
+    tokenizer_dir = run_dir / "tokenizer"
+    if tokenizer_dir.is_dir():
+        from flglm.data import load_tokenizer
+
+        load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
+    return out_dir
