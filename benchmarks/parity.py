@@ -1,8 +1,11 @@
 """Accuracy parity: the same small GLM trained centralized and federated (2 and 4 clients) on SST-2.
 
     python benchmarks/parity.py --data ../shared/data/sst2
-    python benchmarks/parity.py --data ../shared/data/sst2 peft.method=lora      # overrides for every run
-    python benchmarks/parity.py --data ../shared/data/sst2 --clients 2 trainer.max_epochs=1
+    python benchmarks/parity.py --data ../shared/data/sst2 trainer.max_epochs=3   # overrides for every run
+    python benchmarks/parity.py --data ../shared/data/sst2 --clients 2 data.max_train_rows=2000
+
+With ``configs/sst2.yaml`` (the first 12000 training phrases, 2 epochs) the three runs take
+about 6.5 minutes on a 2-core CPU machine; centralized dev accuracy is ~0.79.
 
 ``--data`` is a directory with ``train.tsv`` and ``dev.tsv`` (header ``label<TAB>sentence``).
 Every run uses ``configs/sst2.yaml`` (a GLM with random init; the word-level tokenizer is
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "sst2.yaml"
@@ -60,10 +64,11 @@ def _centralized_worker(config: str, overrides: list[str]) -> None:
 
 def _resolve_data(data: str) -> Path:
     """``--data`` relative to the current directory, or else to the repository root."""
-    for candidate in (Path(data), REPO_ROOT / data):
-        if (candidate / "train.tsv").is_file():
-            return candidate.resolve()
-    raise SystemExit(f"parity: error: no train.tsv in {data!r} (looked in {Path(data).resolve()} and {REPO_ROOT / data})")
+    candidates = list(dict.fromkeys([Path(data).resolve(), (REPO_ROOT / data).resolve()]))
+    for candidate in candidates:
+        if (candidate / "train.tsv").is_file() and (candidate / "dev.tsv").is_file():
+            return candidate
+    raise SystemExit(f"parity: error: --data {data}: no train.tsv and dev.tsv in {' or '.join(map(str, candidates))}")
 
 
 def _shared_rows(config: Path, overrides: list[str], clients: list[int]) -> int:
@@ -85,7 +90,7 @@ def _run_centralized(config: Path, overrides: list[str], run_dir: Path, timeout_
     output = run_dir / "output.log"
     with output.open("w") as sink:
         try:
-            proc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO_ROOT)
+            proc = subprocess.run(cmd, check=False, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO_ROOT)
         except subprocess.TimeoutExpired:
             raise SystemExit(f"parity: error: the centralized run took over {timeout_s:.0f}s; see {output}") from None
     if proc.returncode != 0:
@@ -127,6 +132,9 @@ def main() -> None:
     clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     if not clients or min(clients) < 1:
         raise SystemExit(f"parity: error: --clients must list positive counts, got {args.clients!r}")
+    reserved = [o for o in args.overrides if o.split("=", 1)[0] in ("run_dir", "federation.num_clients")]
+    if reserved:
+        raise SystemExit(f"parity: error: {reserved}: set these with --run-dir and --clients")
     data = _resolve_data(args.data)
     base = [
         f"data.train_path={data / 'train.tsv'}",
@@ -134,11 +142,16 @@ def main() -> None:
         "trainer.enable_progress_bar=false",
         *args.overrides,
     ]
-    rows = _shared_rows(config, base, clients)
-    base.append(f"data.max_train_rows={rows}")
-    from flglm.config import load_config
+    from flglm.config import ConfigError, load_config
 
-    cfg = load_config(config, base)
+    try:
+        rows = _shared_rows(config, base, clients)
+        base.append(f"data.max_train_rows={rows}")
+        cfg = load_config(config, base)
+    except ConfigError as err:
+        raise SystemExit(f"parity: error: {err}") from None
+    if cfg.task.kind != "classification":
+        raise SystemExit(f"parity: error: compares dev accuracy, so task.kind must be classification, got {cfg.task.kind!r}")
     root = Path(args.run_dir).resolve()
 
     results: dict[str, dict[str, float]] = {}
@@ -158,42 +171,47 @@ def main() -> None:
         walls[name] = time.monotonic() - t0
         print(f"[parity] {name}: val_acc {results[name]['val_acc']:.4f} in {walls[name]:.0f}s", file=sys.stderr, flush=True)
 
-    central_acc = results["centralized"]["val_acc"]
-    ratios = {name: results[name]["val_acc"] / central_acc for name, n in plan if n is not None}
-
-    print(
-        f"SST-2 parity: {rows} training rows (IID), {cfg.trainer.max_epochs} epoch(s), "
-        f"batch {cfg.data.batch_size} per client, FedAvg every {cfg.federation.aggregate_every} step(s); "
-        f"dev = {data / 'dev.tsv'}"
-    )
-    header = f"{'run':<22}{'dev acc':>9}{'dev F1':>9}{'train s':>9}{'wall s':>9}{'ratio':>8}"
-    print(header)
-    print("-" * len(header))
-    for name, n in plan:
-        m = results[name]
-        label = "centralized" if n is None else f"federated, {n} clients"
-        ratio = f"{ratios[name]:.4f}" if n is not None else "1"
-        print(f"{label:<22}{m['val_acc']:>9.4f}{m.get('val_f1', float('nan')):>9.4f}"
-              f"{m['train_time_s']:>9.1f}{walls[name]:>9.1f}{ratio:>8}")
-
-    result: dict[str, object] = {
-        "benchmark": "parity",
-        "train_rows": rows,
-        "epochs": cfg.trainer.max_epochs,
-        "overrides": args.overrides,
-        "centralized_acc": round(central_acc, 4),
-        "centralized_f1": round(results["centralized"].get("val_f1", float("nan")), 4),
-    }
-    for name, n in plan:
-        if n is not None:
-            result[f"federated_{n}_acc"] = round(results[name]["val_acc"], 4)
-            result[f"federated_{n}_f1"] = round(results[name].get("val_f1", float("nan")), 4)
-    for name, n in plan:
-        if n is not None:
-            result[f"ratio_{n}"] = round(ratios[name], 4)
-    result["ratio"] = round(min(ratios.values()), 4)
+    print("\n".join(_table(results, walls, rows=rows, cfg=cfg, dev=data / "dev.tsv")))
+    result = _result(results, rows=rows, epochs=cfg.trainer.max_epochs, overrides=args.overrides)
     result["wall_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result))
+
+
+def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    central = results["centralized"]["val_acc"]
+    return {name: m["val_acc"] / central for name, m in results.items() if name != "centralized"}
+
+
+def _table(results: dict[str, dict[str, float]], walls: dict[str, float], *, rows: int, cfg: Any, dev: Path) -> list[str]:
+    ratios = _ratios(results)
+    header = f"{'run':<24}{'dev acc':>9}{'dev F1':>9}{'train s':>9}{'wall s':>9}{'ratio':>8}"
+    setup = (
+        f"SST-2 parity: {rows} training rows (IID), {cfg.trainer.max_epochs} epoch(s), batch {cfg.data.batch_size} per "
+        f"client, FedAvg every {cfg.federation.aggregate_every} step(s); dev: {dev}"
+    )
+    lines = [
+        setup,
+        header,
+        "-" * len(header),
+    ]
+    for name, m in results.items():
+        label = name.replace("federated_", "federated, ") + (" clients" if name in ratios else "")
+        ratio = f"{ratios[name]:.4f}" if name in ratios else "1"
+        lines.append(f"{label:<24}{m['val_acc']:>9.4f}{m['val_f1']:>9.4f}{m['train_time_s']:>9.1f}{walls[name]:>9.1f}{ratio:>8}")
+    return lines
+
+
+def _result(results: dict[str, dict[str, float]], *, rows: int, epochs: int, overrides: list[str]) -> dict[str, object]:
+    """The JSON line; ``ratio`` is the smallest federated / centralized dev-accuracy ratio."""
+    ratios = _ratios(results)
+    out: dict[str, object] = {"benchmark": "parity", "train_rows": rows, "epochs": epochs, "overrides": overrides}
+    for name, m in results.items():
+        out[f"{name}_acc"] = round(m["val_acc"], 4)
+        out[f"{name}_f1"] = round(m["val_f1"], 4)
+    for name, ratio in ratios.items():
+        out[f"ratio_{name.removeprefix('federated_')}"] = round(ratio, 4)
+    out["ratio"] = round(min(ratios.values()), 4)
+    return out
 
 
 if __name__ == "__main__":

@@ -96,8 +96,8 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
             "trained: set data.tokenizer_path to a saved tokenizer directory"
         )
     texts = [e.text for e in all_train_examples(cfg)]
-    texts += [cfg.task.prompt.replace("{text}", " "), *cfg.task.label_words]
-    tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size)
+    required = [cfg.task.prompt.replace("{text}", " "), *cfg.task.label_words]
+    tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
     if save:
         save_tokenizer(tokenizer, Path(cfg.run_dir) / "tokenizer")
     return tokenizer

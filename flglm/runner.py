@@ -191,6 +191,8 @@ def run_server(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
         log.exception("server failed")
         rpc.shutdown(graceful=False)
         raise
+    finally:
+        server.close()
     rpc.shutdown()
     return summary
 

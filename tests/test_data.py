@@ -376,3 +376,12 @@ def test_demo_dataset_negation_occurs_with_both_labels(tmp_path: Path) -> None:
     negated = [e.label for e in read_tsv(train) if "not" in e.text.split()]
     assert 0.2 < len(negated) / 400 < 0.5
     assert set(negated) == {0, 1}
+
+
+def test_required_words_stay_in_the_vocabulary_however_rare() -> None:
+    texts = ["common words here"] * 50 + ["rare"]
+
+    tokenizer = train_word_tokenizer(texts, vocab_size=6, required=["rare sentiment"])
+
+    ids = tokenizer("rare sentiment", add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) == 2

@@ -51,12 +51,16 @@ def _count_words(texts: Iterable[str], tokenizer: Tokenizer) -> Counter[str]:
     return counts
 
 
-def train_word_tokenizer(texts: Iterable[str], *, vocab_size: int) -> PreTrainedTokenizerFast:
+def train_word_tokenizer(
+    texts: Iterable[str], *, vocab_size: int, required: Iterable[str] = ()
+) -> PreTrainedTokenizerFast:
     """Build a lower-cased word-level tokenizer from the most frequent words.
 
     ``vocab_size`` includes the four special tokens. Words are ranked by
-    (-count, word), so the same texts always give the same ids. Encoding with
-    ``add_special_tokens=True`` prepends ``[BOS]``; padding goes on the right.
+    (-count, word), so the same texts always give the same ids. The words of
+    ``required`` (a prompt, label words) are always in the vocabulary, however
+    rare in the texts. Encoding with ``add_special_tokens=True`` prepends
+    ``[BOS]``; padding goes on the right.
     """
     specials = list(SPECIAL_TOKENS.values())
     if vocab_size <= len(specials):
@@ -67,8 +71,12 @@ def train_word_tokenizer(texts: Iterable[str], *, vocab_size: int) -> PreTrained
     counts = _count_words(texts, tokenizer)
     if not counts:
         raise ValueError("cannot train a tokenizer: the texts contain no words")
+    must = sorted(set(_count_words(required, tokenizer)))
+    if len(must) > vocab_size - len(specials):
+        raise ValueError(f"vocab_size={vocab_size} cannot hold the {len(must)} required words and the special tokens")
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    words = [word for word, _ in ranked[: vocab_size - len(specials)]]
+    rest = [word for word, _ in ranked if word not in must]
+    words = must + rest[: vocab_size - len(specials) - len(must)]
     vocab = {token: index for index, token in enumerate([*specials, *words])}
 
     tokenizer.model = models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"])

@@ -13,9 +13,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed.rpc as rpc
@@ -36,6 +37,7 @@ from flglm.models.split import MiddleStack, load_hf_config, max_positions_of, nu
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
 
 log = logging.getLogger("flglm.server")
+T = TypeVar("T")
 
 
 @dataclass
@@ -99,6 +101,7 @@ class MiddleServer:
         self._client_metrics: dict[int, dict[str, float]] = {}
         self._tokenizer_fingerprint: str | None = None
         self._done = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flglm-compute")
 
     # ----------------------------------------------------------------- membership
     def hello(self, client_id: int, config_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
@@ -192,6 +195,19 @@ class MiddleServer:
             raise
         return header
 
+    def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the server's one compute thread and wait for it.
+
+        RPC requests arrive on a pool of threads; running all model work on one thread keeps
+        its memory reuse warm (glibc hands each thread its own arena, so tensors allocated on
+        one RPC thread and freed on another went back to the OS), which measured here made
+        the middle stack's forward ~1.5x slower than in a single-threaded process.
+        """
+        return self._executor.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
     def _run(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         dtype = AUTOCAST_DTYPES[header.autocast]
         ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
@@ -202,6 +218,9 @@ class MiddleServer:
         """Training forward: keeps the autograd state until the matching ``backward``."""
         header = self._check(header, hidden, mask, pos)
         self._acquire_turn(header.client_id)
+        return self._compute(self._forward_now, header, hidden, mask, pos)
+
+    def _forward_now(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         with self._lock:
             self._sweep()
             key = (header.client_id, header.request_id)
@@ -223,6 +242,9 @@ class MiddleServer:
     def infer(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Evaluation forward: no_grad, nothing kept."""
         header = self._check(header, hidden, mask, pos)
+        return self._compute(self._infer_now, header, hidden, mask, pos)
+
+    def _infer_now(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         with self._lock, torch.no_grad():
             self.middle.eval()
             outputs = self._run(header, hidden, mask, pos)
@@ -239,6 +261,9 @@ class MiddleServer:
         except InvalidMessageError:
             self.stats.rejected += 1
             raise
+        return self._compute(self._backward_now, header, grad)
+
+    def _backward_now(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
         with self._lock:
             key = (header.client_id, header.request_id)
             pending = self._pending.get(key)
@@ -276,6 +301,10 @@ class MiddleServer:
         ``grad_scale`` is the global-norm clipping coefficient the client computed over both
         sides' gradients; the LR schedule is evaluated at the client's own step index.
         """
+        self._compute(self._step_now, client_step, total_steps, grad_scale, clip_value)
+        self._release_turn(client_id)
+
+    def _step_now(self, client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> None:
         with self._lock:
             if self.optimizer is not None:
                 scale_grads(self.params, float(grad_scale))
@@ -285,7 +314,6 @@ class MiddleServer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.stats.steps += 1
-        self._release_turn(client_id)
 
     # ---------------------------------------------------------------- aggregation
     @rpc.functions.async_execution
