@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from flglm.config import ConfigError, load_config
@@ -38,8 +39,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, RuntimeError, ValueError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
-    from pathlib import Path
-
     setup_logging(Path(cfg.run_dir), role.worker_name)
     threads = configure_threads(env.local_world_size)
     log.info("%s (rank %d of %d), %d thread(s)", role.worker_name, env.rank, env.world_size, threads)
@@ -58,8 +57,6 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
-    from pathlib import Path
-
     from flglm.distributed import configure_threads
     from flglm.runner import run_centralized, setup_logging
 

@@ -188,7 +188,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f" (key: {key})" if key else ""
-        raise ConfigError(f"invalid configuration{where}: {err.msg if hasattr(err, 'msg') else err}") from None
+        reason = str(getattr(err, "msg", err)).splitlines()[0]  # OmegaConf appends key/type lines
+        raise ConfigError(f"invalid configuration{where}: {reason}") from None
     validate(cfg)
     return cfg
 

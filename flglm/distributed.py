@@ -26,10 +26,6 @@ class DistEnv:
     master_addr: str
     master_port: int
 
-    @property
-    def init_method(self) -> str:
-        return f"tcp://{self.master_addr}:{self.master_port}"
-
 
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read torchrun's variables; raises naming the missing ones when not under torchrun."""
