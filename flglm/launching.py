@@ -27,7 +27,7 @@ class FederationFailed(RuntimeError):
 class FederationRun:
     returncode: int
     output: str
-    run_dir: Path
+    run_dir: Path | None
 
 
 def _tail(path: Path, lines: int = 60) -> str:
@@ -37,9 +37,10 @@ def _tail(path: Path, lines: int = 60) -> str:
         return "(no log)"
 
 
-def describe_logs(run_dir: Path, output: str) -> str:
+def describe_logs(run_dir: Path | None, output: str) -> str:
     parts = [f"--- torchrun output (tail) ---\n{output[-6000:]}"]
-    for log in sorted((run_dir / "logs").glob("*.log")) if (run_dir / "logs").is_dir() else []:
+    logs = sorted((run_dir / "logs").glob("*.log")) if run_dir is not None else []
+    for log in logs:
         parts.append(f"--- {log.name} (tail) ---\n{_tail(log)}")
     return "\n".join(parts)
 
@@ -101,7 +102,6 @@ def run_torchrun(
     env = dict(os.environ)
     env.update(extra_env or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
-    logs_dir = run_dir if run_dir is not None else Path("/nonexistent")
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -111,14 +111,14 @@ def run_torchrun(
         kill_tree(proc.pid)
         output, _ = proc.communicate(timeout=30)
         raise FederationFailed(
-            f"{Path(script).name} did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(logs_dir, output or '')}"
+            f"{Path(script).name} did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(run_dir, output or '')}"
         ) from None
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
     if proc.returncode != 0:
-        raise FederationFailed(f"{Path(script).name} exited with {proc.returncode}.\n{describe_logs(logs_dir, output)}")
-    return FederationRun(proc.returncode, output, logs_dir)
+        raise FederationFailed(f"{Path(script).name} exited with {proc.returncode}.\n{describe_logs(run_dir, output)}")
+    return FederationRun(proc.returncode, output, run_dir)
 
 
 def run_federation(

@@ -41,7 +41,7 @@ from flglm.distributed import DistEnv, rpc_options
 from flglm.federation import server as server_mod
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.federation.server import MiddleServer
-from flglm.models.split import ClientBlocks, build_full_model, load_hf_config, num_layers_of, plan_split
+from flglm.models.split import ClientBlocks, build_full_model, plan_for
 from flglm.roles import SERVER_NAME, Role
 from flglm.tasks import build_task
 
@@ -220,11 +220,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     train = client_train_examples(cfg, index)
     dev = dev_examples(cfg)
     tokenizer = build_tokenizer(cfg, save=index == 0)
-    plan = plan_split(
-        num_layers_of(load_hf_config(cfg.model)),
-        client_head_layers=cfg.split.client_head_layers,
-        client_tail_layers=cfg.split.client_tail_layers,
-    )
+    plan = plan_for(cfg.model, cfg.split)
     blocks = ClientBlocks(cfg.model, plan)
     check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
     log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))

@@ -33,7 +33,7 @@ from flglm.federation.messages import (
     check_header,
     wire,
 )
-from flglm.models.split import MiddleStack, load_hf_config, max_positions_of, num_layers_of, plan_split
+from flglm.models.split import MiddleStack, max_positions_of, plan_for
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
 
 log = logging.getLogger("flglm.server")
@@ -77,12 +77,7 @@ class MiddleServer:
     def __init__(self, cfg: RunConfig, *, middle: MiddleStack | None = None) -> None:
         self.cfg = cfg
         if middle is None:
-            plan = plan_split(
-                num_layers_of(load_hf_config(cfg.model)),
-                client_head_layers=cfg.split.client_head_layers,
-                client_tail_layers=cfg.split.client_tail_layers,
-            )
-            middle = MiddleStack(cfg.model, plan)
+            middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split))
         self.middle = middle
         self.named_params = [(n, p) for n, p in middle.hf.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from flglm.config import ModelConfig
+from flglm.config import ModelConfig, SplitConfig
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
 
 Side = Literal["client", "server", "full"]
@@ -71,6 +71,15 @@ def plan_split(num_layers: int, *, client_head_layers: int, client_tail_layers: 
         head=range(0, client_head_layers),
         middle=range(client_head_layers, num_layers - client_tail_layers),
         tail=range(num_layers - client_tail_layers, num_layers),
+    )
+
+
+def plan_for(model_cfg: ModelConfig, split_cfg: SplitConfig) -> SplitPlan:
+    """The split plan the configuration asks for, checked against the model's block count."""
+    return plan_split(
+        num_layers_of(load_hf_config(model_cfg)),
+        client_head_layers=split_cfg.client_head_layers,
+        client_tail_layers=split_cfg.client_tail_layers,
     )
 
 
