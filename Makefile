@@ -20,4 +20,5 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/overhead.py
+	$(PYTHON) benchmarks/crypto_overhead.py
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2

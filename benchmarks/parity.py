@@ -100,10 +100,12 @@ def _run_centralized(config: Path, overrides: list[str], run_dir: Path, timeout_
 
 
 def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Path, timeout_s: float) -> dict[str, float]:
+    from flglm.crypto.keyring import generate_key_set
     from flglm.launching import FederationFailed, run_federation
 
+    generate_key_set(run_dir / "keys", clients)  # encryption is on unless overridden
     try:
-        run_federation(config, overrides, num_clients=clients, run_dir=run_dir, timeout_s=timeout_s)
+        run_federation(config, [f"crypto.key_dir={run_dir / 'keys'}", *overrides], num_clients=clients, run_dir=run_dir, timeout_s=timeout_s)
     except FederationFailed as err:
         raise SystemExit(f"parity: error: the {clients}-client federation failed:\n{err}") from None
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -20,15 +20,23 @@ class FedAvgCallback(Callback):
     a round all clients hold identical client blocks. A last round runs at the end of
     training so the federation ends with one model.
 
+    With a ``masker`` (secure aggregation) the server never sees this client's blocks: the
+    round starts by learning who takes part, the upload is masked with pairwise masks that
+    cancel in the sum over those participants, and if one of them leaves before uploading
+    the server calls the round off and it is redone, with fresh masks, without that client.
+
     Args:
         link: the client's ``ServerLink``.
         every_n_steps: aggregate after every this many optimizer steps; 0 = at each epoch end.
+        masker: this client's ``PairwiseMasker`` for secure aggregation, or None for plain FedAvg.
     """
 
-    def __init__(self, link: Any, *, every_n_steps: int = 0) -> None:
+    def __init__(self, link: Any, *, every_n_steps: int = 0, masker: Any = None) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         self._link = link
+        self._masker = masker
+        self.redone_rounds = 0
         self._every = every_n_steps
         self._round = 0
         self._samples = 0
@@ -48,7 +56,7 @@ class FedAvgCallback(Callback):
         self._samples = pl_module.samples_seen - self._seen_before
         with torch.no_grad():
             vector = parameters_to_vector(params).detach().float()
-            average = self._link.aggregate(self._round, vector, float(self._samples))
+            average = self.average(vector, float(self._samples))
             offset = 0
             for param in params:  # copy in place: parameters keep their own storage
                 param.copy_(average[offset : offset + param.numel()].view_as(param))
@@ -56,6 +64,22 @@ class FedAvgCallback(Callback):
         self._round += 1
         self._seen_before = pl_module.samples_seen
         self._last_step = trainer.global_step
+
+    def average(self, vector: torch.Tensor, weight: float) -> torch.Tensor:
+        """This round's FedAvg of every participating client's ``vector`` (weighted by ``weight``)."""
+        if self._masker is None:
+            return self._link.aggregate(self._round, vector, weight)
+        attempt, participants = self._link.aggregation_begin(self._round)
+        while True:
+            if len(participants) == 1:  # a sum of one reveals nothing the result does not
+                upload, upload_weight = vector, weight
+            else:
+                upload = self._masker.mask(vector, weight, round_index=self._round, attempt=attempt, participants=participants)
+                upload_weight = 0.0
+            average, (attempt, participants) = self._link.aggregation_upload(self._round, attempt, upload, upload_weight)
+            if average is not None:
+                return average
+            self.redone_rounds += 1
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -1,5 +1,6 @@
 """Command line: ``flglm train`` (one federation process, under torchrun), ``flglm centralized``
-(the whole model in one process), ``flglm export`` (merge a run's parts into one HF directory).
+(the whole model in one process), ``flglm export`` (merge a run's parts into one HF directory),
+``flglm keygen`` (identity keys for encrypted federations).
 
     torchrun --standalone --nproc-per-node=3 launch/train.py --config configs/demo.yaml
     flglm centralized --config configs/demo.yaml run_dir=runs/central
@@ -10,8 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from flglm.config import ConfigError, load_config
 
@@ -84,7 +85,35 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "centralized": centralized_main, "export": export_main}
+def keygen_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flglm keygen",
+        description="write X25519 identity keys (private key mode 0600, public key as hex .pub); never overwrites",
+    )
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--dir", help="write server.key and client0..N-1.key (with .pub) into this directory")
+    group.add_argument("--out", help="write one identity to this path (e.g. keys/client3.key) and its .pub beside it")
+    parser.add_argument("--clients", type=int, default=1, help="number of client identities with --dir")
+    args = parser.parse_args(argv)
+    from flglm.crypto.keyring import generate_key_set
+    from flglm.crypto.keys import generate_identity
+
+    try:
+        if args.out:
+            public = generate_identity(args.out)
+            print(f"wrote {args.out} (public key {public.hex()})")
+            return 0
+        if args.clients < 1:
+            raise ValueError(f"--clients must be >= 1, got {args.clients}")
+        written = generate_key_set(args.dir, args.clients)
+    except (OSError, ValueError) as err:
+        print(f"flglm: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} identities in {args.dir}" + (f": {', '.join(p.name for p in written)}" if written else " (all existed)"))
+    return 0
+
+
+COMMANDS = {"train": train_main, "centralized": centralized_main, "export": export_main, "keygen": keygen_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

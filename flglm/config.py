@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,9 +27,9 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    path: Optional[str] = None
+    path: str | None = None
     """Local directory with a Hugging Face causal LM (config + safetensors). Never downloaded."""
-    config: Dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     """A Hugging Face config dict (with ``model_type``) for a randomly initialised model."""
     init_seed: int = 0
     """Seed of the random initialisation; each parameter is drawn from its own name-keyed stream."""
@@ -50,7 +51,7 @@ class OptimConfig:
     """``adamw`` or ``sgd``; the same optimizer runs on the client blocks and on the server."""
     lr: float = 1e-3
     weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     momentum: float = 0.0
     """SGD only."""
@@ -83,26 +84,46 @@ class FederationConfig:
 
 
 @dataclass(kw_only=True)
+class CryptoConfig:
+    enabled: bool = True
+    """Encrypt and authenticate every message between each client and the server (AES-256-GCM
+    under per-client X25519 session keys). Turning it off changes nothing that is computed."""
+    key_dir: str = "keys"
+    """Holds this process's private key (``server.key`` or ``client{i}.key``, mode 0600) and the
+    public keys: ``server.pub`` (pinned by clients) and ``client{i}.pub`` of every allowed client.
+    ``flglm keygen --dir DIR --clients N`` writes a set."""
+    rekey_every: int = 1048576
+    """Each direction moves to a fresh key after this many messages."""
+    rekey_each_epoch: bool = True
+    """Clients run a new handshake (fresh ephemeral keys) at the start of every epoch."""
+    secure_aggregation: bool = True
+    """FedAvg through pairwise-masked uploads: the server sees only the sum of the client
+    blocks, never one client's update (needs ``enabled``)."""
+    max_message_mb: float = 1024.0
+    """Larger sealed messages are refused before anything is decrypted or allocated."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     train_path: str = MISSING
     """Training file (.tsv with a header, or .jsonl). ``{client}`` is replaced by the client index."""
-    dev_path: Optional[str] = None
+    dev_path: str | None = None
     """Validation file, evaluated by every client through the split."""
     text_field: str = "sentence"
-    label_field: Optional[str] = "label"
+    label_field: str | None = "label"
     partition: str = "iid"
     """How one training file is divided among clients: ``iid``, ``dirichlet`` or ``none`` (each
     client's ``train_path`` is its own file)."""
     alpha: float = 0.5
     """Dirichlet concentration for ``partition=dirichlet`` (smaller: more skewed labels)."""
-    max_train_rows: Optional[int] = None
+    max_train_rows: int | None = None
     """Use only the first N rows of the training file (a stated subset for quick experiments)."""
-    max_dev_rows: Optional[int] = None
+    max_dev_rows: int | None = None
     max_length: int = 64
     """Token budget of one example; longer texts are truncated from the end."""
     batch_size: int = 16
     eval_batch_size: int = 64
-    tokenizer_path: Optional[str] = None
+    tokenizer_path: str | None = None
     """A saved tokenizer directory to use with a random-init model; if unset, one is trained on
     the training file (the same on every client) and saved under ``run_dir/tokenizer``."""
     tokenizer_vocab_size: int = 2000
@@ -116,7 +137,7 @@ class TaskConfig:
     """``classification`` (prompt + verbalizer) or ``language_modeling``."""
     prompt: str = "{text} sentiment :"
     """Prompt template for classification; ``{text}`` is the example's text."""
-    label_words: List[str] = field(default_factory=lambda: ["negative", "positive"])
+    label_words: list[str] = field(default_factory=lambda: ["negative", "positive"])
     """One word per label; the LM's score of each word after the prompt classifies."""
 
 
@@ -125,12 +146,12 @@ class TrainerConfig:
     max_epochs: int = 1
     max_steps: int = -1
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = None
+    gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
     precision: str = "32-true"
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
-    limit_val_batches: Optional[float] = None
+    limit_val_batches: float | None = None
     num_sanity_val_steps: int = 0
 
 
@@ -146,6 +167,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -226,6 +248,10 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 1 <= cfg.crypto.rekey_every <= 2**24:
+        raise ConfigError(f"crypto.rekey_every must be in [1, {2**24}], got {cfg.crypto.rekey_every}")
+    if not (cfg.crypto.max_message_mb > 0 and math.isfinite(cfg.crypto.max_message_mb)):
+        raise ConfigError(f"crypto.max_message_mb must be finite and > 0, got {cfg.crypto.max_message_mb}")
     # Written as `not x > 0` so that NaN is rejected too.
     if not (cfg.optim.lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError(f"optim.lr must be finite and > 0, got {cfg.optim.lr}")
@@ -249,11 +275,12 @@ def to_yaml(cfg: RunConfig) -> str:
 def fingerprint(cfg: RunConfig) -> str:
     """A hash of everything server and clients must agree on.
 
-    ``run_dir`` is left out (each machine may write elsewhere); so is the trainer's display
-    setting, which does not change what is computed.
+    ``run_dir`` and ``crypto.key_dir`` are left out (each machine keeps its files elsewhere);
+    so is the trainer's display setting, which does not change what is computed.
     """
     shared = to_dict(cfg)
     shared.pop("run_dir")
+    shared["crypto"].pop("key_dir")
     shared["trainer"].pop("enable_progress_bar")
     blob = json.dumps(shared, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()

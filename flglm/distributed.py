@@ -8,11 +8,11 @@ busy core), so each process of a federation takes its share of the cores.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-import torch.distributed.rpc as rpc
+from torch.distributed import rpc
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

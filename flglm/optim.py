@@ -7,7 +7,7 @@ clients sequentially follows each client's schedule instead of running it N time
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -17,18 +17,20 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed.rpc as rpc
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero
 from lightning_fabric.utilities import rank_zero as fabric_rank_zero
+from torch.distributed import rpc
 from torch.utils.data import DataLoader
 
-from flglm.callbacks import FedAvgCallback
+from flglm.callbacks import EncryptionCallback, FedAvgCallback
 from flglm.checkpoint import save_tensors, write_json
 from flglm.client.lm import FullCausalLM, SplitCausalLM
 from flglm.client.module import SplitClientModule
 from flglm.config import RunConfig, fingerprint, to_yaml
+from flglm.crypto.keyring import load_client_keys, load_server_keys
+from flglm.crypto.sessions import ClientSession, ServerSessions
 from flglm.data import Example, tokenizer_fingerprint
 from flglm.datasets import (
     all_train_examples,
@@ -38,8 +40,10 @@ from flglm.datasets import (
     dev_examples,
 )
 from flglm.distributed import DistEnv, rpc_options
-from flglm.federation import server as server_mod
+from flglm.federation import endpoint as endpoint_mod
+from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.federation.secure_aggregation import PairwiseMasker
 from flglm.federation.server import MiddleServer
 from flglm.models.split import ClientBlocks, build_full_model, plan_for
 from flglm.roles import SERVER_NAME, Role
@@ -168,11 +172,36 @@ def _rpc_options(cfg: RunConfig) -> rpc.TensorPipeRpcBackendOptions:
     )
 
 
+def server_sessions(cfg: RunConfig) -> ServerSessions | None:
+    """The server's encrypted sessions (``crypto.enabled``), from the keys in ``crypto.key_dir``."""
+    if not cfg.crypto.enabled:
+        return None
+    keys = load_server_keys(cfg.crypto.key_dir, cfg.federation.num_clients)
+    return ServerSessions(keys.identity, keys.client_keys, rekey_every=cfg.crypto.rekey_every, max_message_bytes=_max_message_bytes(cfg))
+
+
+def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, PairwiseMasker | None]:
+    """This client's session with the server and, with secure aggregation, its pairwise masker."""
+    if not cfg.crypto.enabled:
+        return None, None
+    keys = load_client_keys(cfg.crypto.key_dir, index, cfg.federation.num_clients)
+    session = ClientSession(index, keys.identity, keys.server_key, rekey_every=cfg.crypto.rekey_every, max_message_bytes=_max_message_bytes(cfg))
+    masker = PairwiseMasker(index, keys.identity, keys.peer_keys) if cfg.crypto.secure_aggregation else None
+    return session, masker
+
+
+def _max_message_bytes(cfg: RunConfig) -> int:
+    return int(cfg.crypto.max_message_mb * 2**20)
+
+
 def run_server(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
     """Serve the middle stack until every client has joined and left; write the summary."""
     run_dir = Path(cfg.run_dir)
+    sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
     server = MiddleServer(cfg)
-    server_mod.install(server)
+    endpoint = ServerEndpoint(server, sessions)
+    endpoint_mod.install(endpoint)
+    log.info("server: encryption %s", "on (AES-256-GCM per client)" if sessions else "OFF (crypto.enabled=false)")
     log.info(
         "server: middle stack = blocks %s (%d parameters)",
         list(server.middle.plan.middle),
@@ -183,6 +212,7 @@ def run_server(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
         server.wait_until_done(timeout=cfg.server.startup_timeout_s)
         save_tensors(server.middle.hf_state_dict(), run_dir / "server" / "middle.safetensors")
         summary = server.summary()
+        summary["link"] = endpoint.summary()
         summary["federation"] = federation_metrics(summary["clients"])
         summary["config_fingerprint"] = fingerprint(cfg)
         write_json(summary, run_dir / "summary.json")
@@ -216,25 +246,32 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     assert role.client_index is not None
     index = role.client_index
     out_dir = Path(cfg.run_dir) / role.worker_name
-    # Everything that can fail on bad input is checked before joining the federation.
-    train = client_train_examples(cfg, index)
-    dev = dev_examples(cfg)
-    tokenizer = build_tokenizer(cfg, save=index == 0)
-    plan = plan_for(cfg.model, cfg.split)
-    blocks = ClientBlocks(cfg.model, plan)
-    check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
-    log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))
-
+    session, masker = client_session(cfg, index)  # a missing key file fails here
     rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
     try:
-        rref = rpc.remote(SERVER_NAME, server_mod.instance, timeout=cfg.server.startup_timeout_s)
-        link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s)
+        rref = rpc.remote(SERVER_NAME, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
+        link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session)
+        callbacks: list[L.Callback] = []
+        if session is not None:
+            encryption = EncryptionCallback(link, rekey_each_epoch=cfg.crypto.rekey_each_epoch)
+            # An unknown client or a server whose key differs from the pin fails here,
+            # before any training data is read.
+            encryption.connect()
+            callbacks.append(encryption)
+        # Everything that can fail on bad input is checked before joining the federation.
+        train = client_train_examples(cfg, index)
+        dev = dev_examples(cfg)
+        tokenizer = build_tokenizer(cfg, save=index == 0)
+        plan = plan_for(cfg.model, cfg.split)
+        blocks = ClientBlocks(cfg.model, plan)
+        check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
+        log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
         lm = SplitCausalLM(blocks, RemoteMiddle(link, server_info=info))
         module, collate = build_task(cfg, lm, tokenizer)
         train_loader, dev_loader = _loaders(cfg, train, dev, collate, seed=cfg.seed + index)
-        fedavg = FedAvgCallback(link, every_n_steps=cfg.federation.aggregate_every)
-        trainer = make_trainer(cfg, out_dir, [fedavg])
+        fedavg = FedAvgCallback(link, every_n_steps=cfg.federation.aggregate_every, masker=masker)
+        trainer = make_trainer(cfg, out_dir, [*callbacks, fedavg])
         started = time.monotonic()
         trainer.fit(module, train_loader, dev_loader)
         metrics = _final_metrics(trainer, module, dev_loader)

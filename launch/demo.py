@@ -21,6 +21,7 @@ CONFIG = REPO / "configs" / "demo.yaml"
 def main(overrides: list[str]) -> int:
     from flglm.checkpoint import write_json
     from flglm.config import load_config
+    from flglm.crypto.keyring import generate_key_set
     from flglm.data import write_demo_dataset
     from flglm.distributed import configure_threads
     from flglm.launching import run_federation
@@ -34,7 +35,13 @@ def main(overrides: list[str]) -> int:
         print(f"wrote the demo dataset to {train.parent}")
 
     n = cfg.federation.num_clients
-    print(f"\n== federated: 1 server + {n} clients on loopback ==", flush=True)
+    if cfg.crypto.enabled:
+        # A real federation creates each party's key where it runs (flglm keygen --out ...) and
+        # shares only the .pub files; the demo runs every party here, so it makes the whole set.
+        written = generate_key_set(cfg.crypto.key_dir, n)
+        if written:
+            print(f"wrote identity keys for the server and {n} clients to {cfg.crypto.key_dir}")
+    print(f"\n== federated: 1 server + {n} clients on loopback, encryption {'on' if cfg.crypto.enabled else 'off'} ==", flush=True)
     run_federation(CONFIG, overrides, num_clients=n, run_dir=run_dir, timeout_s=1800, stream=True)
     federated = json.loads((run_dir / "summary.json").read_text())
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_MODEL_CONFIGS
+
 from flglm.config import ConfigError, load_config
 from flglm.data import EmptyPartitionError, write_demo_dataset
 from flglm.datasets import build_tokenizer, check_fits_model, client_train_examples

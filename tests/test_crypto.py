@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flglm.crypto import (
+    ChannelError,
     HandshakeError,
     MalformedError,
     MessageHeader,
     OversizeError,
-    RekeyRequired,
     ReplayError,
-    SealedChannel,
     SessionError,
+    SealedChannel,
     TamperError,
     client_finish,
     client_hello,
@@ -34,15 +34,21 @@ from flglm.crypto import (
 MAX = 1 << 20
 
 
-def _header(kind: str = "hidden") -> MessageHeader:
-    return MessageHeader(client_id="client-0", round=3, step=7, kind=kind)
+def _header(kind: str = "test") -> MessageHeader:
+    return MessageHeader(client_id=2, round=3, step=7, kind=kind)
 
 
-def _pair(*, max_messages: int = 2**24) -> tuple[SealedChannel, SealedChannel]:
+def _pair(*, rekey_every: int = 2**20) -> tuple[SealedChannel, SealedChannel]:
     c2s, s2c, sid = os.urandom(32), os.urandom(32), os.urandom(16)
-    client = SealedChannel(c2s, s2c, sid, direction="c2s", max_messages=max_messages)
-    server = SealedChannel(s2c, c2s, sid, direction="s2c", max_messages=max_messages)
+    client = SealedChannel(c2s, s2c, sid, direction="c2s", rekey_every=rekey_every)
+    server = SealedChannel(s2c, c2s, sid, direction="s2c", rekey_every=rekey_every)
     return client, server
+
+
+def _open(channel: SealedChannel, sealed: torch.Tensor, *, kind: str = "test", max_bytes: int = MAX) -> torch.Tensor:
+    _, tensors = channel.open(sealed, expect_kind=kind, max_bytes=max_bytes)
+    (tensor,) = tensors
+    return tensor
 
 
 def _flip(sealed: torch.Tensor, index: int) -> torch.Tensor:
@@ -95,7 +101,7 @@ def test_handshake_gives_matching_keys() -> None:
     # Assert
     assert client_keys == server_keys
     assert client_keys.client_to_server != client_keys.server_to_client
-    _, tensor = server_keys.server_channel().open(client_keys.client_channel().seal(_header(), torch.ones(3)), max_bytes=MAX)
+    tensor = _open(server_keys.server_channel(), client_keys.client_channel().seal(_header(), [torch.ones(3)]))
     assert torch.equal(tensor, torch.ones(3))
 
 
@@ -137,83 +143,148 @@ def test_seal_open_round_trip(shape: tuple[int, ...], dtype: torch.dtype, data: 
         raw = bytes(b & 1 for b in raw)
     payload = torch.tensor(list(raw), dtype=torch.uint8).view(dtype).reshape(shape)
     # Execute
-    header, out = server.open(client.seal(_header("grad"), payload), expect_kind="grad", max_bytes=MAX)
+    header, (out, ids) = server.open(client.seal(_header("backward"), [payload, torch.arange(3)]), expect_kind="backward", max_bytes=MAX)
     # Assert
     assert out.dtype == dtype and tuple(out.shape) == shape
     assert out.contiguous().reshape(-1).view(torch.uint8).tolist() == list(raw)
-    assert (header.client_id, header.round, header.step, header.counter) == ("client-0", 3, 7, 1)
+    assert torch.equal(ids, torch.arange(3))
+    assert (header.client_id, header.round, header.step, header.counter) == (2, 3, 7, 1)
+
+
+def test_every_single_byte_flip_is_rejected_and_state_unchanged() -> None:
+    """Header fields (version, kind, key epoch, counter, client id, round, step, dtype, shape),
+    ciphertext and tag: flipping any one byte of a sealed message is refused."""
+    # Prepare
+    client, server = _pair()
+    sealed = client.seal(_header(), [torch.arange(6.0).reshape(2, 3), torch.ones(2, 3, dtype=torch.int64)])
+    header_len = sealed.numel() - (6 * 4 + 6 * 8) - 16
+    classes = {"header": range(header_len), "ciphertext": range(header_len, sealed.numel() - 16), "tag": range(sealed.numel() - 16, sealed.numel())}
+    # Execute / Assert
+    for name, positions in classes.items():
+        for index in positions:
+            for bit in (0x01, 0x80):
+                bad = sealed.clone()
+                bad[index] ^= bit
+                with pytest.raises(ChannelError):
+                    server.open(bad, expect_kind="test", max_bytes=MAX)
+                assert server.received == 0, f"{name} byte {index} changed the channel"
+    _, (values, ints) = server.open(sealed, expect_kind="test", max_bytes=MAX)
+    assert torch.equal(values, torch.arange(6.0).reshape(2, 3)) and torch.equal(ints, torch.ones(2, 3, dtype=torch.int64))
 
 
 @pytest.mark.parametrize(
     ("name", "error"),
     [
-        ("ciphertext_byte", TamperError),
-        ("header_byte", TamperError),
         ("truncated", MalformedError),
+        ("extended", MalformedError),
         ("replayed", ReplayError),
         ("reordered", ReplayError),
-        ("other_session", SessionError),
+        ("other_session", TamperError),
         ("other_key_same_session", TamperError),
-        ("reflected", SessionError),
+        ("reflected", TamperError),
+        ("unexpected_kind", MalformedError),
     ],
 )
 def test_bad_message_rejected_and_state_unchanged(name: str, error: type[Exception]) -> None:
     # Prepare
     client, server = _pair()
-    first = client.seal(_header(), torch.arange(8.0))
-    server.open(first, max_bytes=MAX)
-    second = client.seal(_header(), torch.arange(8.0) + 1)
-    third = client.seal(_header(), torch.arange(8.0) + 2)
+    first = client.seal(_header(), [torch.arange(8.0)])
+    _open(server, first)
+    second = client.seal(_header(), [torch.arange(8.0) + 1])
+    third = client.seal(_header(), [torch.arange(8.0) + 2])
     other_client, _ = _pair()
-    other_client.seal(_header(), torch.zeros(8))
+    other_client.seal(_header(), [torch.zeros(8)])
     forged = SealedChannel(os.urandom(32), os.urandom(32), server.session_id, direction="c2s")
-    forged.seal(_header(), torch.zeros(8))
+    forged.seal(_header(), [torch.zeros(8)])
     bad = {
-        "ciphertext_byte": lambda: _flip(second, -20),
-        "header_byte": lambda: _flip(second, 40),  # inside the step field
         "truncated": lambda: second[:-1],
+        "extended": lambda: torch.cat([second, torch.zeros(1, dtype=torch.uint8)]),
         "replayed": lambda: first,
         "reordered": lambda: third,
-        "other_session": lambda: other_client.seal(_header(), torch.zeros(8)),
-        "other_key_same_session": lambda: forged.seal(_header(), torch.zeros(8)),
-        "reflected": lambda: server.seal(_header(), torch.zeros(8)),
+        "other_session": lambda: other_client.seal(_header(), [torch.zeros(8)]),
+        "other_key_same_session": lambda: forged.seal(_header(), [torch.zeros(8)]),
+        "reflected": lambda: [server.seal(_header(), [torch.zeros(8)]) for _ in range(2)][-1],  # counter 2 = expected
+        "unexpected_kind": lambda: second,
     }[name]()
     # Execute / Assert
     with pytest.raises(error):
-        server.open(bad, max_bytes=MAX)
-    _, out = server.open(second, max_bytes=MAX)
-    assert torch.equal(out, torch.arange(8.0) + 1)
+        server.open(bad, expect_kind="forward" if name == "unexpected_kind" else "test", max_bytes=MAX)
+    assert torch.equal(_open(server, second), torch.arange(8.0) + 1)
+
+
+def test_peer_with_its_own_valid_keys_cannot_read_another_clients_message() -> None:
+    # Prepare: two allowed clients of one server, each with its own session
+    server_key = X25519PrivateKey.generate()
+    alice, mallory = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    allowed = {public_key_bytes(alice), public_key_bytes(mallory)}
+    sessions = {}
+    for name, key in (("alice", alice), ("mallory", mallory)):
+        state, hello = client_hello(key, public_key_bytes(server_key))
+        server_keys, reply = server_accept(server_key, allowed, hello)
+        sessions[name] = (client_finish(state, reply).client_channel(), server_keys.server_channel())
+    secret = torch.randn(4, 8)
+    captured = sessions["alice"][0].seal(_header(), [secret])
+    # Execute / Assert: mallory's channels (either end) refuse it; alice's server end opens it
+    for channel in (sessions["mallory"][1], SealedChannel(*_mallory_keys(sessions), direction="s2c")):
+        with pytest.raises(TamperError):
+            channel.open(captured, expect_kind="test", max_bytes=MAX)
+    assert torch.equal(_open(sessions["alice"][1], captured), secret)
+
+
+def _mallory_keys(sessions: dict) -> tuple[bytes, bytes, bytes]:
+    """Mallory's session keys, but labelled with alice's session: still the wrong keys."""
+    server_end = sessions["mallory"][1]
+    alice_server = sessions["alice"][1]
+    return server_end._send.key, server_end._recv.key, alice_server.session_id
+
+
+def test_same_plaintext_twice_gives_different_ciphertexts() -> None:
+    # Prepare
+    client, _ = _pair()
+    payload = torch.arange(64.0)
+    # Execute
+    a, b = client.seal(_header(), [payload]), client.seal(_header(), [payload])
+    # Assert: compare the encrypted parts (headers differ only in the counter)
+    assert not torch.equal(a[-64 * 4 - 16 :], b[-64 * 4 - 16 :])
 
 
 def test_oversize_rejected_before_decrypt() -> None:
     # Prepare
     client, server = _pair()
-    sealed = client.seal(_header(), torch.zeros(1000))
+    sealed = client.seal(_header(), [torch.zeros(1000)])
     # Execute / Assert
     with pytest.raises(OversizeError, match="4000 bytes"):
-        server.open(_flip(sealed, -1), max_bytes=3999)  # a bad tag too: size is checked first
-    _, out = server.open(sealed, max_bytes=4000)
-    assert out.shape == (1000,)
+        _open(server, _flip(sealed, -1), max_bytes=3999)  # a bad tag too: size is checked first
+    assert _open(server, sealed, max_bytes=4000).shape == (1000,)
 
 
-def test_rekey_both_sides_and_message_limit() -> None:
+def test_huge_declared_shape_rejected_without_allocating() -> None:
+    # Prepare: a header that announces 2**60 elements, followed by nothing
+    client, server = _pair()
+    sealed = client.seal(_header(), [torch.zeros(2**10)])
+    header_len = sealed.numel() - 4 * 2**10 - 16
+    header = bytes(sealed[:header_len].tolist())
+    forged = header[:-2] + bytes([0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10])  # dims varint -> 2**60
+    # Execute / Assert
+    with pytest.raises((OversizeError, MalformedError)):
+        server.open(torch.tensor(list(forged), dtype=torch.uint8), expect_kind="test", max_bytes=MAX)
+
+
+def test_rekey_every_n_messages_moves_both_directions_to_new_keys() -> None:
     # Prepare
-    client, server = _pair(max_messages=2)
-    old = client.seal(_header(), torch.zeros(1))
-    client.seal(_header(), torch.zeros(1))
+    client, server = _pair(rekey_every=2)
+    initial_key = client._send.key
     # Execute
-    with pytest.raises(RekeyRequired):
-        client.seal(_header(), torch.zeros(1))
-    client.rekey()
-    server.rekey()
+    for value in range(5):
+        sealed = client.seal(_header(), [torch.tensor([float(value)])])
+        assert _open(server, sealed).item() == value
+        assert _open(client, server.seal(_header(), [torch.tensor([-float(value)])])).item() == -value
     # Assert
-    with pytest.raises(TamperError):
-        server.open(old, max_bytes=MAX)  # counter 1, but sealed under the old key
-    for value in (1.0, 2.0):
-        _, out = server.open(client.seal(_header(), torch.tensor([value])), max_bytes=MAX)
-        assert out.item() == value
-    _, back = client.open(server.seal(_header(), torch.tensor([5.0])), max_bytes=MAX)
-    assert back.item() == 5.0
+    assert client.send_epoch == 2 and server.send_epoch == 2
+    assert client._send.key != initial_key
+    stale = SealedChannel(os.urandom(32), os.urandom(32), os.urandom(16), direction="c2s", rekey_every=2)
+    with pytest.raises(ChannelError):
+        server.open(stale.seal(_header(), [torch.zeros(1)]), expect_kind="test", max_bytes=MAX)
 
 
 def test_ciphertext_hides_plaintext() -> None:
@@ -221,6 +292,56 @@ def test_ciphertext_hides_plaintext() -> None:
     client, _ = _pair()
     payload = torch.arange(256, dtype=torch.uint8).repeat(4)
     # Execute
-    sealed = bytes(client.seal(_header(), payload).tolist())
+    sealed = bytes(client.seal(_header(), [payload]).tolist())
     # Assert
     assert bytes(range(16)) not in sealed and bytes(range(100, 132)) not in sealed
+
+
+def test_wire_overhead_of_a_training_step_is_under_64_bytes() -> None:
+    # Prepare: the forward request of the benchmark's shapes (hidden 256, batch 16, seq 64)
+    client, _ = _pair()
+    hidden, mask, pos = torch.zeros(16, 64, 256), torch.ones(16, 64, dtype=torch.int64), torch.arange(64).view(1, 64)
+    ctrl = torch.zeros(1, dtype=torch.int64)
+    raw = sum(t.numel() * t.element_size() for t in (hidden, mask, pos, ctrl))
+    # Execute
+    for _ in range(100_000 // 1000):  # counters grow: measure late, with multi-byte varints
+        client.seal(MessageHeader(client_id=7, kind="forward", step=123_456), [ctrl])
+    sealed = client.seal(MessageHeader(client_id=7, kind="forward", step=123_456), [hidden, mask, pos, ctrl])
+    # Assert
+    assert sealed.numel() - raw <= 64
+
+
+def test_keygen_command_writes_a_key_set_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    from flglm.cli import main
+
+    # Execute
+    first = main(["keygen", "--dir", str(tmp_path / "keys"), "--clients", "2"])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()}
+    second = main(["keygen", "--dir", str(tmp_path / "keys"), "--clients", "2"])
+    single = main(["keygen", "--out", str(tmp_path / "one.key")])
+    again = main(["keygen", "--out", str(tmp_path / "one.key")])
+    # Assert
+    assert (first, second, single, again) == (0, 0, 0, 2)
+    assert sorted(before) == ["client0.key", "client0.pub", "client1.key", "client1.pub", "server.key", "server.pub"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()} == before  # nothing overwritten
+    for name in ("server.key", "client0.key", "client1.key"):
+        assert stat.S_IMODE((tmp_path / "keys" / name).stat().st_mode) == 0o600
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_rekey_by_volume_and_a_sender_that_skips_a_rekey_is_refused() -> None:
+    # Prepare: a key may carry at most 100 payload bytes
+    c2s, s2c, sid = os.urandom(32), os.urandom(32), os.urandom(16)
+    client = SealedChannel(c2s, s2c, sid, direction="c2s", rekey_bytes=100)
+    server = SealedChannel(s2c, c2s, sid, direction="s2c", rekey_bytes=100)
+    lax = SealedChannel(c2s, s2c, sid, direction="c2s", rekey_bytes=10**9)  # same keys, never re-keys
+    # Execute: 64-byte messages, so every second one needs the next key
+    for value in range(4):
+        assert _open(server, client.seal(_header(), [torch.full((16,), float(value))]))[0].item() == value
+    # Assert
+    assert client.send_epoch == 3
+    strict = SealedChannel(s2c, c2s, sid, direction="s2c", rekey_bytes=100)
+    _open(strict, lax.seal(_header(), [torch.zeros(16)]))
+    with pytest.raises(SessionError, match="key epoch 0, expected 1"):
+        strict.open(lax.seal(_header(), [torch.zeros(16)]), expect_kind="test", max_bytes=MAX)

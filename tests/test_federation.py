@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from flglm.checkpoint import load_tensors
 from flglm.config import load_config
+from flglm.crypto.keyring import generate_key_set
 from flglm.data import write_demo_dataset
 from flglm.export import export_run
 from flglm.launching import FederationFailed, run_federation
@@ -57,6 +58,8 @@ def write_config(tmp_path: Path, **sections: dict) -> Path:
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    cfg.setdefault("crypto", {}).setdefault("key_dir", str(tmp_path / "keys"))
+    generate_key_set(tmp_path / "keys", num_clients=4)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -108,7 +111,8 @@ def test_one_client_federation_equals_centralized_training(tmp_path: Path, train
 
 
 def test_two_clients_end_with_identical_client_blocks_and_a_summary(tmp_path: Path) -> None:
-    config = write_config(tmp_path, federation={"aggregate_every": 5}, trainer={"max_steps": 12})
+    # FedAvg every step: the first round already weighs each client by the batch it trained on
+    config = write_config(tmp_path, federation={"aggregate_every": 1}, trainer={"max_steps": 12})
     run_dir = tmp_path / "run"
 
     run_federation(config, num_clients=2, run_dir=run_dir, timeout_s=240)
@@ -121,7 +125,7 @@ def test_two_clients_end_with_identical_client_blocks_and_a_summary(tmp_path: Pa
     assert set(summary["clients"]) == {"0", "1"}
     assert summary["server"]["steps"] == 24  # 12 per client, served one client step at a time
     assert summary["server"]["forwards"] == summary["server"]["backwards"]
-    assert summary["clients"]["0"]["fedavg_rounds"] == 3  # steps 5, 10 and the end (12)
+    assert summary["clients"]["0"]["fedavg_rounds"] == 12  # securely aggregated (masked) rounds
     assert 0.0 <= summary["federation"]["val_acc"] <= 1.0
     assert (run_dir / "client0" / "logs" / "metrics.csv").is_file()
 

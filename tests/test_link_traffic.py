@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from conftest import TINY_MODEL_CONFIGS
+
 from flglm.client.lm import SplitCausalLM
 from flglm.config import ModelConfig, RunConfig, fingerprint
+from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.federation.server import MiddleServer
 from flglm.models import ClientBlocks, plan_split
@@ -21,9 +22,9 @@ class RecordingLink(ServerLink):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[str, tuple]] = []
 
-    def _call(self, name: str, *args: Any) -> Any:
-        self.calls.append((name, args))
-        return super()._call(name, *args)
+    def exchange(self, kind: str, tensors: list[torch.Tensor], **kwargs: Any) -> list[torch.Tensor]:
+        self.calls.append((kind, tuple(tensors)))
+        return super().exchange(kind, tensors, **kwargs)
 
 
 def test_a_training_step_sends_nothing_but_hidden_states_masks_positions_and_gradients() -> None:
@@ -31,7 +32,7 @@ def test_a_training_step_sends_nothing_but_hidden_states_masks_positions_and_gra
     cfg = RunConfig()
     cfg.model = ModelConfig(config=dict(TINY_MODEL_CONFIGS["llama"]))
     server = MiddleServer(cfg)
-    link = RecordingLink(server, client_id=0, timeout_s=10)
+    link = RecordingLink(ServerEndpoint(server), client_id=0, timeout_s=10)
     info = link.hello(fingerprint(cfg), "tok")
     lm = SplitCausalLM(ClientBlocks(cfg.model, plan_split(4, client_head_layers=1, client_tail_layers=1)), RemoteMiddle(link, server_info=info))
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
@@ -48,14 +49,17 @@ def test_a_training_step_sends_nothing_but_hidden_states_masks_positions_and_gra
     # Assert
     names = [name for name, _ in link.calls[1:]]
     assert names == ["forward", "backward", "step", "infer"]
-    tensors = [a for _, args in link.calls[1:] for a in args if isinstance(a, torch.Tensor)]
-    for tensor in tensors:
-        if tensor.is_floating_point():
-            assert tensor.shape == (2, 8, 64)  # hidden states or their gradient
-        else:
-            assert tensor.shape == (2, 8)
-            is_mask = torch.equal(tensor, mask)
-            is_positions = torch.equal(tensor, torch.arange(8).expand(2, 8))
-            assert is_mask or is_positions, tensor
-            assert not torch.equal(tensor, ids) and not torch.equal(tensor, labels)
-    assert len(tensors) == 3 + 1 + 3  # forward: h, mask, pos; backward: grad; infer: h, mask, pos
+    tensors = {name: args for name, args in link.calls[1:]}
+    for name in ("forward", "infer"):
+        hidden, sent_mask, positions, control = tensors[name]
+        assert hidden.dtype == torch.float32 and hidden.shape == (2, 8, 64)
+        assert torch.equal(sent_mask, mask)
+        assert torch.equal(positions.expand(2, 8), torch.arange(8).expand(2, 8))
+        assert control.tolist() == [0]  # autocast: none
+    (grad,) = tensors["backward"]
+    assert grad.shape == (2, 8, 64)
+    (step_control,) = tensors["step"]
+    assert step_control[:3].tolist() == [0.0, 1.0, 1.0] and step_control[3].isnan()  # step, total, scale, no clip
+    for args in tensors.values():
+        for tensor in args:
+            assert not (tensor.shape == ids.shape and (torch.equal(tensor, ids) or torch.equal(tensor, labels)))

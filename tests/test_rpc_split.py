@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_MODEL_CONFIGS
+
 from flglm.launching import run_torchrun
 
 pytestmark = pytest.mark.multiprocess

@@ -7,8 +7,9 @@ of a real run. The reference is the whole Hugging Face model with the same weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from flglm.client.lm import SplitCausalLM
 from flglm.config import ModelConfig, RunConfig, fingerprint
+from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.federation.server import MiddleServer
 from flglm.models import (
@@ -58,7 +60,7 @@ def _split_lm(cfg: RunConfig) -> tuple[SplitCausalLM, MiddleServer]:
         client_tail_layers=cfg.split.client_tail_layers,
     )
     server = MiddleServer(cfg)
-    link = ServerLink(server, client_id=0, timeout_s=30.0)
+    link = ServerLink(ServerEndpoint(server), client_id=0, timeout_s=30.0)
     info = link.hello(fingerprint(cfg), "test-tokenizer")
     return SplitCausalLM(ClientBlocks(cfg.model, plan), RemoteMiddle(link, server_info=info)), server
 
@@ -97,7 +99,7 @@ def _layer_index(name: str, layers_path: str) -> int | None:
 def test_plan_split_ranges() -> None:
     plan = plan_split(6, client_head_layers=2, client_tail_layers=1)
 
-    assert (plan.head, plan.middle, plan.tail) == (range(0, 2), range(2, 5), range(5, 6))
+    assert (plan.head, plan.middle, plan.tail) == (range(2), range(2, 5), range(5, 6))
     assert plan.layers_of("client") == [0, 1, 5]
     assert plan.layers_of("server") == [2, 3, 4]
     assert plan.layers_of("full") == [0, 1, 2, 3, 4, 5]
@@ -106,7 +108,7 @@ def test_plan_split_ranges() -> None:
 def test_plan_split_may_keep_no_block_on_the_client() -> None:
     plan = plan_split(4, client_head_layers=0, client_tail_layers=0)
 
-    assert (plan.head, plan.middle, plan.tail) == (range(0, 0), range(0, 4), range(4, 4))
+    assert (plan.head, plan.middle, plan.tail) == (range(0), range(4), range(4, 4))
 
 
 @pytest.mark.parametrize(("layers", "head", "tail"), [(4, 2, 2), (4, 3, 2), (1, 1, 0), (1, 0, 1), (5, 0, 7)])

@@ -13,7 +13,8 @@ for any causal LM. This base class makes the split invisible to Lightning:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -95,11 +96,15 @@ class SplitClientModule(L.LightningModule):
         self._server_clip_value = None
 
     # ------------------------------------------------------------------ records
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted here, not at batch end: Lightning runs callbacks' batch-end hooks before the
+        # module's, and the FedAvg callback weighs its round by the samples trained so far.
+        self.samples_seen += _batch_size(batch)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self.loss_history.append(float(loss.detach()))
-        self.samples_seen += _batch_size(batch)
 
     def client_state_dict(self) -> dict[str, torch.Tensor]:
         return self.lm.client_state_dict()

@@ -1,12 +1,14 @@
 """Per-link encryption of the tensors a client and the server exchange.
 
-Pure core, not yet wired into RPC: identity key files (``keys``), a mutually
-authenticated X25519 handshake and an AES-256-GCM sealed channel (``channel``).
+Identity key files (``keys``), a mutually authenticated X25519 handshake and an
+AES-256-GCM sealed channel (``channel``), and the per-client sessions built on them
+(``sessions``) that the server and the client link use.
 """
 
 from __future__ import annotations
 
 from flglm.crypto.channel import (
+    KINDS,
     ChannelError,
     ClientHandshake,
     HandshakeError,
@@ -19,6 +21,7 @@ from flglm.crypto.channel import (
     SessionError,
     SessionKeys,
     TamperError,
+    TensorSpec,
     client_finish,
     client_hello,
     server_accept,
@@ -26,6 +29,7 @@ from flglm.crypto.channel import (
 from flglm.crypto.keys import generate_identity, load_identity, load_public_key, public_key_bytes
 
 __all__ = [
+    "KINDS",
     "ChannelError",
     "ClientHandshake",
     "HandshakeError",
@@ -38,6 +42,7 @@ __all__ = [
     "SessionError",
     "SessionKeys",
     "TamperError",
+    "TensorSpec",
     "client_finish",
     "client_hello",
     "generate_identity",

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "SUPPORTED_SUFFIXES",
     "DataFormatError",
     "Example",
-    "SUPPORTED_SUFFIXES",
     "read_examples",
     "read_jsonl",
     "read_tsv",

@@ -16,28 +16,74 @@ import torch
 from torch import nn
 from torch.distributed.rpc import PyRRef
 
+from flglm.crypto.sessions import ClientSession
 from flglm.federation.messages import RequestHeader, wire
+from flglm.federation.protocol import (
+    REPLY_KIND,
+    autocast_code,
+    json_tensor,
+    json_value,
+    parse_plan,
+    parse_result,
+    step_control,
+)
 from flglm.models.split import Crossing
 
 
 class ServerLink:
-    """Named calls to the server, through an RRef (real RPC) or a local object (tests).
+    """The client's calls to the server, through an RRef (real RPC) or a local endpoint (tests).
 
-    Every call carries a timeout; a failed call raises with the server's message.
+    Each call is one message of the protocol (:mod:`flglm.federation.protocol`): in the clear,
+    or sealed under this client's session when a :class:`ClientSession` is given. Every call
+    carries a timeout; a failed call raises with the server's message.
     """
 
-    def __init__(self, target: PyRRef | Any, *, client_id: int, timeout_s: float) -> None:
+    def __init__(self, target: PyRRef | Any, *, client_id: int, timeout_s: float, session: ClientSession | None = None) -> None:
         self._target = target
         self._is_remote = isinstance(target, PyRRef)
         self.client_id = client_id
         self.timeout_s = timeout_s
+        self.session = session
         self._request_ids = itertools.count()
+        self.messages = 0
+        self.payload_bytes = 0
+        """Raw bytes of the tensors this client sent and received."""
+        self.wire_bytes = 0
+        """Bytes that crossed the link for them (ciphertext, headers and tags when sealed)."""
 
-    def _call(self, name: str, *args: Any) -> Any:
+    @property
+    def encrypted(self) -> bool:
+        return self.session is not None
+
+    def _rpc(self, name: str, *args: Any) -> Any:
         if self._is_remote:
             return getattr(self._target.rpc_sync(timeout=self.timeout_s), name)(*args)
         result = getattr(self._target, name)(*args)
-        return result.wait() if isinstance(result, torch.futures.Future) else result
+        return result.wait() if isinstance(result, torch._C.Future) else result  # .then() gives a _C.Future
+
+    def exchange(self, kind: str, tensors: list[torch.Tensor], *, round_index: int = 0, step: int = 0) -> list[torch.Tensor]:
+        """Send one message and return the tensors of the answer."""
+        tensors = [wire(t) for t in tensors]
+        self.messages += 1
+        if self.session is None:
+            reply = self._rpc("exchange", self.client_id, kind, round_index, step, tensors)
+            self.payload_bytes += _nbytes(tensors) + _nbytes(reply)
+            self.wire_bytes += _nbytes(tensors) + _nbytes(reply)
+            return reply
+        if not self.session.connected:  # first call, or after the session was torn down
+            self.handshake()
+        sealed = self.session.seal(kind, tensors, round=round_index, step=step)
+        answer = self._rpc("sealed", self.client_id, kind, sealed)
+        _, reply = self.session.open(answer, expect_kind=REPLY_KIND[kind])
+        self.payload_bytes += _nbytes(tensors) + _nbytes(reply)
+        self.wire_bytes += sealed.numel() + answer.numel()
+        return reply
+
+    def handshake(self) -> None:
+        """Run a (new) key exchange with the server: at start, and to re-key (fresh ephemeral keys)."""
+        if self.session is None:
+            raise RuntimeError("this link has no ClientSession: encryption is off")
+        self.session.finish(self._rpc("handshake", self.client_id, self.session.hello()))
 
     def header(self) -> RequestHeader:
         autocast = ""
@@ -46,30 +92,58 @@ class ServerLink:
         return RequestHeader(client_id=self.client_id, request_id=next(self._request_ids), autocast=autocast)
 
     def hello(self, config_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
-        return self._call("hello", self.client_id, config_fingerprint, tokenizer_fingerprint)
+        (info,) = self.exchange("join", [json_tensor({"config": config_fingerprint, "tokenizer": tokenizer_fingerprint})])
+        return json_value(info, "the server's welcome")
+
+    def _crossing(self, header: RequestHeader, crossing: Crossing) -> list[torch.Tensor]:
+        return [crossing.hidden, crossing.attention_mask, crossing.position_ids, autocast_code(header.autocast)]
 
     def forward(self, header: RequestHeader, crossing: Crossing) -> torch.Tensor:
-        return self._call("forward", header, wire(crossing.hidden), wire(crossing.attention_mask), wire(crossing.position_ids))
+        (out,) = self.exchange("forward", self._crossing(header, crossing), step=header.request_id)
+        return out
 
     def infer(self, crossing: Crossing) -> torch.Tensor:
-        return self._call(
-            "infer", self.header(), wire(crossing.hidden), wire(crossing.attention_mask), wire(crossing.position_ids)
-        )
+        header = self.header()
+        (out,) = self.exchange("infer", self._crossing(header, crossing), step=header.request_id)
+        return out
 
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
-        return self._call("backward", header, wire(grad))
+        (grad_in,) = self.exchange("backward", [grad], step=header.request_id)
+        return grad_in
 
     def grad_norms(self) -> torch.Tensor:
-        return self._call("grad_norms", self.client_id)
+        (norms,) = self.exchange("grad_norms", [])
+        return norms
 
     def step(self, *, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None) -> None:
-        self._call("step", self.client_id, client_step, total_steps, grad_scale, clip_value)
+        self.exchange("step", [step_control(client_step, total_steps, grad_scale, clip_value)])
+
+    def aggregation_begin(self, round_index: int) -> tuple[int, list[int]]:
+        """Secure aggregation: wait until every active client has begun the round; its (attempt, participants)."""
+        (plan,) = self.exchange("agg_begin", [], round_index=round_index)
+        return parse_plan(plan)
+
+    def aggregation_upload(self, round_index: int, attempt: int, vector: torch.Tensor, weight: float) -> tuple[torch.Tensor | None, tuple[int, list[int]]]:
+        """Upload (masked or plain) client blocks; the average, or None and the plan of the redone round."""
+        status, average = self.exchange(
+            "agg_upload", [vector, torch.tensor([float(weight)], dtype=torch.float64)], round_index=round_index, step=attempt
+        )
+        return parse_result(status, average)
 
     def aggregate(self, round_index: int, vector: torch.Tensor, weight: float) -> torch.Tensor:
-        return self._call("aggregate", self.client_id, round_index, wire(vector), float(weight))
+        """Plain FedAvg: the weighted average of every active client's ``vector``."""
+        average, _ = self.aggregation_upload(round_index, 0, vector, weight)
+        assert average is not None
+        return average
 
     def leave(self, metrics: dict[str, float]) -> None:
-        self._call("leave", self.client_id, metrics)
+        self.exchange("leave", [json_tensor({k: float(v) for k, v in metrics.items()})])
+        if self.session is not None:
+            self.session.close()
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _MiddleCall(torch.autograd.Function):

@@ -1,10 +1,10 @@
 """The server: holds the middle stack, its optimizer, and per-request autograd state.
 
-Clients reach one ``MiddleServer`` through an RRef (``rpc.remote``) and call a handful of
-named methods: ``hello``, ``forward``, ``infer``, ``backward``, ``grad_norms``, ``step``,
-``aggregate``, ``leave``. Sequential serving: a client's training step (its forwards,
-backwards and optimizer step) has the middle stack to itself; other clients wait for their
-turn. Evaluation (``infer``) runs under no_grad, keeps nothing and needs no turn.
+Typed methods: ``hello``, ``forward``, ``infer``, ``backward``, ``grad_norms``, ``step``,
+``aggregation_begin``/``aggregation_upload``, ``leave``. Clients reach them only through
+``flglm.federation.endpoint.ServerEndpoint``, which decodes (and, with encryption, opens)
+each message. Sequential serving: a client's training step (its forwards, backwards and
+optimizer step) has the middle stack to itself; other clients wait for their turn. Evaluation (``infer``) runs under no_grad, keeps nothing and needs no turn.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
-import torch.distributed.rpc as rpc
 from torch.futures import Future
 
 from flglm.config import RunConfig, fingerprint
@@ -33,6 +33,8 @@ from flglm.federation.messages import (
     check_header,
     wire,
 )
+from flglm.federation.protocol import plan_tensor, result_tensors
+from flglm.federation.secure_rounds import SecureRounds
 from flglm.models.split import MiddleStack, max_positions_of, plan_for
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
 
@@ -91,6 +93,7 @@ class MiddleServer:
         self._turn_owner: int | None = None
         self._turn_since = 0.0
         self._rounds = AggregationRounds()
+        self._secure = SecureRounds() if cfg.crypto.enabled and cfg.crypto.secure_aggregation else None
         self._joined: set[int] = set()
         self._left: set[int] = set()
         self._client_metrics: dict[int, dict[str, float]] = {}
@@ -117,6 +120,8 @@ class MiddleServer:
             self._joined.add(client_id)
             self._left.discard(client_id)
             self._rounds.join(client_id)
+            if self._secure is not None:
+                self._secure.join(client_id)
         log.info("client %d joined (%d/%d)", client_id, len(self._joined), self.cfg.federation.num_clients)
         return {
             "hidden_size": self.middle.hidden_size,
@@ -132,6 +137,8 @@ class MiddleServer:
             self._drop_client_state(client_id)
         self._release_turn(client_id, discard_grads=True)
         self._rounds.leave(client_id)
+        if self._secure is not None:
+            self._secure.leave(client_id)
         log.info("client %d left", client_id)
         expected = self.cfg.federation.num_clients
         if len(self._joined) >= expected and self._left >= self._joined:
@@ -311,10 +318,23 @@ class MiddleServer:
             self.stats.steps += 1
 
     # ---------------------------------------------------------------- aggregation
-    @rpc.functions.async_execution
-    def aggregate(self, client_id: int, round_index: int, vector: torch.Tensor, weight: float) -> Future:
-        """FedAvg of the client blocks: answered when every active client has contributed."""
-        return self._rounds.contribute(client_id, round_index, vector, weight)
+    def aggregation_begin(self, client_id: int, round_index: int) -> Future:
+        """Secure aggregation: answered with the round's plan once every active client has begun it."""
+        if self._secure is None:
+            raise InvalidMessageError(f"client {client_id}: this federation does not run secure aggregation")
+        return self._secure.begin(client_id, round_index).then(lambda done: [plan_tensor(done.wait())])
+
+    def aggregation_upload(self, client_id: int, round_index: int, attempt: int, vector: torch.Tensor, weight: float) -> Future:
+        """Answered with ``[status, average]`` when every participant of the round has uploaded.
+
+        Plain FedAvg: ``vector`` is the client's parameters. Secure aggregation: the masked upload;
+        the server only ever sums masked vectors, and a participant that left before uploading
+        makes the round start again without it (status "redo" with the new plan).
+        """
+        if self._secure is None:
+            future = self._rounds.contribute(client_id, round_index, vector, weight)
+            return future.then(lambda done: [torch.tensor([0, 0], dtype=torch.int64), done.wait()])
+        return self._secure.upload(client_id, round_index, attempt, vector, weight).then(lambda done: result_tensors(done.wait()))
 
     # ---------------------------------------------------------------- bookkeeping
     def _sweep(self) -> None:
@@ -348,21 +368,8 @@ class MiddleServer:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "server": self.stats.as_dict() | {"aggregation_rounds": self._rounds.completed},
+            "server": self.stats.as_dict() | {"aggregation_rounds": self._rounds.completed + (self._secure.completed if self._secure else 0)},
             "clients": {str(k): v for k, v in sorted(self._client_metrics.items())},
         }
 
 
-_INSTANCE: MiddleServer | None = None
-
-
-def install(server: MiddleServer) -> None:
-    """Make ``server`` the process's instance that ``rpc.remote(..., instance)`` hands out."""
-    global _INSTANCE
-    _INSTANCE = server
-
-
-def instance() -> MiddleServer:
-    if _INSTANCE is None:
-        raise RuntimeError("no MiddleServer is running in this process")
-    return _INSTANCE

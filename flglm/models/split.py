@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ def plan_split(num_layers: int, *, client_head_layers: int, client_tail_layers: 
         )
     return SplitPlan(
         num_layers=num_layers,
-        head=range(0, client_head_layers),
+        head=range(client_head_layers),
         middle=range(client_head_layers, num_layers - client_tail_layers),
         tail=range(num_layers - client_tail_layers, num_layers),
     )

@@ -14,19 +14,21 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed.rpc as rpc
+from torch.distributed import rpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import TINY_MODEL_CONFIGS  # noqa: E402
+from conftest import TINY_MODEL_CONFIGS
 
-from flglm.client.lm import SplitCausalLM  # noqa: E402
-from flglm.config import ModelConfig, RunConfig, fingerprint  # noqa: E402
-from flglm.distributed import configure_threads, read_env, rpc_options  # noqa: E402
-from flglm.federation.remote import RemoteMiddle, ServerLink  # noqa: E402
-from flglm.federation.server import MiddleServer  # noqa: E402
-from flglm.models import ClientBlocks, build_full_model, plan_split  # noqa: E402
+from flglm.client.lm import SplitCausalLM
+from flglm.config import ModelConfig, RunConfig, fingerprint
+from flglm.distributed import configure_threads, read_env, rpc_options
+from flglm.federation.endpoint import ServerEndpoint
+from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.federation.server import MiddleServer
+from flglm.models import ClientBlocks, build_full_model, plan_split
 
 _SERVERS: dict[str, MiddleServer] = {}
+_ENDPOINTS: dict[str, ServerEndpoint] = {}
 
 
 def _config(arch: str) -> RunConfig:
@@ -36,8 +38,8 @@ def _config(arch: str) -> RunConfig:
     return cfg
 
 
-def server_for(arch: str) -> MiddleServer:
-    return _SERVERS[arch]
+def endpoint_for(arch: str) -> ServerEndpoint:
+    return _ENDPOINTS[arch]
 
 
 def server_grads(arch: str) -> dict[str, torch.Tensor]:
@@ -46,7 +48,7 @@ def server_grads(arch: str) -> dict[str, torch.Tensor]:
 
 def check(arch: str) -> dict[str, float]:
     cfg = _config(arch)
-    link = ServerLink(rpc.remote("server", server_for, args=(arch,)), client_id=0, timeout_s=60)
+    link = ServerLink(rpc.remote("server", endpoint_for, args=(arch,)), client_id=0, timeout_s=60)
     info = link.hello(fingerprint(cfg), "test")
     lm = SplitCausalLM(ClientBlocks(cfg.model, plan_split(4, client_head_layers=1, client_tail_layers=1)), RemoteMiddle(link, server_info=info))
     full = build_full_model(cfg.model)
@@ -76,6 +78,7 @@ def main() -> int:
     if env.rank == 0:
         for arch in TINY_MODEL_CONFIGS:
             _SERVERS[arch] = MiddleServer(_config(arch))
+            _ENDPOINTS[arch] = ServerEndpoint(_SERVERS[arch])
         rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
         for server in _SERVERS.values():
             server.wait_until_done(timeout=120)

@@ -1,0 +1,208 @@
+"""The server's RPC surface: the one object clients reach, and the only way in.
+
+Clients hold an RRef to a ``ServerEndpoint``, not to the ``MiddleServer``: every call enters
+through ``exchange`` (messages in the clear, when ``crypto.enabled=false``) or ``handshake`` +
+``sealed`` (encrypted), is decoded into the server's typed methods by one dispatch table, and
+its answer goes back the same way. With encryption on, the clear entry refuses to serve, so
+nothing reaches the model without a client's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed import rpc
+from torch.futures import Future
+
+from flglm.crypto.channel import ChannelError
+from flglm.crypto.sessions import ServerSessions
+from flglm.federation import protocol as P
+from flglm.federation.messages import InvalidMessageError, RequestHeader
+from flglm.federation.server import MiddleServer
+
+log = logging.getLogger("flglm.server")
+
+Reply = list[torch.Tensor] | Future
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def _failed(exc: BaseException) -> Future:
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
+
+
+class ServerEndpoint:
+    """Decodes each message, calls the server, encodes (and seals) the answer."""
+
+    def __init__(self, server: MiddleServer, sessions: ServerSessions | None = None) -> None:
+        self.server = server
+        self.sessions = sessions
+        self._handlers: dict[str, Callable[[int, int, int, list[torch.Tensor]], Reply]] = {
+            "join": self._join,
+            "forward": self._forward,
+            "infer": self._infer,
+            "backward": self._backward,
+            "grad_norms": self._grad_norms,
+            "step": self._step,
+            "agg_begin": self._agg_begin,
+            "agg_upload": self._agg_upload,
+            "leave": self._leave,
+        }
+        self.wire_bytes_in = 0
+        self.wire_bytes_out = 0
+
+    # ------------------------------------------------------------------ entries
+    def handshake(self, client_id: int, hello: torch.Tensor) -> torch.Tensor:
+        """Answer a client's hello (encrypted federations only)."""
+        if self.sessions is None:
+            raise ChannelError("this server runs without encryption (crypto.enabled=false); the client has it on")
+        return self.sessions.accept(_client_id(client_id), hello)
+
+    @rpc.functions.async_execution
+    def exchange(self, client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Future:
+        """One message in the clear."""
+        try:
+            if self.sessions is not None:
+                raise ChannelError("this server requires encryption (crypto.enabled=true); clear messages are refused")
+            client_id = _client_id(client_id)
+            kind = _kind(kind)
+            if not isinstance(round_index, int) or not isinstance(step, int) or round_index < 0 or step < 0:
+                raise InvalidMessageError(f"client {client_id}: round and step must be integers >= 0")
+            if not isinstance(tensors, list) or not all(isinstance(t, torch.Tensor) for t in tensors):
+                raise InvalidMessageError(f"client {client_id}: a message carries a list of tensors")
+            self.wire_bytes_in += sum(t.numel() * t.element_size() for t in tensors)
+            return _as_future(self._dispatch(client_id, kind, round_index, step, tensors)).then(self._count_out)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the caller's error, never a dead RPC thread
+            return _failed(exc)
+
+    @rpc.functions.async_execution
+    def sealed(self, client_id: int, kind: str, message: torch.Tensor) -> Future:
+        """One encrypted message; the answer is sealed under the same session."""
+        try:
+            if self.sessions is None:
+                raise ChannelError("this server runs without encryption (crypto.enabled=false); the client has it on")
+            client_id = _client_id(client_id)
+            kind = _kind(kind)
+            if isinstance(message, torch.Tensor):
+                self.wire_bytes_in += message.numel()
+            header, tensors = self.sessions.open(client_id, message, expect_kind=kind)
+            reply = _as_future(self._dispatch(client_id, kind, header.round, header.step, tensors))
+            sessions = self.sessions
+
+            def seal(done: Future) -> torch.Tensor:
+                sealed = sessions.seal(client_id, P.REPLY_KIND[kind], done.wait(), round=header.round, step=header.step)
+                if kind == "leave":
+                    sessions.close(client_id)
+                self.wire_bytes_out += sealed.numel()
+                return sealed
+
+            return reply.then(seal)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the caller's error, never a dead RPC thread
+            return _failed(exc)
+
+    def summary(self) -> dict[str, Any]:
+        """Encryption state and bytes that crossed the link (ciphertext when sealed)."""
+        out: dict[str, Any] = {"encrypted": self.sessions is not None, "wire_bytes_in": self.wire_bytes_in, "wire_bytes_out": self.wire_bytes_out}
+        if self.sessions is not None:
+            out |= {"handshakes": self.sessions.handshakes, "rejected_messages": self.sessions.rejected}
+        return out
+
+    def _count_out(self, done: Future) -> list[torch.Tensor]:
+        tensors = done.wait()
+        self.wire_bytes_out += sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
+
+    # ----------------------------------------------------------------- dispatch
+    def _dispatch(self, client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        return self._handlers[kind](client_id, round_index, step, tensors)
+
+    def _join(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        (payload,) = P.expect_tensors(tensors, 1, f"client {client_id}", "join")
+        facts = P.json_value(payload, f"client {client_id}: join")
+        if not isinstance(facts, dict) or not isinstance(facts.get("config"), str) or not isinstance(facts.get("tokenizer"), str):
+            raise InvalidMessageError(f"client {client_id}: join must carry the config and tokenizer fingerprints")
+        info = self.server.hello(client_id, facts["config"], facts["tokenizer"])
+        return [P.json_tensor(info)]
+
+    def _forward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "forward")
+        header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
+        return [self.server.forward(header, hidden, mask, pos)]
+
+    def _infer(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "infer")
+        header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
+        return [self.server.infer(header, hidden, mask, pos)]
+
+    def _backward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        (grad,) = P.expect_tensors(tensors, 1, f"client {client_id}", "backward")
+        return [self.server.backward(RequestHeader(client_id, step), grad)]
+
+    def _grad_norms(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        P.expect_tensors(tensors, 0, f"client {client_id}", "grad_norms")
+        return [self.server.grad_norms(client_id)]
+
+    def _step(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        (ctrl,) = P.expect_tensors(tensors, 1, f"client {client_id}", "step")
+        client_step, total, scale, clip = P.parse_step_control(ctrl, f"client {client_id}")
+        self.server.step(client_id, client_step, total, scale, clip)
+        return []
+
+    def _agg_begin(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        P.expect_tensors(tensors, 0, f"client {client_id}", "agg_begin")
+        return self.server.aggregation_begin(client_id, round_index)
+
+    def _agg_upload(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        vector, weight = P.expect_tensors(tensors, 2, f"client {client_id}", "agg_upload")
+        if weight.dtype != torch.float64 or weight.shape != (1,):
+            raise InvalidMessageError(f"client {client_id}: aggregation weight must be a float64 tensor of shape [1]")
+        return self.server.aggregation_upload(client_id, round_index, step, vector, float(weight.item()))
+
+    def _leave(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        (payload,) = P.expect_tensors(tensors, 1, f"client {client_id}", "leave")
+        metrics = P.json_value(payload, f"client {client_id}: leave")
+        if not isinstance(metrics, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in metrics.items()):
+            raise InvalidMessageError(f"client {client_id}: leave must carry a JSON object of numbers")
+        self.server.leave(client_id, metrics)
+        return []
+
+
+def _client_id(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidMessageError(f"client id must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _kind(value: object) -> str:
+    if value not in P.REPLY_KIND:
+        raise InvalidMessageError(f"unknown message kind {value!r}; known: {sorted(P.REPLY_KIND)}")
+    return value  # type: ignore[return-value]
+
+
+def _as_future(reply: Reply) -> Future:
+    # ``Future.then`` returns the C++ base class, not ``torch.futures.Future``.
+    return reply if isinstance(reply, torch._C.Future) else _done(reply)
+
+
+_ENDPOINT: ServerEndpoint | None = None
+
+
+def install(endpoint: ServerEndpoint) -> None:
+    """Make ``endpoint`` the process's instance that ``rpc.remote(..., instance)`` hands out."""
+    global _ENDPOINT
+    _ENDPOINT = endpoint
+
+
+def instance() -> ServerEndpoint:
+    if _ENDPOINT is None:
+        raise RuntimeError("no server endpoint is running in this process")
+    return _ENDPOINT

@@ -1,0 +1,141 @@
+"""The client-server protocol: message kinds and how each call's values become tensors.
+
+Every call is one message of a *kind* carrying a few tensors plus two integers (``round``
+and ``step``), and is answered by one message. The same messages travel in the clear
+(``crypto.enabled=false``) or sealed (:mod:`flglm.crypto`), so encryption cannot change what
+is computed. Small values travel as tensors too: control numbers as an int64/float64 vector,
+structured data (fingerprints, server facts, metrics) as UTF-8 JSON in a uint8 tensor, never
+pickled.
+
+==========  =========================================  ===========  ==========================
+kind        request tensors (round, step)              reply kind   reply tensors
+==========  =========================================  ===========  ==========================
+join        [json fingerprints]                        welcome      [json server facts]
+forward     [hidden, mask, positions, ctrl] (step=id)  output       [hidden]
+infer       [hidden, mask, positions, ctrl] (step=id)  output       [hidden]
+backward    [grad of output] (step=id)                 grad_in      [grad of input]
+grad_norms  []                                         norms        [per-parameter norms]
+step        [ctrl float64: step, total, scale, clip]   ack          []
+agg_begin   [] (round)                                 agg_plan     [int64: attempt, ids...]
+agg_upload  [vector, weight] (round, step=attempt)     agg_result   [int64 status, vector]
+leave       [json metrics]                             ack          []
+==========  =========================================  ===========  ==========================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from flglm.federation.messages import AUTOCAST_DTYPES, InvalidMessageError
+
+REPLY_KIND: dict[str, str] = {
+    "join": "welcome",
+    "forward": "output",
+    "infer": "output",
+    "backward": "grad_in",
+    "grad_norms": "norms",
+    "step": "ack",
+    "agg_begin": "agg_plan",
+    "agg_upload": "agg_result",
+    "leave": "ack",
+}
+"""Request kind -> kind of its answer."""
+
+ASYNC_KINDS = frozenset({"agg_begin", "agg_upload"})
+"""Kinds answered when other clients have called too (through a future)."""
+
+AUTOCAST_CODES = list(AUTOCAST_DTYPES)
+MAX_JSON_BYTES = 1 << 16
+
+
+def json_tensor(value: Any) -> torch.Tensor:
+    data = json.dumps(value, sort_keys=True, allow_nan=False).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def json_value(tensor: object, what: str) -> Any:
+    """Parse JSON a peer sent (size-limited; JSON only, never pickle)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise InvalidMessageError(f"{what} must be a 1-D uint8 tensor of JSON")
+    if tensor.numel() > MAX_JSON_BYTES:
+        raise InvalidMessageError(f"{what} is {tensor.numel()} bytes, at most {MAX_JSON_BYTES} allowed")
+    try:
+        return json.loads(tensor.numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessageError(f"{what} is not valid JSON: {exc}") from None
+
+
+def autocast_code(autocast: str) -> torch.Tensor:
+    return torch.tensor([AUTOCAST_CODES.index(autocast)], dtype=torch.int64)
+
+
+def autocast_name(ctrl: object, who: str) -> str:
+    if not isinstance(ctrl, torch.Tensor) or ctrl.dtype != torch.int64 or ctrl.shape != (1,):
+        raise InvalidMessageError(f"{who}: forward control must be an int64 tensor of shape [1]")
+    code = int(ctrl.item())
+    if not 0 <= code < len(AUTOCAST_CODES):
+        raise InvalidMessageError(f"{who}: autocast code {code} is not one of 0..{len(AUTOCAST_CODES) - 1}")
+    return AUTOCAST_CODES[code]
+
+
+def step_control(client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> torch.Tensor:
+    clip = math.nan if clip_value is None else float(clip_value)
+    return torch.tensor([float(client_step), float(total_steps), float(grad_scale), clip], dtype=torch.float64)
+
+
+def parse_step_control(ctrl: object, who: str) -> tuple[int, int, float, float | None]:
+    if not isinstance(ctrl, torch.Tensor) or ctrl.dtype != torch.float64 or ctrl.shape != (4,):
+        raise InvalidMessageError(f"{who}: step control must be a float64 tensor of shape [4]")
+    step, total, scale, clip = (float(v) for v in ctrl.tolist())
+    if not (math.isfinite(step) and math.isfinite(total) and step >= 0 and total >= 0 and step == int(step) and total == int(total)):
+        raise InvalidMessageError(f"{who}: step index and total steps must be integers >= 0, got {step}, {total}")
+    if not (math.isfinite(scale) and 0 <= scale <= 1):
+        raise InvalidMessageError(f"{who}: gradient scale must lie in [0, 1], got {scale}")
+    if not math.isnan(clip) and not (math.isfinite(clip) and clip > 0):
+        raise InvalidMessageError(f"{who}: clip value must be > 0 (or NaN for none), got {clip}")
+    return int(step), int(total), scale, None if math.isnan(clip) else clip
+
+
+def expect_tensors(tensors: object, count: int, who: str, kind: str) -> list[torch.Tensor]:
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != count or not all(isinstance(t, torch.Tensor) for t in tensors):
+        got = f"{len(tensors)} values" if isinstance(tensors, (list, tuple)) else type(tensors).__name__
+        raise InvalidMessageError(f"{who}: a {kind!r} message carries {count} tensors, got {got}")
+    return list(tensors)
+
+
+_STATUS = {"done": 0, "redo": 1}
+
+
+def plan_tensor(plan: Any) -> torch.Tensor:
+    """A secure round's plan: int64 [attempt, participant ids...]."""
+    return torch.tensor([int(plan.attempt), *(int(i) for i in plan.participants)], dtype=torch.int64)
+
+
+def parse_plan(tensor: object) -> tuple[int, list[int]]:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.numel() < 2:
+        raise InvalidMessageError("an aggregation plan must be an int64 tensor [attempt, participant ids...]")
+    attempt, *participants = (int(v) for v in tensor.tolist())
+    return attempt, participants
+
+
+def result_tensors(result: Any) -> list[torch.Tensor]:
+    """A secure round's answer: int64 [status, attempt, participant ids...] and the average (empty on redo)."""
+    status = torch.cat([torch.tensor([_STATUS[result.status]], dtype=torch.int64), plan_tensor(result.plan)])
+    average = result.average if result.average is not None else torch.zeros(0)
+    return [status, average]
+
+
+def parse_result(status: object, average: object) -> tuple[torch.Tensor | None, tuple[int, list[int]]]:
+    """(average or None on redo, (attempt, participants)); plain FedAvg answers [0, 0]."""
+    if not isinstance(status, torch.Tensor) or status.dtype != torch.int64 or status.dim() != 1 or status.numel() < 2:
+        raise InvalidMessageError("an aggregation result must start with an int64 status tensor")
+    if not isinstance(average, torch.Tensor):
+        raise InvalidMessageError("an aggregation result must carry a tensor")
+    code, attempt, *participants = (int(v) for v in status.tolist())
+    if code not in _STATUS.values():
+        raise InvalidMessageError(f"unknown aggregation status {code}")
+    return (average if code == _STATUS["done"] else None), (attempt, participants)

@@ -1,0 +1,214 @@
+"""The server's side of secure aggregation: collects masked uploads and answers every participant.
+
+The server only ever holds the int64 masked uploads of a round with two or more participants
+(see :mod:`flglm.federation.secure_aggregation` for the masking and its threat model). A round
+is planned once every active client has begun it; if a participant leaves before uploading,
+the round is redone without it, with fresh masks.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.futures import Future
+
+from flglm.federation.secure_aggregation import MAX_CLIENTS, unmask_average
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Who masks with whom in one attempt of a round; clients mask for exactly these participants."""
+
+    round_index: int
+    attempt: int
+    participants: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """``"done"`` with the average, or ``"redo"``: mask again for ``plan`` (the next attempt) and re-upload."""
+
+    status: Literal["done", "redo"]
+    average: torch.Tensor | None
+    plan: RoundPlan
+
+
+@dataclass
+class _Pending:
+    """A round whose plan is not made yet: who has begun it."""
+
+    futures: dict[int, Future] = field(default_factory=dict)
+
+
+@dataclass
+class _Attempt:
+    """The current attempt of a planned round. ``uploads`` are masked int64 unless the plan has one client."""
+
+    plan: RoundPlan
+    uploads: dict[int, torch.Tensor] = field(default_factory=dict)
+    futures: dict[int, Future] = field(default_factory=dict)
+
+
+_Delivery = Callable[[], None]
+
+
+class SecureRounds:
+    """Collects masked uploads of each round and answers with the average, never holding a plaintext update.
+
+    ``begin`` fixes the participants of a round once every active client has begun it; ``upload`` completes
+    the round when every participant has uploaded. A participant that leaves before uploading aborts the
+    attempt: everyone is told to ``"redo"`` it for a plan without that client. Futures are resolved outside
+    the lock, so a callback that calls back in cannot deadlock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: set[int] = set()
+        self._pending: dict[int, _Pending] = {}
+        self._attempts: dict[int, _Attempt] = {}
+        self._finished: set[int] = set()
+        self._size: int | None = None
+        self.completed = 0
+
+    def join(self, client_id: int) -> None:
+        with self._lock:
+            if client_id not in self._active and len(self._active) >= MAX_CLIENTS:
+                raise ValueError(f"client {client_id} cannot join: secure aggregation supports at most {MAX_CLIENTS} clients")
+            self._active.add(client_id)
+
+    def leave(self, client_id: int) -> None:
+        deliveries: list[_Delivery] = []
+        with self._lock:
+            self._active.discard(client_id)
+            for round_index in list(self._pending):
+                deliveries += self._plan_if_ready(round_index)
+            for round_index, state in list(self._attempts.items()):
+                if client_id in state.plan.participants and client_id not in state.uploads:
+                    deliveries += self._redo(round_index)
+        for deliver in deliveries:
+            deliver()
+
+    def begin(self, client_id: int, round_index: int) -> Future:
+        """A future of the round's :class:`RoundPlan`, resolved once every active client has begun it."""
+        future: Future = Future()
+        with self._lock:
+            self._check_member(client_id)
+            if round_index in self._finished:
+                raise ValueError(f"client {client_id}: round {round_index} is already finished")
+            if round_index in self._attempts:
+                # Joined after the plan was made: this round goes on without the client.
+                future.set_result(self._attempts[round_index].plan)
+                return future
+            state = self._pending.setdefault(round_index, _Pending())
+            if client_id in state.futures:
+                raise ValueError(f"client {client_id} already began round {round_index}")
+            state.futures[client_id] = future
+            deliveries = self._plan_if_ready(round_index)
+        for deliver in deliveries:
+            deliver()
+        return future
+
+    def upload(self, client_id: int, round_index: int, attempt: int, vector: torch.Tensor, weight: float) -> Future:
+        """A future of the :class:`RoundResult`; ``vector`` is a :func:`masked_upload` unless the plan has one client."""
+        future: Future = Future()
+        with self._lock:
+            self._check_member(client_id)
+            if round_index in self._finished:
+                raise ValueError(f"client {client_id}: round {round_index} is already finished")
+            state = self._attempts.get(round_index)
+            if state is None:
+                raise ValueError(f"client {client_id}: round {round_index} has no plan yet; call begin first")
+            plan = state.plan
+            if attempt < plan.attempt:
+                # Masked for a plan that no longer holds; the masks would not cancel, so ask for a redo.
+                future.set_result(RoundResult("redo", None, plan))
+                return future
+            if attempt > plan.attempt:
+                raise ValueError(f"client {client_id}: round {round_index} is at attempt {plan.attempt}, not {attempt}")
+            if client_id not in plan.participants:
+                raise ValueError(f"client {client_id} is not a participant of round {round_index} attempt {attempt}: {list(plan.participants)}")
+            if client_id in state.uploads:
+                raise ValueError(f"client {client_id} already uploaded to round {round_index} attempt {attempt}")
+            size = self._check_upload(client_id, plan, vector, weight)
+            self._size = size
+            state.uploads[client_id] = vector.detach()
+            state.futures[client_id] = future
+            deliveries = self._finish(round_index) if len(state.uploads) == len(plan.participants) else []
+        for deliver in deliveries:
+            deliver()
+        return future
+
+    def _check_member(self, client_id: int) -> None:
+        if client_id not in self._active:
+            raise ValueError(f"client {client_id} is not an active member of the federation")
+
+    def _check_upload(self, client_id: int, plan: RoundPlan, vector: torch.Tensor, weight: float) -> int:
+        """The plain vector length the upload implies; raises before anything is stored."""
+        if len(plan.participants) == 1:
+            if vector.dim() != 1 or not vector.is_floating_point():
+                raise ValueError(f"client {client_id}: a lone participant uploads its 1-D float vector, got {vector.dtype} {list(vector.shape)}")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"client {client_id}: aggregation weight must be finite and >= 0, got {weight}")
+            size = vector.numel()
+        else:
+            if vector.dim() != 1 or vector.dtype != torch.int64 or vector.numel() == 0:
+                raise ValueError(
+                    f"client {client_id}: with {len(plan.participants)} participants the upload must be the non-empty 1-D int64 "
+                    f"masked_upload, got {vector.dtype} {list(vector.shape)}"
+                )
+            if weight != 0.0:
+                # The weight travels masked inside the upload; a clear copy would leak it.
+                raise ValueError(f"client {client_id}: the weight is inside the masked upload; pass weight 0.0, got {weight}")
+            size = vector.numel() - 1
+        if self._size is not None and size != self._size:
+            expected = f"{self._size}" if len(plan.participants) == 1 else f"{self._size + 1} ({self._size} values and the weight)"
+            raise ValueError(f"client {client_id}: upload has {vector.numel()} entries, expected {expected}")
+        return size
+
+    def _plan_if_ready(self, round_index: int) -> list[_Delivery]:
+        state = self._pending[round_index]
+        if not self._active <= set(state.futures):
+            return []
+        del self._pending[round_index]
+        plan = RoundPlan(round_index, 0, tuple(sorted(set(state.futures) & self._active)))
+        if plan.participants:
+            self._attempts[round_index] = _Attempt(plan)
+        return [_resolver(f, plan) for f in state.futures.values()]
+
+    def _redo(self, round_index: int) -> list[_Delivery]:
+        old = self._attempts.pop(round_index)
+        plan = RoundPlan(round_index, old.plan.attempt + 1, tuple(p for p in old.plan.participants if p in self._active))
+        if plan.participants:
+            self._attempts[round_index] = _Attempt(plan)
+        result = RoundResult("redo", None, plan)
+        return [_resolver(f, result) for f in old.futures.values()]
+
+    def _finish(self, round_index: int) -> list[_Delivery]:
+        state = self._attempts.pop(round_index)
+        self._finished.add(round_index)
+        self.completed += 1
+        ids = state.plan.participants
+        if len(ids) == 1:
+            # Bit-exact: a one-client federation must match centralized training.
+            average = state.uploads[ids[0]]
+        else:
+            try:
+                average = unmask_average([state.uploads[i] for i in ids])
+            except ValueError as error:
+                # Every waiting participant must hear of it, or they would wait forever.
+                return [_failer(f, error) for f in state.futures.values()]
+        result = RoundResult("done", average, state.plan)
+        return [_resolver(f, result) for f in state.futures.values()]
+
+
+def _resolver(future: Future, value: object) -> _Delivery:
+    return lambda: future.set_result(value)
+
+
+def _failer(future: Future, error: Exception) -> _Delivery:
+    return lambda: future.set_exception(error)
