@@ -92,6 +92,12 @@ class CryptoConfig:
     """Holds this process's private key (``server.key`` or ``client{i}.key``, mode 0600) and the
     public keys: ``server.pub`` (pinned by clients) and ``client{i}.pub`` of every allowed client.
     ``flglm keygen --dir DIR --clients N`` writes a set."""
+    server_public_key: str | None = None
+    """The server's public key that clients pin (64 hex characters or a ``.pub`` path);
+    default ``key_dir/server.pub``. Listed here, it is part of the config every party checks."""
+    client_public_keys: list[str] = field(default_factory=list)
+    """Public key of client ``i`` at position ``i`` (hex or ``.pub`` path): the only clients the
+    server accepts; default ``key_dir/client{i}.pub``. If given, one per client."""
     rekey_every: int = 1048576
     """Each direction moves to a fresh key after this many messages."""
     rekey_each_epoch: bool = True
@@ -248,6 +254,11 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.crypto.client_public_keys and len(cfg.crypto.client_public_keys) != cfg.federation.num_clients:
+        raise ConfigError(
+            f"crypto.client_public_keys lists {len(cfg.crypto.client_public_keys)} keys for "
+            f"federation.num_clients={cfg.federation.num_clients}; give one per client (or none to use crypto.key_dir)"
+        )
     if not 1 <= cfg.crypto.rekey_every <= 2**24:
         raise ConfigError(f"crypto.rekey_every must be in [1, {2**24}], got {cfg.crypto.rekey_every}")
     if not (cfg.crypto.max_message_mb > 0 and math.isfinite(cfg.crypto.max_message_mb)):

@@ -176,7 +176,7 @@ def server_sessions(cfg: RunConfig) -> ServerSessions | None:
     """The server's encrypted sessions (``crypto.enabled``), from the keys in ``crypto.key_dir``."""
     if not cfg.crypto.enabled:
         return None
-    keys = load_server_keys(cfg.crypto.key_dir, cfg.federation.num_clients)
+    keys = load_server_keys(cfg.crypto.key_dir, cfg.federation.num_clients, client_public_keys=cfg.crypto.client_public_keys)
     return ServerSessions(keys.identity, keys.client_keys, rekey_every=cfg.crypto.rekey_every, max_message_bytes=_max_message_bytes(cfg))
 
 
@@ -184,7 +184,13 @@ def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, Pa
     """This client's session with the server and, with secure aggregation, its pairwise masker."""
     if not cfg.crypto.enabled:
         return None, None
-    keys = load_client_keys(cfg.crypto.key_dir, index, cfg.federation.num_clients)
+    keys = load_client_keys(
+        cfg.crypto.key_dir,
+        index,
+        cfg.federation.num_clients,
+        server_public_key=cfg.crypto.server_public_key,
+        client_public_keys=cfg.crypto.client_public_keys,
+    )
     session = ClientSession(index, keys.identity, keys.server_key, rekey_every=cfg.crypto.rekey_every, max_message_bytes=_max_message_bytes(cfg))
     masker = PairwiseMasker(index, keys.identity, keys.peer_keys) if cfg.crypto.secure_aggregation else None
     return session, masker

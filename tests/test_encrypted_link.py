@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flglm.client.lm import SplitCausalLM
-from flglm.config import RunConfig, fingerprint
+from flglm.config import ConfigError, RunConfig, fingerprint
 from flglm.crypto import ChannelError, HandshakeError, ReplayError
 from flglm.crypto.keyring import generate_key_set, load_client_keys, load_server_keys
 from flglm.crypto.keys import generate_identity, load_identity
@@ -268,3 +268,19 @@ def test_fuzzed_clear_messages_get_a_clear_error(cfg: RunConfig, shapes: list[li
         assert str(exc)
     # Assert: whatever happened, no half-done change (a well-formed grad_norms may pass)
     assert _state_digest(server) == before
+
+
+def test_public_keys_listed_in_the_config_decide_who_is_allowed(
+    keys: Path, tmp_path: Path, tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
+) -> None:
+    # Prepare: the config lists client 1's key as client 0's (hex) and client 1 by path
+    client1_hex = (keys / "client1.pub").read_text().strip()
+    listed = load_server_keys(keys, 2, client_public_keys=[client1_hex, str(keys / "client1.pub")])
+    sessions = ServerSessions(listed.identity, listed.client_keys, max_message_bytes=LIMIT)
+    cfg = make_run_config(tiny_model_configs["llama"], "federation.num_clients=2")
+    link = ServerLink(ServerEndpoint(MiddleServer(cfg), sessions), client_id=0, timeout_s=30, session=_client_session(keys, 0))
+    # Execute / Assert: the real client 0 (whose key is not the listed one) is refused
+    with pytest.raises(HandshakeError, match="client key not allowed"):
+        link.handshake()
+    with pytest.raises(ConfigError, match="lists 1 keys for federation.num_clients=2"):
+        make_run_config(tiny_model_configs["llama"], "federation.num_clients=2", f"crypto.client_public_keys=[{client1_hex}]")

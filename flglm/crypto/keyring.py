@@ -3,11 +3,14 @@
 ``key_dir`` holds ``server.key`` on the server, ``client{i}.key`` on client ``i`` (private,
 mode 0600), and the public keys of every party: ``server.pub`` (clients pin it) and
 ``client{i}.pub`` for each allowed client (the server accepts exactly these; clients use
-their peers' keys for the pairwise masks of secure aggregation).
+their peers' keys for the pairwise masks of secure aggregation). The public keys may
+instead be listed in the config (``crypto.server_public_key``, ``crypto.client_public_keys``),
+which puts them under the config fingerprint every party compares at join.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,18 +52,35 @@ class ClientKeys:
     """Every other client's public key (pairwise masks)."""
 
 
-def load_server_keys(key_dir: str | Path, num_clients: int) -> ServerKeys:
+def _public(listed: str | None, key_dir: Path, name: str, num_clients: int) -> bytes:
+    """A public key listed in the config (hex or path), else ``key_dir/<name>.pub``."""
+    if listed:
+        return load_public_key(listed)
+    return load_public_key(_need(key_dir / f"{name}.pub", key_dir, num_clients))
+
+
+def _client_publics(key_dir: Path, num_clients: int, listed: Sequence[str]) -> dict[int, bytes]:
+    return {i: _public(listed[i] if listed else None, key_dir, _name("client", i), num_clients) for i in range(num_clients)}
+
+
+def load_server_keys(key_dir: str | Path, num_clients: int, *, client_public_keys: Sequence[str] = ()) -> ServerKeys:
     key_dir = Path(key_dir)
     identity = load_identity(_need(key_dir / "server.key", key_dir, num_clients))
-    clients = {i: load_public_key(_need(key_dir / f"client{i}.pub", key_dir, num_clients)) for i in range(num_clients)}
-    return ServerKeys(identity, clients)
+    return ServerKeys(identity, _client_publics(key_dir, num_clients, client_public_keys))
 
 
-def load_client_keys(key_dir: str | Path, client: int, num_clients: int) -> ClientKeys:
+def load_client_keys(
+    key_dir: str | Path,
+    client: int,
+    num_clients: int,
+    *,
+    server_public_key: str | None = None,
+    client_public_keys: Sequence[str] = (),
+) -> ClientKeys:
     key_dir = Path(key_dir)
     identity = load_identity(_need(key_dir / f"client{client}.key", key_dir, num_clients))
-    server = load_public_key(_need(key_dir / "server.pub", key_dir, num_clients))
-    peers = {i: load_public_key(_need(key_dir / f"client{i}.pub", key_dir, num_clients)) for i in range(num_clients) if i != client}
+    server = _public(server_public_key, key_dir, "server", num_clients)
+    peers = {i: key for i, key in _client_publics(key_dir, num_clients, client_public_keys).items() if i != client}
     return ClientKeys(identity, server, peers)
 
 
