@@ -73,6 +73,16 @@ class ServerConfig:
     startup_timeout_s: float = 600.0
     """How long the server waits for every client to join, and a client for the server."""
     num_rpc_threads: int = 16
+    parallelism: str = "sequential"
+    """How the server serves several clients: ``sequential`` (one client's step at a time) or
+    ``client_batching`` (the requests of a group of clients run as one batch)."""
+    max_clients_per_batch: int = 8
+    """client_batching: at most this many clients share one batch."""
+    batch_window_ms: float = 50.0
+    """client_batching: a group closes when every active client has asked, or this long after the first."""
+    request_timeout_s: float = 60.0
+    """client_batching: a member that sends no backward/step/next forward within this time is
+    dropped from its group, so the others go on."""
 
 
 @dataclass(kw_only=True)
@@ -186,6 +196,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "task.kind": ("classification", "language_modeling"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
     "model.attn_implementation": ("sdpa", "eager"),
+    "server.parallelism": ("sequential", "client_batching"),
 }
 
 
@@ -242,6 +253,7 @@ def validate(cfg: RunConfig) -> None:
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
         "server.max_pending_per_client": cfg.server.max_pending_per_client,
         "server.max_batch_size": cfg.server.max_batch_size,
+        "server.max_clients_per_batch": cfg.server.max_clients_per_batch,
     }
     for key, value in positive.items():
         if value < 1:

@@ -138,3 +138,25 @@ def test_a_missing_data_file_fails_fast_with_its_path(tmp_path: Path) -> None:
         run_federation(config, [f"data.train_path={missing}"], num_clients=1, run_dir=tmp_path / "run", timeout_s=120)
 
     assert str(missing) in str(failure.value)
+
+
+def test_two_clients_with_client_batching_share_each_server_step(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        federation={"aggregate_every": 4},
+        server={"parallelism": "client_batching", "batch_window_ms": 2000},
+        trainer={"max_steps": 8},
+    )
+    run_dir = tmp_path / "run"
+
+    run_federation(config, num_clients=2, run_dir=run_dir, timeout_s=240)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    server = summary["server"]
+    assert server["steps"] == server["groups"] == 8  # one server step per group of both clients
+    assert server["mean_group_size"] == 2.0 and server["dropped_members"] == 0
+    assert server["forwards"] == server["backwards"] == 16
+    first = load_tensors(run_dir / "client0" / "client_blocks.safetensors")
+    second = load_tensors(run_dir / "client1" / "client_blocks.safetensors")
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], atol=0, rtol=0, msg=name)

@@ -136,7 +136,7 @@ class ServerEndpoint:
     def _forward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "forward")
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return [self.server.forward(header, hidden, mask, pos)]
+        return _listed(self.server.forward(header, hidden, mask, pos))
 
     def _infer(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "infer")
@@ -145,7 +145,7 @@ class ServerEndpoint:
 
     def _backward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (grad,) = P.expect_tensors(tensors, 1, f"client {client_id}", "backward")
-        return [self.server.backward(RequestHeader(client_id, step), grad)]
+        return _listed(self.server.backward(RequestHeader(client_id, step), grad))
 
     def _grad_norms(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "grad_norms")
@@ -154,8 +154,8 @@ class ServerEndpoint:
     def _step(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (ctrl,) = P.expect_tensors(tensors, 1, f"client {client_id}", "step")
         client_step, total, scale, clip = P.parse_step_control(ctrl, f"client {client_id}")
-        self.server.step(client_id, client_step, total, scale, clip)
-        return []
+        done = self.server.step(client_id, client_step, total, scale, clip)
+        return done.then(lambda d: [d.wait()][:0]) if isinstance(done, torch._C.Future) else []
 
     def _agg_begin(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "agg_begin")
@@ -186,6 +186,13 @@ def _kind(value: object) -> str:
     if value not in P.REPLY_KIND:
         raise InvalidMessageError(f"unknown message kind {value!r}; known: {sorted(P.REPLY_KIND)}")
     return value  # type: ignore[return-value]
+
+
+def _listed(result: torch.Tensor | Future) -> Reply:
+    """A handler's one tensor, or the future of it (client-batching answers later), as a reply."""
+    if isinstance(result, torch._C.Future):
+        return result.then(lambda done: [done.wait()])
+    return [result]
 
 
 def _as_future(reply: Reply) -> Future:

@@ -57,9 +57,15 @@ class ServerLink:
 
     def _rpc(self, name: str, *args: Any) -> Any:
         if self._is_remote:
-            return getattr(self._target.rpc_sync(timeout=self.timeout_s), name)(*args)
-        result = getattr(self._target, name)(*args)
-        return result.wait() if isinstance(result, torch._C.Future) else result  # .then() gives a _C.Future
+            result = getattr(self._target.rpc_sync(timeout=self.timeout_s), name)(*args)
+        else:
+            result = getattr(self._target, name)(*args)
+            result = result.wait() if isinstance(result, torch._C.Future) else result  # .then() gives a _C.Future
+        if isinstance(result, BaseException):
+            # Measured: a future the server completes with an exception comes back through an RRef
+            # proxy as the exception object itself, not as a raised error.
+            raise result
+        return result
 
     def exchange(self, kind: str, tensors: list[torch.Tensor], *, round_index: int = 0, step: int = 0) -> list[torch.Tensor]:
         """Send one message and return the tensors of the answer."""

@@ -24,6 +24,7 @@ from torch.futures import Future
 
 from flglm.config import RunConfig, fingerprint
 from flglm.federation.aggregation import AggregationRounds
+from flglm.federation.batching import ClientBatcher, batching_stats
 from flglm.federation.messages import (
     AUTOCAST_DTYPES,
     InvalidMessageError,
@@ -94,12 +95,24 @@ class MiddleServer:
         self._turn_since = 0.0
         self._rounds = AggregationRounds()
         self._secure = SecureRounds() if cfg.crypto.enabled and cfg.crypto.secure_aggregation else None
+        # Every expected client takes part in aggregation rounds from the start, so a client that
+        # joins late is waited for instead of missing the first rounds; leaving ends that.
+        for client_id in range(cfg.federation.num_clients):
+            self._rounds.join(client_id)
+            if self._secure is not None:
+                self._secure.join(client_id)
         self._joined: set[int] = set()
         self._left: set[int] = set()
         self._client_metrics: dict[int, dict[str, float]] = {}
         self._tokenizer_fingerprint: str | None = None
         self._done = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flglm-compute")
+        s = cfg.server
+        self._batcher = (
+            ClientBatcher(self, max_clients=s.max_clients_per_batch, window_s=s.batch_window_ms / 1000, timeout_s=s.request_timeout_s)
+            if s.parallelism == "client_batching"
+            else None
+        )
 
     # ----------------------------------------------------------------- membership
     def hello(self, client_id: int, config_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
@@ -127,6 +140,7 @@ class MiddleServer:
             "hidden_size": self.middle.hidden_size,
             "server_layers": list(self.middle.plan.middle),
             "trainable": bool(self.params),
+            "parallelism": self.cfg.server.parallelism,
             "parameter_names": [n for n, _ in self.named_params],
         }
 
@@ -136,6 +150,8 @@ class MiddleServer:
             self._client_metrics[client_id] = {k: float(v) for k, v in metrics.items()}
             self._drop_client_state(client_id)
         self._release_turn(client_id, discard_grads=True)
+        if self._batcher is not None:
+            self._batcher.leave(client_id)
         self._rounds.leave(client_id)
         if self._secure is not None:
             self._secure.leave(client_id)
@@ -208,7 +224,38 @@ class MiddleServer:
         return self._executor.submit(fn, *args).result()
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------- used by the client batcher
+    def active_clients(self) -> int:
+        with self._lock:
+            return len(self._joined - self._left)
+
+    def joined_clients(self) -> set[int]:
+        with self._lock:
+            return set(self._joined)
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the compute thread without waiting for it."""
+        self._executor.submit(fn)
+
+    def run_middle(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._run(header, hidden, mask, pos)
+
+    def count(self, kind: str, n: int, *tensors: torch.Tensor) -> None:
+        with self._lock:
+            setattr(self.stats, kind, getattr(self.stats, kind) + n)
+            self.stats.bytes_in += _nbytes(*tensors)
+
+    def step_now(self, client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> None:
+        self._step_now(client_step, total_steps, grad_scale, clip_value)
+
+    def discard_grads(self) -> None:
+        with self._lock:
+            self._zero_grads()
 
     def _run(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         dtype = AUTOCAST_DTYPES[header.autocast]
@@ -216,9 +263,13 @@ class MiddleServer:
         with ctx:
             return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1))
 
-    def forward(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Training forward: keeps the autograd state until the matching ``backward``."""
+    def forward(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | Future:
+        """Training forward: keeps the autograd state until the matching ``backward``.
+
+        With client-batching the answer is a future, resolved when the client's group has run."""
         header = self._check(header, hidden, mask, pos)
+        if self._batcher is not None:
+            return self._batcher.forward(header, hidden, mask, pos)
         self._acquire_turn(header.client_id)
         return self._compute(self._forward_now, header, hidden, mask, pos)
 
@@ -256,13 +307,15 @@ class MiddleServer:
             self.stats.bytes_out += _nbytes(result)
             return result
 
-    def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor | Future:
         """Backpropagate ``grad`` (d loss / d outputs) and return d loss / d inputs."""
         try:
             header = check_header(header)
         except InvalidMessageError:
             self.stats.rejected += 1
             raise
+        if self._batcher is not None:
+            return self._batcher.backward(header, grad)
         return self._compute(self._backward_now, header, grad)
 
     def _backward_now(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
@@ -297,14 +350,19 @@ class MiddleServer:
             norms = grad_norms(self.named_params)
             return torch.stack([norms.get(n, torch.tensor(-1.0)) for n, _ in self.named_params]) if self.named_params else torch.zeros(0)
 
-    def step(self, client_id: int, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None) -> None:
+    def step(
+        self, client_id: int, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None
+    ) -> Future | None:
         """Apply the accumulated gradients of ``client_id``'s step, then hand the turn on.
 
         ``grad_scale`` is the global-norm clipping coefficient the client computed over both
         sides' gradients; the LR schedule is evaluated at the client's own step index.
         """
+        if self._batcher is not None:
+            return self._batcher.step(client_id, client_step, total_steps, grad_scale, clip_value)
         self._compute(self._step_now, client_step, total_steps, grad_scale, clip_value)
         self._release_turn(client_id)
+        return None
 
     def _step_now(self, client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> None:
         with self._lock:
@@ -368,7 +426,7 @@ class MiddleServer:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "server": self.stats.as_dict() | {"aggregation_rounds": self._rounds.completed + (self._secure.completed if self._secure else 0)},
+            "server": self.stats.as_dict() | batching_stats(self._batcher) | {"aggregation_rounds": self._rounds.completed + (self._secure.completed if self._secure else 0)},
             "clients": {str(k): v for k, v in sorted(self._client_metrics.items())},
         }
 

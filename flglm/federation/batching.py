@@ -1,0 +1,371 @@
+"""Client-batching: the server runs a group of clients' requests as one batch.
+
+Sequential serving gives one client's whole step the middle stack; client-batching gathers
+the forward requests of up to ``server.max_clients_per_batch`` clients that arrive within
+``server.batch_window_ms``, pads them to a common length (the padding is masked out and sits
+after each row's real tokens, so a causal model's outputs for the real tokens do not change),
+runs the middle once on the concatenated batch and returns each client its rows. The
+matching backward requests are gathered the same way and run as one backward, and the
+server's optimizer steps once per group, when every member has asked for its step.
+
+The group's loss is the sample-weighted mean of its members' losses, as for one larger
+batch: member ``i``'s output gradient is scaled by ``B_i / sum(B)`` before the shared
+backward, and its input gradient is scaled back before it is returned, so each client still
+receives exactly the gradient of its own loss.
+
+Every call returns a future: no RPC thread waits while a group fills. A member that does not
+send its next request within ``server.request_timeout_s`` (or leaves) is dropped from the
+group and the others go on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.futures import Future
+
+from flglm.federation.messages import InvalidMessageError, RequestHeader, wire
+
+if TYPE_CHECKING:
+    from flglm.federation.server import MiddleServer
+
+log = logging.getLogger("flglm.server")
+
+
+@dataclass
+class _Forward:
+    header: RequestHeader
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Step:
+    client_step: int
+    total_steps: int
+    grad_scale: float
+    clip_value: float | None
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Graph:
+    """The autograd state of one gathered forward, kept until its gathered backward."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    rows: dict[int, slice]
+    lengths: dict[int, int]
+    requests: dict[int, int]
+    scales: dict[int, float]
+
+
+@dataclass
+class _Group:
+    members: list[int]
+    phase: str = "forward"
+    """``forward`` (gathering a micro-batch), ``running``, ``backward`` (gathering gradients),
+    ``after_backward`` (gathering the next micro-batch or the steps)."""
+    forwards: dict[int, _Forward] = field(default_factory=dict)
+    backwards: dict[int, tuple[torch.Tensor, Future]] = field(default_factory=dict)
+    steps: dict[int, _Step] = field(default_factory=dict)
+    graph: _Graph | None = None
+    dropped: set[int] = field(default_factory=set)
+    deadline: float = 0.0
+
+    @property
+    def live(self) -> list[int]:
+        return [m for m in self.members if m not in self.dropped]
+
+
+class ClientBatcher:
+    """Gathers clients into groups; one group at a time uses the middle stack."""
+
+    def __init__(self, server: MiddleServer, *, max_clients: int, window_s: float, timeout_s: float) -> None:
+        self._server = server
+        self._max_clients = max_clients
+        self._window_s = window_s
+        self._timeout_s = timeout_s
+        self._lock = threading.RLock()
+        self._group: _Group | None = None
+        self._forming: list[_Forward] = []
+        self._left: set[int] = set()
+        self.groups_run = 0
+        self.group_sizes: list[int] = []
+        self.dropped_members = 0
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="flglm-batching-timer", daemon=True)
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------- requests
+    def forward(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> Future:
+        request = _Forward(header, hidden, mask, pos)
+        with self._lock:
+            group = self._group
+            cid = header.client_id
+            if group is not None and cid in group.live:
+                if group.phase not in ("forward", "after_backward") or cid in group.forwards or cid in group.steps:
+                    raise InvalidMessageError(f"{header.describe()}: a forward arrived while the group expects a {group.phase} request")
+                if group.phase == "after_backward":
+                    group.phase, group.deadline = "forward", time.monotonic() + self._timeout_s
+                group.forwards[cid] = request
+                self._maybe_run_forward()
+            else:
+                if any(f.header.client_id == cid for f in self._forming):
+                    raise InvalidMessageError(f"{header.describe()}: this client already waits for a group")
+                self._forming.append(request)
+                self._maybe_launch()
+        return request.future
+
+    def backward(self, header: RequestHeader, grad: torch.Tensor) -> Future:
+        future: Future = Future()
+        with self._lock:
+            group = self._group
+            cid = header.client_id
+            if group is None or cid not in group.live or group.graph is None or group.phase != "backward":
+                raise InvalidMessageError(f"{header.describe()}: no pending forward (never sent, already backpropagated, dropped, or timed out)")
+            if group.graph.requests[cid] != header.request_id:
+                raise InvalidMessageError(f"{header.describe()}: the pending forward of this client is request {group.graph.requests[cid]}")
+            if cid in group.backwards:
+                raise InvalidMessageError(f"{header.describe()}: a backward for this request already arrived")
+            rows = group.graph.rows[cid]
+            expected = group.graph.outputs[rows, : group.graph.lengths[cid]]
+            if not isinstance(grad, torch.Tensor) or grad.shape != expected.shape or not grad.is_floating_point():
+                raise InvalidMessageError(f"{header.describe()}: gradient must be float of shape {list(expected.shape)}, got {getattr(grad, 'shape', grad)}")
+            if not torch.isfinite(grad).all():
+                raise InvalidMessageError(f"{header.describe()}: gradient contains NaN or Inf")
+            group.backwards[cid] = (grad, future)
+            self._maybe_run_backward()
+        return future
+
+    def step(self, client_id: int, client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> Future:
+        request = _Step(client_step, total_steps, grad_scale, clip_value)
+        with self._lock:
+            group = self._group
+            if group is None or client_id not in group.live or group.phase != "after_backward" or client_id in group.steps:
+                raise InvalidMessageError(f"client {client_id}: a step without a backward in the current group")
+            group.steps[client_id] = request
+            self._maybe_run_step()
+        return request.future
+
+    def leave(self, client_id: int) -> None:
+        with self._lock:
+            self._left.add(client_id)
+            self._forming = [f for f in self._forming if f.header.client_id != client_id]
+            self._drop(client_id, "left the federation")
+            self._maybe_launch()
+
+    # ---------------------------------------------------------------- the group
+    def _active_count(self) -> int:
+        return max(1, self._server.active_clients() - len(self._left & self._server.joined_clients()))
+
+    def _maybe_launch(self) -> None:
+        if self._group is not None or not self._forming:
+            return
+        wanted = min(self._max_clients, self._active_count())
+        waited = time.monotonic() - self._forming[0].arrived
+        if len(self._forming) < wanted and waited < self._window_s:
+            return
+        first, self._forming = self._forming[: self._max_clients], self._forming[self._max_clients :]
+        group = _Group(members=[f.header.client_id for f in first])
+        group.forwards = {f.header.client_id: f for f in first}
+        self._group = group
+        self.group_sizes.append(len(first))
+        self._maybe_run_forward()
+
+    def _maybe_run_forward(self) -> None:
+        group = self._group
+        assert group is not None
+        if group.phase != "forward" or set(group.live) - set(group.forwards):
+            return
+        forwards = [group.forwards[m] for m in group.live]
+        group.forwards = {}
+        group.phase = "running"
+        self._server.submit(lambda: self._run_forward(group, forwards))
+
+    def _maybe_run_backward(self) -> None:
+        group = self._group
+        assert group is not None and group.graph is not None
+        if group.phase != "backward" or set(group.live) - set(group.backwards):
+            return
+        backwards = dict(group.backwards)
+        group.backwards = {}
+        group.phase = "running"
+        self._server.submit(lambda: self._run_backward(group, backwards))
+
+    def _maybe_run_step(self) -> None:
+        group = self._group
+        assert group is not None
+        if group.phase != "after_backward" or set(group.live) - set(group.steps):
+            return
+        steps = dict(group.steps)
+        group.phase = "running"
+        self._server.submit(lambda: self._run_step(group, steps))
+
+    def _drop(self, client_id: int, why: str) -> None:
+        group = self._group
+        if group is None or client_id not in group.live:
+            return
+        group.dropped.add(client_id)
+        self.dropped_members += 1
+        log.warning("client %d dropped from its batch group: %s", client_id, why)
+        error = InvalidMessageError(f"client {client_id} was dropped from its batch group: {why}")
+        for pending in (group.forwards.pop(client_id, None), group.steps.pop(client_id, None)):
+            if pending is not None and not pending.future.done():
+                pending.future.set_exception(error)
+        if not group.live:
+            self._server.submit(lambda: self._finish(group, discard=True))
+            return
+        if group.phase == "forward":
+            self._maybe_run_forward()
+        elif group.phase == "backward":
+            self._maybe_run_backward()
+        elif group.phase == "after_backward":
+            self._maybe_run_step()
+
+    def _tick(self) -> None:
+        """Closes batch windows and drops members that stopped answering."""
+        while not self._stop.wait(min(0.01, self._window_s / 4 or 0.01)):
+            with self._lock:
+                group = self._group
+                if group is not None and group.phase != "running" and group.deadline and time.monotonic() > group.deadline:
+                    waiting = {"forward": group.forwards, "backward": group.backwards, "after_backward": group.steps}[group.phase]
+                    for member in [m for m in group.live if m not in waiting]:
+                        self._drop(member, f"no {group.phase.replace('after_backward', 'step')} request within server.request_timeout_s={self._timeout_s}")
+                self._maybe_launch()
+
+    # ---------------------------------------------------------- compute thread
+    def _run_forward(self, group: _Group, forwards: list[_Forward]) -> None:
+        try:
+            autocasts = {f.header.autocast for f in forwards}
+            if len(autocasts) > 1:
+                raise InvalidMessageError(f"clients of one batch group run different autocast settings {sorted(autocasts)}")
+            length = max(f.hidden.shape[1] for f in forwards)
+            hidden, mask, pos, rows, lengths = [], [], [], {}, {}
+            start = 0
+            for f in forwards:
+                b, n, _ = f.hidden.shape
+                pad = length - n
+                hidden.append(torch.nn.functional.pad(f.hidden, (0, 0, 0, pad)))
+                mask.append(torch.nn.functional.pad(f.mask.to(torch.int64), (0, pad)))
+                pos.append(torch.nn.functional.pad(f.pos.expand(b, n), (0, pad)))
+                rows[f.header.client_id] = slice(start, start + b)
+                lengths[f.header.client_id] = n
+                start += b
+            total = float(start)
+            inputs = torch.cat(hidden).detach().requires_grad_(True)
+            self._server.middle.train()
+            with torch.enable_grad():
+                outputs = self._server.run_middle(forwards[0].header, inputs, torch.cat(mask), torch.cat(pos))
+            graph = _Graph(
+                inputs=inputs,
+                outputs=outputs,
+                rows=rows,
+                lengths=lengths,
+                requests={f.header.client_id: f.header.request_id for f in forwards},
+                scales={cid: (r.stop - r.start) / total for cid, r in rows.items()},
+            )
+            self._server.count("forwards", len(forwards), *(t for f in forwards for t in (f.hidden, f.mask, f.pos)))
+        except BaseException as exc:  # noqa: BLE001 - every member learns why
+            for f in forwards:
+                f.future.set_exception(exc)
+            with self._lock:
+                self._finish_locked(group, discard=True)
+            return
+        with self._lock:
+            group.graph = graph
+            group.phase = "backward"
+            group.deadline = time.monotonic() + self._timeout_s
+        for f in forwards:
+            cid = f.header.client_id
+            f.future.set_result(wire(outputs[rows[cid], : lengths[cid]].to(f.hidden.dtype)))
+        with self._lock:
+            if self._group is group:
+                self._maybe_run_backward()
+
+    def _run_backward(self, group: _Group, backwards: dict[int, tuple[torch.Tensor, Future]]) -> None:
+        graph = group.graph
+        assert graph is not None
+        try:
+            grad = torch.zeros_like(graph.outputs)
+            for cid, (g, _) in backwards.items():
+                grad[graph.rows[cid], : graph.lengths[cid]] = g.to(grad.dtype) * graph.scales[cid]
+            graph.outputs.backward(grad)
+            grad_in = graph.inputs.grad
+            self._server.count("backwards", len(backwards), *(g for g, _ in backwards.values()))
+        except BaseException as exc:  # noqa: BLE001
+            for _, future in backwards.values():
+                future.set_exception(exc)
+            with self._lock:
+                self._finish_locked(group, discard=True)
+            return
+        with self._lock:
+            group.graph = None
+            group.phase = "after_backward"
+            group.deadline = time.monotonic() + self._timeout_s
+        for cid, (g, future) in backwards.items():
+            rows = grad_in[graph.rows[cid], : graph.lengths[cid]] / graph.scales[cid]
+            future.set_result(wire(rows.to(g.dtype)))
+        with self._lock:
+            if self._group is group:
+                self._maybe_run_step()
+
+    def _run_step(self, group: _Group, steps: dict[int, _Step]) -> None:
+        try:
+            requests = list(steps.values())
+            clips = [s.clip_value for s in requests if s.clip_value is not None]
+            self._server.step_now(
+                max(s.client_step for s in requests),
+                max(s.total_steps for s in requests),
+                min(s.grad_scale for s in requests),
+                min(clips) if clips else None,
+            )
+        except BaseException as exc:  # noqa: BLE001
+            for s in requests:
+                s.future.set_exception(exc)
+            with self._lock:
+                self._finish_locked(group, discard=True)
+            return
+        self.groups_run += 1
+        with self._lock:  # the group is over before its members hear so: their next forward starts a new one
+            self._finish_locked(group, discard=False)
+        for s in requests:
+            s.future.set_result(None)
+
+    def _finish(self, group: _Group, *, discard: bool) -> None:
+        with self._lock:
+            self._finish_locked(group, discard=discard)
+
+    def _finish_locked(self, group: _Group, *, discard: bool) -> None:
+        if self._group is not group:
+            return
+        if discard:
+            self._server.discard_grads()
+        self._group = None
+        self._maybe_launch()
+
+
+def batching_stats(batcher: ClientBatcher | None) -> dict[str, Any]:
+    if batcher is None:
+        return {}
+    sizes = batcher.group_sizes
+    return {
+        "groups": batcher.groups_run,
+        "mean_group_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
+        "dropped_members": batcher.dropped_members,
+    }
+
+
+Submit = Callable[[Callable[[], None]], None]

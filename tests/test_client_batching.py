@@ -1,0 +1,143 @@
+"""Client-batching: a group of clients' requests run as one batch, each client gets its own rows."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from flglm.config import RunConfig, fingerprint
+from flglm.federation.messages import InvalidMessageError, RequestHeader
+from flglm.federation.server import MiddleServer
+
+HIDDEN = 64
+
+
+def _request(client: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + client)
+    hidden = torch.randn(batch, length, HIDDEN, generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[-1, length // 2 :] = 0  # each client's own padding too
+    pos = torch.arange(length).unsqueeze(0)
+    grad = torch.randn(batch, length, HIDDEN, generator=gen)
+    return hidden, mask, pos, grad
+
+
+def _threads(jobs: list[Callable[[], Any]], timeout: float = 60) -> list[Any]:
+    results: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = jobs[i]()
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a client is stuck"
+    return results
+
+
+@pytest.fixture
+def make(tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]) -> Callable[..., MiddleServer]:
+    def build(*overrides: str) -> MiddleServer:
+        server = MiddleServer(make_run_config(tiny_model_configs["llama"], "federation.num_clients=3", *overrides))
+        for client in range(3):
+            server.hello(client, fingerprint(server.cfg), "tok")
+        return server
+
+    return build
+
+
+def _grads(server: MiddleServer) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in server.middle.hf.named_parameters() if p.grad is not None}
+
+
+def test_batched_outputs_and_input_gradients_equal_serving_each_client_alone(make: Callable[..., MiddleServer]) -> None:
+    # Prepare: three clients with different batch sizes and sequence lengths
+    shapes = {0: (2, 5), 1: (3, 9), 2: (1, 7)}
+    requests = {c: _request(c, *shape) for c, shape in shapes.items()}
+    batched = make("server.parallelism=client_batching", "server.batch_window_ms=5000")
+
+    def client(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, mask, pos, grad = requests[c]
+        header = RequestHeader(client_id=c, request_id=0)
+        out = batched.forward(header, hidden, mask, pos).wait()
+        grad_in = batched.backward(header, grad).wait()
+        return out, grad_in
+
+    # Execute
+    results = dict(enumerate(_threads([lambda c=c: client(c) for c in shapes])))
+    batched_grads = _grads(batched)
+
+    # Assert: each client's rows equal what a sequential server computes for it alone
+    total = sum(b for b, _ in shapes.values())
+    expected_grads: dict[str, torch.Tensor] = {}
+    for c, (hidden, mask, pos, grad) in requests.items():
+        alone = make()
+        header = RequestHeader(client_id=c, request_id=0)
+        out = alone.forward(header, hidden, mask, pos)
+        grad_in = alone.backward(header, grad)
+        torch.testing.assert_close(results[c][0], out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(results[c][1], grad_in, atol=1e-5, rtol=0)
+        for name, g in _grads(alone).items():  # the group's loss: sample-weighted mean of the members'
+            expected_grads[name] = expected_grads.get(name, 0) + g * (shapes[c][0] / total)
+    for name, g in expected_grads.items():
+        torch.testing.assert_close(batched_grads[name], g, atol=1e-5, rtol=0, msg=name)
+    assert batched.summary()["server"]["forwards"] == 3 and batched.pending_count() == 0
+
+
+def test_one_optimizer_step_per_group(make: Callable[..., MiddleServer]) -> None:
+    # Prepare
+    server = make("server.parallelism=client_batching", "server.batch_window_ms=5000")
+    before = {n: p.detach().clone() for n, p in server.middle.hf.named_parameters()}
+
+    def client(c: int) -> None:
+        hidden, mask, pos, grad = _request(c, 2, 6)
+        header = RequestHeader(client_id=c, request_id=0)
+        server.forward(header, hidden, mask, pos).wait()
+        server.backward(header, grad).wait()
+        server.step(c, 0, 10).wait()
+
+    # Execute
+    errors = [r for r in _threads([lambda c=c: client(c) for c in range(3)]) if r is not None]
+    # Assert
+    assert not errors, errors
+    summary = server.summary()["server"]
+    assert summary["steps"] == 1 and summary["groups"] == 1 and summary["mean_group_size"] == 3.0
+    assert any(not torch.equal(before[n], p) for n, p in server.middle.hf.named_parameters())
+
+
+def test_a_client_that_stops_inside_a_group_does_not_stop_the_others(make: Callable[..., MiddleServer]) -> None:
+    # Prepare: client 2 sends its forward, then never its backward (it died)
+    server = make("server.parallelism=client_batching", "server.batch_window_ms=5000", "server.request_timeout_s=0.5")
+
+    def client(c: int) -> str:
+        hidden, mask, pos, grad = _request(c, 2, 6)
+        header = RequestHeader(client_id=c, request_id=0)
+        server.forward(header, hidden, mask, pos).wait()
+        if c == 2:
+            return "died"
+        server.backward(header, grad).wait()
+        server.step(c, 0, 10).wait()
+        # a second step: the group goes on without client 2
+        header = RequestHeader(client_id=c, request_id=1)
+        server.forward(header, hidden, mask, pos).wait()
+        server.backward(header, grad).wait()
+        server.step(c, 1, 10).wait()
+        return "ok"
+
+    # Execute
+    results = _threads([lambda c=c: client(c) for c in range(3)])
+    # Assert
+    assert results == ["ok", "ok", "died"]
+    summary = server.summary()["server"]
+    assert summary["dropped_members"] == 1 and summary["steps"] == 2
+    with pytest.raises(InvalidMessageError, match="no pending forward"):
+        server.backward(RequestHeader(client_id=2, request_id=0), torch.zeros(2, 6, HIDDEN))
