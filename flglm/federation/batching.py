@@ -169,7 +169,8 @@ class ClientBatcher:
 
     # ---------------------------------------------------------------- the group
     def _active_count(self) -> int:
-        return max(1, self._server.active_clients() - len(self._left & self._server.joined_clients()))
+        """Clients a group waits for (up to the window): every expected client that has not left."""
+        return max(1, self._server.cfg.federation.num_clients - len(self._left))
 
     def _maybe_launch(self) -> None:
         if self._group is not None or not self._forming:

@@ -229,14 +229,6 @@ class MiddleServer:
         self._executor.shutdown(wait=True)
 
     # ------------------------------------------------- used by the client batcher
-    def active_clients(self) -> int:
-        with self._lock:
-            return len(self._joined - self._left)
-
-    def joined_clients(self) -> set[int]:
-        with self._lock:
-            return set(self._joined)
-
     def submit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the compute thread without waiting for it."""
         self._executor.submit(fn)

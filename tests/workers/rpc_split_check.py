@@ -71,6 +71,22 @@ def check(arch: str) -> dict[str, float]:
     }
 
 
+def refused_join_error() -> str:
+    """A join with another config: the server's error must reach the caller as a raised error.
+
+    (An error the server delivers through a future arrives over an RRef as the exception
+    object itself; the link must raise it, not hand it on as a reply.)"""
+    arch = next(iter(TINY_MODEL_CONFIGS))
+    link = ServerLink(rpc.remote("server", endpoint_for, args=(arch,)), client_id=5, timeout_s=60)
+    try:
+        link.hello("not-the-servers-fingerprint", "test")
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+    except Exception as exc:  # noqa: BLE001 - reported as the wrong kind of failure
+        return f"{type(exc).__name__}: {exc}"
+    return "accepted"
+
+
 def main() -> int:
     env = read_env()
     configure_threads(env.local_world_size)
@@ -85,10 +101,13 @@ def main() -> int:
         rpc.shutdown()
         return 0
     rpc.init_rpc("client0", rank=1, world_size=2, rpc_backend_options=opts)
+    refused = refused_join_error()
     results = {arch: check(arch) for arch in TINY_MODEL_CONFIGS}
     rpc.shutdown()
-    print(json.dumps(results))
+    print(json.dumps(results | {"refused_join": refused}))
     worst = max(max(r.values()) for r in results.values())
+    if not refused.startswith("ValueError"):
+        return 1
     return 0 if worst <= 1e-5 else 1
 
 
