@@ -145,7 +145,7 @@ def test_two_clients_with_client_batching_share_each_server_step(tmp_path: Path)
         tmp_path,
         federation={"aggregate_every": 4},
         server={"parallelism": "client_batching", "batch_window_ms": 2000},
-        trainer={"max_steps": 8},
+        trainer={"max_steps": 8, "accumulate_grad_batches": 2},  # and global-norm clipping (write_config)
     )
     run_dir = tmp_path / "run"
 
@@ -155,7 +155,7 @@ def test_two_clients_with_client_batching_share_each_server_step(tmp_path: Path)
     server = summary["server"]
     assert server["steps"] == server["groups"] == 8  # one server step per group of both clients
     assert server["mean_group_size"] == 2.0 and server["dropped_members"] == 0
-    assert server["forwards"] == server["backwards"] == 16
+    assert server["forwards"] == server["backwards"] == 32  # 2 clients x 8 steps x 2 micro-batches
     first = load_tensors(run_dir / "client0" / "client_blocks.safetensors")
     second = load_tensors(run_dir / "client1" / "client_blocks.safetensors")
     for name in first:
