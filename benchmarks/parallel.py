@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of every client (default 30)")
     parser.add_argument("--clients", default="1,2,4", help="comma-separated client counts (default 1,2,4)")
     parser.add_argument("--batch-window-ms", type=float, default=20.0, help="server.batch_window_ms for client_batching")
-    parser.add_argument("--plot", default=str(REPO_ROOT / "benchmarks" / "parallel.png"), help="where to write the PNG plot")
+    parser.add_argument("--plot", default=str(REPO_ROOT / "benchmarks" / "figures" / "parallel.png"), help="where to write the PNG plot")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "parallel"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run")
     parser.add_argument("--centralized-worker", action="store_true", help=argparse.SUPPRESS)

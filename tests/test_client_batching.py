@@ -141,3 +141,24 @@ def test_a_client_that_stops_inside_a_group_does_not_stop_the_others(make: Calla
     assert summary["dropped_members"] == 1 and summary["steps"] == 2
     with pytest.raises(InvalidMessageError, match="no pending forward"):
         server.backward(RequestHeader(client_id=2, request_id=0), torch.zeros(2, 6, HIDDEN))
+
+
+def test_clients_queued_behind_a_running_group_form_the_next_group_together(make: Callable[..., MiddleServer]) -> None:
+    # Prepare: a short window; clients 0 and 1 send their next forward while the first group
+    # is still running, at slightly different times
+    server = make("server.parallelism=client_batching", "server.batch_window_ms=300", "federation.num_clients=2")
+
+    def client(c: int) -> None:
+        for step in range(3):
+            hidden, mask, pos, grad = _request(c, 2, 6)
+            header = RequestHeader(client_id=c, request_id=step)
+            server.forward(header, hidden, mask, pos).wait()
+            server.backward(header, grad).wait()
+            server.step(c, step, 10).wait()
+
+    # Execute
+    errors = [r for r in _threads([lambda c=c: client(c) for c in range(2)]) if r is not None]
+    # Assert: every group had both clients
+    assert not errors, errors
+    summary = server.summary()["server"]
+    assert summary["groups"] == 3 and summary["mean_group_size"] == 2.0
