@@ -21,4 +21,5 @@ test: install
 bench: install
 	$(PYTHON) benchmarks/overhead.py
 	$(PYTHON) benchmarks/crypto_overhead.py
+	$(PYTHON) benchmarks/parallel.py
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2
