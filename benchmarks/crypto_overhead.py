@@ -33,20 +33,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .`, here and under torchrun
     sys.path.insert(0, str(REPO_ROOT))
 
-MODEL = {
-    "model_type": "glm",
-    "vocab_size": 2000,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "max_position_embeddings": 128,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+from flglm.benchmarking import speed_model
+
+MODEL = speed_model()
 RATIO_GOAL = 1.05
 WIRE_GOAL_BYTES = 64
 MAX_MESSAGE_BYTES = 1 << 30

@@ -21,20 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-MODEL = {
-    "model_type": "glm",
-    "vocab_size": 2000,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "max_position_embeddings": 128,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+from flglm.benchmarking import speed_model
+
+MODEL = speed_model()
 
 
 def _config():

@@ -61,25 +61,14 @@ from typing import Any
 
 import yaml
 
+from flglm.benchmarking import centralized_worker, find_data_dir, speed_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("sequential", "client_batching")
 GOAL = 1.5
 BATCH = 16
 
-MODEL = {
-    "model_type": "glm",
-    "vocab_size": 2000,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "max_position_embeddings": 128,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+MODEL = speed_model()
 
 
 def _config(*, train_path: Path, rows: int, steps: int, window_ms: float) -> dict[str, Any]:
@@ -111,27 +100,7 @@ def _config(*, train_path: Path, rows: int, steps: int, window_ms: float) -> dic
     }
 
 
-def _centralized_worker(config: str, overrides: list[str]) -> None:
-    """Child process: one centralized run; its metrics land in ``run_dir/centralized/metrics.json``."""
-    import torch
 
-    from flglm.config import load_config
-    from flglm.runner import run_centralized, save_run_config, setup_logging
-
-    torch.set_num_threads(1)
-    cfg = load_config(config, overrides)
-    setup_logging(Path(cfg.run_dir), "centralized")
-    save_run_config(cfg)
-    run_centralized(cfg)
-
-
-def _resolve_train(data: str) -> Path:
-    """``--data``/train.tsv relative to the current directory, or else to the repository root."""
-    candidates = list(dict.fromkeys([Path(data).resolve(), (REPO_ROOT / data).resolve()]))
-    for candidate in candidates:
-        if (candidate / "train.tsv").is_file():
-            return candidate / "train.tsv"
-    raise SystemExit(f"parallel: error: --data {data}: no train.tsv in {' or '.join(map(str, candidates))}")
 
 
 def _children_cpu_s() -> float:
@@ -215,7 +184,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
     if args.centralized_worker:
-        _centralized_worker(args.config, args.overrides)
+        centralized_worker(args.config, args.overrides)
         return
 
     started = time.monotonic()
@@ -227,7 +196,7 @@ def main() -> None:
     reserved = [o for o in args.overrides if o.split("=", 1)[0] in ("run_dir", "federation.num_clients", "server.parallelism", "trainer.max_steps")]
     if reserved:
         raise SystemExit(f"parallel: error: {reserved}: set these with --run-dir, --clients and --steps (the modes are all run)")
-    train_path = _resolve_train(args.data)
+    train_path = find_data_dir(args.data, REPO_ROOT, ("train.tsv",), prog="parallel") / "train.tsv"
     root = Path(args.run_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     most = max(clients)

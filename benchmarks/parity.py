@@ -44,31 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flglm.benchmarking import centralized_worker, find_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "sst2.yaml"
-
-
-def _centralized_worker(config: str, overrides: list[str]) -> None:
-    """Child process: one centralized run; its metrics land in ``run_dir/centralized/metrics.json``."""
-    import torch
-
-    from flglm.config import load_config
-    from flglm.runner import run_centralized, save_run_config, setup_logging
-
-    torch.set_num_threads(1)
-    cfg = load_config(config, overrides)
-    setup_logging(Path(cfg.run_dir), "centralized")
-    save_run_config(cfg)
-    run_centralized(cfg)
-
-
-def _resolve_data(data: str) -> Path:
-    """``--data`` relative to the current directory, or else to the repository root."""
-    candidates = list(dict.fromkeys([Path(data).resolve(), (REPO_ROOT / data).resolve()]))
-    for candidate in candidates:
-        if (candidate / "train.tsv").is_file() and (candidate / "dev.tsv").is_file():
-            return candidate
-    raise SystemExit(f"parity: error: --data {data}: no train.tsv and dev.tsv in {' or '.join(map(str, candidates))}")
 
 
 def _shared_rows(config: Path, overrides: list[str], clients: list[int]) -> int:
@@ -126,7 +105,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
     if args.centralized_worker:
-        _centralized_worker(args.config, args.overrides)
+        centralized_worker(args.config, args.overrides)
         return
 
     started = time.monotonic()
@@ -137,7 +116,7 @@ def main() -> None:
     reserved = [o for o in args.overrides if o.split("=", 1)[0] in ("run_dir", "federation.num_clients")]
     if reserved:
         raise SystemExit(f"parity: error: {reserved}: set these with --run-dir and --clients")
-    data = _resolve_data(args.data)
+    data = find_data_dir(args.data, REPO_ROOT, ("train.tsv", "dev.tsv"), prog="parity")
     base = [
         f"data.train_path={data / 'train.tsv'}",
         f"data.dev_path={data / 'dev.tsv'}",
