@@ -53,7 +53,6 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +60,7 @@ from typing import Any
 
 import yaml
 
-from flglm.benchmarking import centralized_worker, find_data_dir, speed_model
+from flglm.benchmarking import centralized_worker, find_data_dir, run_centralized_child, speed_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("sequential", "client_batching")
@@ -109,18 +108,7 @@ def _children_cpu_s() -> float:
 
 
 def _run_centralized(config: Path, overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, float]:
-    run_dir.mkdir(parents=True)
-    cmd = [sys.executable, __file__, "--centralized-worker", "--config", str(config), *overrides, f"run_dir={run_dir}"]
-    output = run_dir / "output.log"
-    with output.open("w") as sink:
-        try:
-            proc = subprocess.run(cmd, check=False, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO_ROOT)
-        except subprocess.TimeoutExpired:
-            raise SystemExit(f"parallel: error: the centralized run took over {timeout_s:.0f}s; see {output}") from None
-    if proc.returncode != 0:
-        tail = "\n".join(output.read_text(errors="replace").splitlines()[-40:])
-        raise SystemExit(f"parallel: error: the centralized run exited with {proc.returncode}:\n{tail}")
-    metrics = json.loads((run_dir / "centralized" / "metrics.json").read_text())["metrics"]
+    metrics = run_centralized_child(__file__, config, overrides, run_dir, timeout_s=timeout_s, prog="parallel")
     return {"samples": metrics["samples"], "steps": metrics["steps"], "train_time_s": metrics["train_time_s"]}
 
 

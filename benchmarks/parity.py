@@ -38,13 +38,12 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from flglm.benchmarking import centralized_worker, find_data_dir
+from flglm.benchmarking import centralized_worker, find_data_dir, run_centralized_child
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "sst2.yaml"
@@ -64,18 +63,7 @@ def _shared_rows(config: Path, overrides: list[str], clients: list[int]) -> int:
 
 
 def _run_centralized(config: Path, overrides: list[str], run_dir: Path, timeout_s: float) -> dict[str, float]:
-    run_dir.mkdir(parents=True)
-    cmd = [sys.executable, __file__, "--centralized-worker", "--config", str(config), *overrides, f"run_dir={run_dir}"]
-    output = run_dir / "output.log"
-    with output.open("w") as sink:
-        try:
-            proc = subprocess.run(cmd, check=False, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO_ROOT)
-        except subprocess.TimeoutExpired:
-            raise SystemExit(f"parity: error: the centralized run took over {timeout_s:.0f}s; see {output}") from None
-    if proc.returncode != 0:
-        tail = "\n".join(output.read_text(errors="replace").splitlines()[-40:])
-        raise SystemExit(f"parity: error: the centralized run exited with {proc.returncode}:\n{tail}")
-    return json.loads((run_dir / "centralized" / "metrics.json").read_text())["metrics"]
+    return run_centralized_child(__file__, config, overrides, run_dir, timeout_s=timeout_s, prog="parity")
 
 
 def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Path, timeout_s: float) -> dict[str, float]:

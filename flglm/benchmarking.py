@@ -6,6 +6,9 @@ processes and under torchrun, where the installed package is what every process 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,20 @@ def find_data_dir(data: str, repo_root: Path, needed: tuple[str, ...], *, prog: 
         if all((candidate / name).is_file() for name in needed):
             return candidate
     raise SystemExit(f"{prog}: error: --data {data}: no {' and '.join(needed)} in {' or '.join(map(str, candidates))}")
+
+
+def run_centralized_child(script: str | Path, config: str | Path, overrides: list[str], run_dir: Path, *, timeout_s: float, prog: str) -> dict[str, float]:
+    """Run ``script --centralized-worker`` (which calls :func:`centralized_worker`) in a child
+    process with a hard timeout; return its final metrics. Its output goes to ``run_dir/output.log``."""
+    run_dir.mkdir(parents=True)
+    cmd = [sys.executable, str(script), "--centralized-worker", "--config", str(config), *overrides, f"run_dir={run_dir}"]
+    output = run_dir / "output.log"
+    with output.open("w") as sink:
+        try:
+            proc = subprocess.run(cmd, check=False, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=Path(script).resolve().parent.parent)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"{prog}: error: the centralized run took over {timeout_s:.0f}s; see {output}") from None
+    if proc.returncode != 0:
+        tail = "\n".join(output.read_text(errors="replace").splitlines()[-40:])
+        raise SystemExit(f"{prog}: error: the centralized run exited with {proc.returncode}:\n{tail}")
+    return json.loads((run_dir / "centralized" / "metrics.json").read_text())["metrics"]

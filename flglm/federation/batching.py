@@ -284,15 +284,9 @@ class ClientBatcher:
             )
             self._server.count("forwards", len(forwards), *(t for f in forwards for t in (f.hidden, f.mask, f.pos)))
         except BaseException as exc:  # noqa: BLE001 - every member learns why
-            for f in forwards:
-                f.future.set_exception(exc)
-            with self._lock:
-                self._finish_locked(group, discard=True)
+            self._fail(group, [f.future for f in forwards], exc)
             return
-        with self._lock:
-            group.graph = graph
-            group.phase = "backward"
-            group.deadline = time.monotonic() + self._timeout_s
+        self._enter(group, "backward", graph=graph)
         for f in forwards:
             cid = f.header.client_id
             f.future.set_result(wire(outputs[rows[cid], : lengths[cid]].to(f.hidden.dtype)))
@@ -310,16 +304,10 @@ class ClientBatcher:
             graph.outputs.backward(grad)
             grad_in = graph.inputs.grad
             self._server.count("backwards", len(backwards), *(g for g, _ in backwards.values()))
-        except BaseException as exc:  # noqa: BLE001
-            for _, future in backwards.values():
-                future.set_exception(exc)
-            with self._lock:
-                self._finish_locked(group, discard=True)
+        except BaseException as exc:  # noqa: BLE001 - every member learns why
+            self._fail(group, [f for _, f in backwards.values()], exc)
             return
-        with self._lock:
-            group.graph = None
-            group.phase = "after_backward"
-            group.deadline = time.monotonic() + self._timeout_s
+        self._enter(group, "after_backward", graph=None)
         for cid, (g, future) in backwards.items():
             rows = grad_in[graph.rows[cid], : graph.lengths[cid]] / graph.scales[cid]
             future.set_result(wire(rows.to(g.dtype)))
@@ -337,17 +325,28 @@ class ClientBatcher:
                 min(s.grad_scale for s in requests),
                 min(clips) if clips else None,
             )
-        except BaseException as exc:  # noqa: BLE001
-            for s in requests:
-                s.future.set_exception(exc)
-            with self._lock:
-                self._finish_locked(group, discard=True)
+        except BaseException as exc:  # noqa: BLE001 - every member learns why
+            self._fail(group, [r.future for r in requests], exc)
             return
         self.groups_run += 1
         with self._lock:  # the group is over before its members hear so: their next forward starts a new one
             self._finish_locked(group, discard=False)
         for s in requests:
             s.future.set_result(None)
+
+    def _enter(self, group: _Group, phase: str, *, graph: _Graph | None) -> None:
+        """The group's computation is done: wait (with a deadline) for its members' next requests."""
+        with self._lock:
+            group.graph = graph
+            group.phase = phase
+            group.deadline = time.monotonic() + self._timeout_s
+
+    def _fail(self, group: _Group, futures: list[Future], exc: BaseException) -> None:
+        """A computation failed: every waiting member gets the error and the group ends."""
+        for future in futures:
+            future.set_exception(exc)
+        with self._lock:
+            self._finish_locked(group, discard=True)
 
     def _finish(self, group: _Group, *, discard: bool) -> None:
         with self._lock:
