@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.futures import Future
 
-from flglm.federation.messages import InvalidMessageError, RequestHeader, wire
+from flglm.federation.messages import InvalidMessageError, RequestHeader, check_gradient, wire
 
 if TYPE_CHECKING:
     from flglm.federation.server import MiddleServer
@@ -141,12 +141,7 @@ class ClientBatcher:
                 raise InvalidMessageError(f"{header.describe()}: the pending forward of this client is request {group.graph.requests[cid]}")
             if cid in group.backwards:
                 raise InvalidMessageError(f"{header.describe()}: a backward for this request already arrived")
-            rows = group.graph.rows[cid]
-            expected = group.graph.outputs[rows, : group.graph.lengths[cid]]
-            if not isinstance(grad, torch.Tensor) or grad.shape != expected.shape or not grad.is_floating_point():
-                raise InvalidMessageError(f"{header.describe()}: gradient must be float of shape {list(expected.shape)}, got {getattr(grad, 'shape', grad)}")
-            if not torch.isfinite(grad).all():
-                raise InvalidMessageError(f"{header.describe()}: gradient contains NaN or Inf")
+            check_gradient(header, grad, group.graph.outputs[group.graph.rows[cid], : group.graph.lengths[cid]])
             group.backwards[cid] = (grad, future)
             self._maybe_run_backward()
         return future

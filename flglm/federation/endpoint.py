@@ -20,12 +20,13 @@ from torch.futures import Future
 from flglm.crypto.channel import ChannelError
 from flglm.crypto.sessions import ServerSessions
 from flglm.federation import protocol as P
-from flglm.federation.messages import InvalidMessageError, RequestHeader
+from flglm.federation.messages import InvalidMessageError, RequestHeader, nbytes
 from flglm.federation.server import MiddleServer
 
 log = logging.getLogger("flglm.server")
 
 Reply = list[torch.Tensor] | Future
+_CLEAR_SERVER = "this server runs without encryption (crypto.enabled=false); the client has it on"
 
 
 def _done(value: Any) -> Future:
@@ -64,7 +65,7 @@ class ServerEndpoint:
     def handshake(self, client_id: int, hello: torch.Tensor) -> torch.Tensor:
         """Answer a client's hello (encrypted federations only)."""
         if self.sessions is None:
-            raise ChannelError("this server runs without encryption (crypto.enabled=false); the client has it on")
+            raise ChannelError(_CLEAR_SERVER)
         return self.sessions.accept(_client_id(client_id), hello)
 
     @rpc.functions.async_execution
@@ -79,7 +80,7 @@ class ServerEndpoint:
                 raise InvalidMessageError(f"client {client_id}: round and step must be integers >= 0")
             if not isinstance(tensors, list) or not all(isinstance(t, torch.Tensor) for t in tensors):
                 raise InvalidMessageError(f"client {client_id}: a message carries a list of tensors")
-            self.wire_bytes_in += sum(t.numel() * t.element_size() for t in tensors)
+            self.wire_bytes_in += nbytes(*tensors)
             return _as_future(self._dispatch(client_id, kind, round_index, step, tensors)).then(self._count_out)
         except Exception as exc:  # noqa: BLE001 - any failure becomes the caller's error, never a dead RPC thread
             return _failed(exc)
@@ -89,7 +90,7 @@ class ServerEndpoint:
         """One encrypted message; the answer is sealed under the same session."""
         try:
             if self.sessions is None:
-                raise ChannelError("this server runs without encryption (crypto.enabled=false); the client has it on")
+                raise ChannelError(_CLEAR_SERVER)
             client_id = _client_id(client_id)
             kind = _kind(kind)
             if isinstance(message, torch.Tensor):
@@ -118,7 +119,7 @@ class ServerEndpoint:
 
     def _count_out(self, done: Future) -> list[torch.Tensor]:
         tensors = done.wait()
-        self.wire_bytes_out += sum(t.numel() * t.element_size() for t in tensors)
+        self.wire_bytes_out += nbytes(*tensors)
         return tensors
 
     # ----------------------------------------------------------------- dispatch
@@ -136,7 +137,7 @@ class ServerEndpoint:
     def _forward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "forward")
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return _listed(self.server.forward(header, hidden, mask, pos))
+        return _then(self.server.forward(header, hidden, mask, pos), lambda out: [out])
 
     def _infer(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "infer")
@@ -145,7 +146,7 @@ class ServerEndpoint:
 
     def _backward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (grad,) = P.expect_tensors(tensors, 1, f"client {client_id}", "backward")
-        return _listed(self.server.backward(RequestHeader(client_id, step), grad))
+        return _then(self.server.backward(RequestHeader(client_id, step), grad), lambda grad_in: [grad_in])
 
     def _grad_norms(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "grad_norms")
@@ -154,8 +155,7 @@ class ServerEndpoint:
     def _step(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (ctrl,) = P.expect_tensors(tensors, 1, f"client {client_id}", "step")
         client_step, total, scale, clip = P.parse_step_control(ctrl, f"client {client_id}")
-        done = self.server.step(client_id, client_step, total, scale, clip)
-        return done.then(lambda d: [d.wait()][:0]) if isinstance(done, torch._C.Future) else []
+        return _then(self.server.step(client_id, client_step, total, scale, clip), lambda _: [])
 
     def _agg_begin(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "agg_begin")
@@ -188,11 +188,11 @@ def _kind(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def _listed(result: torch.Tensor | Future) -> Reply:
-    """A handler's one tensor, or the future of it (client-batching answers later), as a reply."""
+def _then(result: Any, to_reply: Callable[[Any], list[torch.Tensor]]) -> Reply:
+    """The reply made of a server method's result, or of its future (client-batching answers later)."""
     if isinstance(result, torch._C.Future):
-        return result.then(lambda done: [done.wait()])
-    return [result]
+        return result.then(lambda done: to_reply(done.wait()))
+    return to_reply(result)
 
 
 def _as_future(reply: Reply) -> Future:

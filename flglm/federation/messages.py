@@ -107,6 +107,11 @@ def check_gradient(header: RequestHeader, grad: object, expected: torch.Tensor) 
         raise InvalidMessageError(f"{who}: gradient contains NaN or Inf")
 
 
+def nbytes(*tensors: torch.Tensor) -> int:
+    """Raw bytes of the tensors' elements (what a message carries, before any header)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def wire(tensor: torch.Tensor) -> torch.Tensor:
     """A detached, compact tensor to send: RPC sends a view's whole storage otherwise."""
     tensor = tensor.detach()

@@ -129,6 +129,11 @@ def result_tensors(result: Any) -> list[torch.Tensor]:
     return [status, average]
 
 
+def plain_result_tensors(average: torch.Tensor) -> list[torch.Tensor]:
+    """Plain FedAvg's answer in the same form: status done, attempt 0, no plan."""
+    return [torch.tensor([_STATUS["done"], 0], dtype=torch.int64), average]
+
+
 def parse_result(status: object, average: object) -> tuple[torch.Tensor | None, tuple[int, list[int]]]:
     """(average or None on redo, (attempt, participants)); plain FedAvg answers [0, 0]."""
     if not isinstance(status, torch.Tensor) or status.dtype != torch.int64 or status.dim() != 1 or status.numel() < 2:

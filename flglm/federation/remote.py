@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.rpc import PyRRef
 
 from flglm.crypto.sessions import ClientSession
-from flglm.federation.messages import RequestHeader, wire
+from flglm.federation.messages import RequestHeader, nbytes, wire
 from flglm.federation.protocol import (
     REPLY_KIND,
     autocast_code,
@@ -73,15 +73,16 @@ class ServerLink:
         self.messages += 1
         if self.session is None:
             reply = self._rpc("exchange", self.client_id, kind, round_index, step, tensors)
-            self.payload_bytes += _nbytes(tensors) + _nbytes(reply)
-            self.wire_bytes += _nbytes(tensors) + _nbytes(reply)
+            crossed = nbytes(*tensors, *reply)
+            self.payload_bytes += crossed
+            self.wire_bytes += crossed
             return reply
         if not self.session.connected:  # first call, or after the session was torn down
             self.handshake()
         sealed = self.session.seal(kind, tensors, round=round_index, step=step)
         answer = self._rpc("sealed", self.client_id, kind, sealed)
         _, reply = self.session.open(answer, expect_kind=REPLY_KIND[kind])
-        self.payload_bytes += _nbytes(tensors) + _nbytes(reply)
+        self.payload_bytes += nbytes(*tensors, *reply)
         self.wire_bytes += sealed.numel() + answer.numel()
         return reply
 
@@ -146,10 +147,6 @@ class ServerLink:
         self.exchange("leave", [json_tensor({k: float(v) for k, v in metrics.items()})])
         if self.session is not None:
             self.session.close()
-
-
-def _nbytes(tensors: list[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _MiddleCall(torch.autograd.Function):

@@ -4,7 +4,8 @@ Typed methods: ``hello``, ``forward``, ``infer``, ``backward``, ``grad_norms``, 
 ``aggregation_begin``/``aggregation_upload``, ``leave``. Clients reach them only through
 ``flglm.federation.endpoint.ServerEndpoint``, which decodes (and, with encryption, opens)
 each message. Sequential serving: a client's training step (its forwards, backwards and
-optimizer step) has the middle stack to itself; other clients wait for their turn. Evaluation (``infer``) runs under no_grad, keeps nothing and needs no turn.
+optimizer step) has the middle stack to itself; other clients wait for their turn. Evaluation
+(``infer``) runs under no_grad, keeps nothing and needs no turn.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from flglm.federation.messages import (
     check_forward,
     check_gradient,
     check_header,
+    nbytes,
     wire,
 )
-from flglm.federation.protocol import plan_tensor, result_tensors
+from flglm.federation.protocol import plain_result_tensors, plan_tensor, result_tensors
 from flglm.federation.secure_rounds import SecureRounds
 from flglm.models.split import MiddleStack, max_positions_of, plan_for
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
@@ -68,10 +70,6 @@ class ServerStats:
         out = {k: v for k, v in self.__dict__.items() if k != "started"}
         out["elapsed_s"] = round(time.monotonic() - self.started, 3)
         return out
-
-
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class MiddleServer:
@@ -240,10 +238,7 @@ class MiddleServer:
     def count(self, kind: str, n: int, *tensors: torch.Tensor) -> None:
         with self._lock:
             setattr(self.stats, kind, getattr(self.stats, kind) + n)
-            self.stats.bytes_in += _nbytes(*tensors)
-
-    def step_now(self, client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> None:
-        self._step_now(client_step, total_steps, grad_scale, clip_value)
+            self.stats.bytes_in += nbytes(*tensors)
 
     def discard_grads(self) -> None:
         with self._lock:
@@ -279,9 +274,9 @@ class MiddleServer:
                 outputs = self._run(header, inputs, mask, pos)
             self._pending[key] = _Pending(inputs, outputs, time.monotonic())
             self.stats.forwards += 1
-            self.stats.bytes_in += _nbytes(hidden, mask, pos)
+            self.stats.bytes_in += nbytes(hidden, mask, pos)
             result = wire(outputs.to(hidden.dtype))
-            self.stats.bytes_out += _nbytes(result)
+            self.stats.bytes_out += nbytes(result)
             return result
 
     def infer(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -294,9 +289,9 @@ class MiddleServer:
             self.middle.eval()
             outputs = self._run(header, hidden, mask, pos)
             self.stats.inferences += 1
-            self.stats.bytes_in += _nbytes(hidden, mask, pos)
+            self.stats.bytes_in += nbytes(hidden, mask, pos)
             result = wire(outputs.to(hidden.dtype))
-            self.stats.bytes_out += _nbytes(result)
+            self.stats.bytes_out += nbytes(result)
             return result
 
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor | Future:
@@ -325,14 +320,14 @@ class MiddleServer:
                 self.stats.rejected += 1
                 raise
             del self._pending[key]
-            self.stats.bytes_in += _nbytes(grad)
+            self.stats.bytes_in += nbytes(grad)
             pending.outputs.backward(grad.to(pending.outputs.dtype))
             self.stats.backwards += 1
             grad_in = pending.inputs.grad
             if grad_in is None:
                 grad_in = torch.zeros_like(pending.inputs)
             result = wire(grad_in)
-            self.stats.bytes_out += _nbytes(result)
+            self.stats.bytes_out += nbytes(result)
             return result
 
     # ------------------------------------------------------------------ optimizer
@@ -352,11 +347,12 @@ class MiddleServer:
         """
         if self._batcher is not None:
             return self._batcher.step(client_id, client_step, total_steps, grad_scale, clip_value)
-        self._compute(self._step_now, client_step, total_steps, grad_scale, clip_value)
+        self._compute(self.step_now, client_step, total_steps, grad_scale, clip_value)
         self._release_turn(client_id)
         return None
 
-    def _step_now(self, client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> None:
+    def step_now(self, client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> None:
+        """One optimizer step of the server's parameters (also the client batcher's group step)."""
         with self._lock:
             if self.optimizer is not None:
                 scale_grads(self.params, float(grad_scale))
@@ -383,7 +379,7 @@ class MiddleServer:
         """
         if self._secure is None:
             future = self._rounds.contribute(client_id, round_index, vector, weight)
-            return future.then(lambda done: [torch.tensor([0, 0], dtype=torch.int64), done.wait()])
+            return future.then(lambda done: plain_result_tensors(done.wait()))
         return self._secure.upload(client_id, round_index, attempt, vector, weight).then(lambda done: result_tensors(done.wait()))
 
     # ---------------------------------------------------------------- bookkeeping
