@@ -3,6 +3,7 @@
     python benchmarks/parity.py --data ../shared/data/sst2
     python benchmarks/parity.py --data ../shared/data/sst2 trainer.max_epochs=3   # overrides for every run
     python benchmarks/parity.py --data ../shared/data/sst2 --clients 2 data.max_train_rows=2000
+    python benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2 crypto.secure_aggregation=false
 
 With ``configs/sst2.yaml`` (the first 12000 training phrases, 2 epochs) the three runs take
 about 6.5 minutes on a 2-core CPU machine; centralized dev accuracy is ~0.79.
@@ -15,7 +16,8 @@ the ``key=value`` overrides given after the flags, which are passed to every run
 * Centralized: ``flglm.runner.run_centralized`` in a child process with one thread.
 * Federated: ``flglm.launching.run_federation``, 1 server + N clients under torchrun on
   loopback (one thread per process, as ``flglm.distributed.configure_threads`` gives on a
-  2-core machine); IID split of the same rows.
+  2-core machine); IID split of the same rows. ``--sub-servers S``: a hierarchical server of
+  S sub-server processes (S + N processes), client ``i`` served by sub-server ``i % S``.
 
 All runs train on the same union of rows: the script fixes ``data.max_train_rows`` to the
 configured subset rounded down to a multiple of every client count, so no run drops a
@@ -66,13 +68,20 @@ def _run_centralized(config: Path, overrides: list[str], run_dir: Path, timeout_
     return run_centralized_child(__file__, config, overrides, run_dir, timeout_s=timeout_s, prog="parity")
 
 
-def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Path, timeout_s: float) -> dict[str, float]:
+def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Path, timeout_s: float, sub_servers: int) -> dict[str, float]:
     from flglm.crypto.keyring import generate_key_set
     from flglm.launching import FederationFailed, run_federation
 
     generate_key_set(run_dir / "keys", clients)  # encryption is on unless overridden
     try:
-        run_federation(config, [f"crypto.key_dir={run_dir / 'keys'}", *overrides], num_clients=clients, run_dir=run_dir, timeout_s=timeout_s)
+        run_federation(
+            config,
+            [f"crypto.key_dir={run_dir / 'keys'}", *overrides],
+            num_clients=clients,
+            sub_servers=sub_servers,
+            run_dir=run_dir,
+            timeout_s=timeout_s,
+        )
     except FederationFailed as err:
         raise SystemExit(f"parity: error: the {clients}-client federation failed:\n{err}") from None
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -87,6 +96,12 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/sst2", help="directory with train.tsv and dev.tsv")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--clients", default="2,4", help="comma-separated client counts (default 2,4)")
+    parser.add_argument(
+        "--sub-servers",
+        type=int,
+        default=1,
+        help="hierarchical server with this many sub-servers (needs crypto.secure_aggregation=false); default 1",
+    )
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "parity"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run")
     parser.add_argument("--centralized-worker", action="store_true", help=argparse.SUPPRESS)
@@ -101,9 +116,11 @@ def main() -> None:
     clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     if not clients or min(clients) < 1:
         raise SystemExit(f"parity: error: --clients must list positive counts, got {args.clients!r}")
-    reserved = [o for o in args.overrides if o.split("=", 1)[0] in ("run_dir", "federation.num_clients")]
+    reserved = [o for o in args.overrides if o.split("=", 1)[0] in ("run_dir", "federation.num_clients", "server.sub_servers")]
     if reserved:
-        raise SystemExit(f"parity: error: {reserved}: set these with --run-dir and --clients")
+        raise SystemExit(f"parity: error: {reserved}: set these with --run-dir, --clients and --sub-servers")
+    if not 1 <= args.sub_servers <= min(clients):
+        raise SystemExit(f"parity: error: --sub-servers must be between 1 and the smallest client count, got {args.sub_servers}")
     data = find_data_dir(args.data, REPO_ROOT, ("train.tsv", "dev.tsv"), prog="parity")
     base = [
         f"data.train_path={data / 'train.tsv'}",
@@ -136,12 +153,13 @@ def main() -> None:
             overrides = [*base, f"federation.num_clients={max(clients)}"]
             results[name] = _run_centralized(config, overrides, run_dir, args.timeout)
         else:
-            results[name] = _run_federated(config, base, n, run_dir, args.timeout)
+            results[name] = _run_federated(config, base, n, run_dir, args.timeout, args.sub_servers)
         walls[name] = time.monotonic() - t0
         print(f"[parity] {name}: val_acc {results[name]['val_acc']:.4f} in {walls[name]:.0f}s", file=sys.stderr, flush=True)
 
     print("\n".join(_table(results, walls, rows=rows, cfg=cfg, dev=data / "dev.tsv")))
     result = _result(results, rows=rows, epochs=cfg.trainer.max_epochs, overrides=args.overrides)
+    result["sub_servers"] = args.sub_servers
     result["wall_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result))
 

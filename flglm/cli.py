@@ -36,7 +36,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = read_env()
-        role = role_for_rank(env.rank, env.world_size, num_clients=cfg.federation.num_clients)
+        role = role_for_rank(
+            env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers
+        )
     except (ConfigError, RuntimeError, ValueError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
@@ -44,8 +46,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     threads = configure_threads(env.local_world_size)
     log.info("%s (rank %d of %d), %d thread(s)", role.worker_name, env.rank, env.world_size, threads)
     if role.kind == "server":
-        save_run_config(cfg)
-        run_server(cfg, env)
+        if role.is_coordinator:
+            save_run_config(cfg)
+        run_server(cfg, env, role)
     else:
         run_client(cfg, env, role)
     return 0

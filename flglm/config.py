@@ -74,8 +74,18 @@ class ServerConfig:
     """How long the server waits for every client to join, and a client for the server."""
     num_rpc_threads: int = 16
     parallelism: str = "sequential"
-    """How the server serves several clients: ``sequential`` (one client's step at a time) or
-    ``client_batching`` (the requests of a group of clients run as one batch)."""
+    """How the server serves several clients: ``sequential`` (one client's step at a time),
+    ``client_batching`` (the requests of a group of clients run as one batch), ``hierarchical``
+    (``sub_servers`` replicas of the middle stack, each serving its own clients, averaged every
+    ``sync_every`` FedAvg rounds) or ``auto`` (hierarchical when ``sub_servers > 1``, else
+    client_batching when the gathered batch fits in memory, else sequential; the choice is logged)."""
+    sub_servers: int = 1
+    """hierarchical: number of server processes (torchrun ranks 0..S-1); sub-server ``s`` serves
+    clients ``i`` with ``i % S == s``. torchrun starts ``sub_servers + num_clients`` processes."""
+    sync_every: int = 1
+    """hierarchical: average the sub-servers' middle stacks (weighted by the samples each trained
+    on) every this many FedAvg rounds; always at the end of training. The client blocks are
+    averaged over all clients of all sub-servers at every FedAvg round."""
     max_clients_per_batch: int = 8
     """client_batching: at most this many clients share one batch."""
     batch_window_ms: float = 50.0
@@ -88,7 +98,8 @@ class ServerConfig:
 @dataclass(kw_only=True)
 class FederationConfig:
     num_clients: int = 1
-    """Number of client processes; torchrun starts ``num_clients + 1`` processes (rank 0: server)."""
+    """Number of client processes; torchrun starts ``num_clients + server.sub_servers`` processes
+    (the first rank(s) serve)."""
     aggregate_every: int = 0
     """FedAvg of the client blocks every this many optimizer steps; 0: only at each epoch end."""
 
@@ -196,7 +207,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "task.kind": ("classification", "language_modeling"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
     "model.attn_implementation": ("sdpa", "eager"),
-    "server.parallelism": ("sequential", "client_batching"),
+    "server.parallelism": ("sequential", "client_batching", "hierarchical", "auto"),
 }
 
 
@@ -254,6 +265,8 @@ def validate(cfg: RunConfig) -> None:
         "server.max_pending_per_client": cfg.server.max_pending_per_client,
         "server.max_batch_size": cfg.server.max_batch_size,
         "server.max_clients_per_batch": cfg.server.max_clients_per_batch,
+        "server.sub_servers": cfg.server.sub_servers,
+        "server.sync_every": cfg.server.sync_every,
     }
     for key, value in positive.items():
         if value < 1:
@@ -266,6 +279,7 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    _validate_sub_servers(cfg)
     if cfg.crypto.client_public_keys and len(cfg.crypto.client_public_keys) != cfg.federation.num_clients:
         raise ConfigError(
             f"crypto.client_public_keys lists {len(cfg.crypto.client_public_keys)} keys for "
@@ -284,6 +298,25 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"task.label_words needs at least 2 words, got {cfg.task.label_words}")
     if cfg.task.kind == "classification" and "{text}" not in cfg.task.prompt:
         raise ConfigError(f"task.prompt must contain '{{text}}', got {cfg.task.prompt!r}")
+
+
+def _validate_sub_servers(cfg: RunConfig) -> None:
+    s = cfg.server
+    if s.sub_servers > 1 and s.parallelism not in ("hierarchical", "auto"):
+        raise ConfigError(
+            f"server.sub_servers={s.sub_servers} needs server.parallelism=hierarchical (or auto), "
+            f"got {s.parallelism!r}"
+        )
+    if s.sub_servers > cfg.federation.num_clients:
+        raise ConfigError(
+            f"server.sub_servers={s.sub_servers} is more than federation.num_clients="
+            f"{cfg.federation.num_clients}: every sub-server needs at least one client"
+        )
+    if s.sub_servers > 1 and cfg.crypto.enabled and cfg.crypto.secure_aggregation:
+        raise ConfigError(
+            "server.sub_servers > 1 cannot run secure aggregation yet (pairwise masks would have to be "
+            "planned across sub-servers): set crypto.secure_aggregation=false (messages stay encrypted)"
+        )
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -72,3 +72,23 @@ def rpc_options(*, num_worker_threads: int, timeout_s: float) -> rpc.TensorPipeR
         _transports=["uv"],
         _channels=["basic"],
     )
+
+
+def init_server_group(env: DistEnv, *, index: int, size: int, timeout_s: float) -> None:
+    """Join the collective group of the server's processes (hierarchical sub-servers only).
+
+    The clients are not members: the group is a gloo process group of ``size`` ranks that meets
+    through torchrun's own store (the agent's TCPStore at MASTER_ADDR:MASTER_PORT, under a prefix
+    of its own), so it needs no extra port and works across nodes with torchrun's flags.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        raise RuntimeError("hierarchical sub-servers need torchrun's store (start the federation with torchrun)")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore("flglm/sub_servers", store), rank=index, world_size=size, timeout=timeout
+    )

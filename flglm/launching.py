@@ -128,12 +128,21 @@ def run_federation(
     num_clients: int,
     run_dir: str | Path,
     timeout_s: float,
+    sub_servers: int = 1,
     extra_env: dict[str, str] | None = None,
     stream: bool = False,
 ) -> FederationRun:
-    """Run a federation: ``1 + num_clients`` processes of ``launch/train.py``, and wait."""
+    """Run a federation: ``sub_servers + num_clients`` processes of ``launch/train.py``, and wait.
+
+    ``sub_servers > 1`` runs a hierarchical server (``server.parallelism=hierarchical`` unless the
+    overrides say ``auto``)."""
     run_dir = Path(run_dir)
-    args = ["--config", str(config), f"run_dir={run_dir}", f"federation.num_clients={num_clients}", *overrides]
+    args = ["--config", str(config), f"run_dir={run_dir}", f"federation.num_clients={num_clients}"]
+    if sub_servers > 1:
+        args += [f"server.sub_servers={sub_servers}"]
+        if not any(o.startswith("server.parallelism=") for o in overrides):
+            args += ["server.parallelism=hierarchical"]
+    args += list(overrides)
     return run_torchrun(
-        TRAIN_SCRIPT, args, nproc=num_clients + 1, timeout_s=timeout_s, run_dir=run_dir, extra_env=extra_env, stream=stream
+        TRAIN_SCRIPT, args, nproc=num_clients + sub_servers, timeout_s=timeout_s, run_dir=run_dir, extra_env=extra_env, stream=stream
     )

@@ -1,6 +1,9 @@
 """Which process does what: decided in one place, from the rank.
 
-Rank 0 is the server; ranks 1..N are clients 0..N-1. RPC worker names follow the roles.
+Ranks ``0..S-1`` are the server's processes (``S = server.sub_servers``; one unless the server
+is hierarchical), ranks ``S..S+N-1`` are clients ``0..N-1``. Client ``i`` is served by
+sub-server ``i % S``. Rank 0 also coordinates: it writes the federation's summary and model.
+RPC worker names follow the roles.
 """
 
 from __future__ import annotations
@@ -11,23 +14,50 @@ from typing import Literal
 SERVER_NAME = "server"
 
 
+def server_name(index: int) -> str:
+    """RPC name of sub-server ``index`` (sub-server 0 is the plain server of a one-server federation)."""
+    return SERVER_NAME if index == 0 else f"{SERVER_NAME}{index}"
+
+
+def clients_of(server_index: int, *, num_clients: int, sub_servers: int) -> list[int]:
+    """The clients sub-server ``server_index`` serves."""
+    return [i for i in range(num_clients) if i % sub_servers == server_index]
+
+
 @dataclass(frozen=True)
 class Role:
     kind: Literal["server", "client"]
     client_index: int | None = None
+    server_index: int = 0
+    """A server process: which sub-server it is. A client: which sub-server serves it."""
+    sub_servers: int = 1
 
     @property
     def worker_name(self) -> str:
-        return SERVER_NAME if self.kind == "server" else f"client{self.client_index}"
+        return server_name(self.server_index) if self.kind == "server" else f"client{self.client_index}"
+
+    @property
+    def server_name(self) -> str:
+        """The RPC name of the server process this role talks to (itself for a server)."""
+        return server_name(self.server_index)
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Writes the summary and the final middle stack."""
+        return self.kind == "server" and self.server_index == 0
 
 
-def role_for_rank(rank: int, world_size: int, *, num_clients: int) -> Role:
-    """Map a rank to its role; the world must hold exactly one server and ``num_clients`` clients."""
-    if world_size != num_clients + 1:
+def role_for_rank(rank: int, world_size: int, *, num_clients: int, sub_servers: int = 1) -> Role:
+    """Map a rank to its role; the world must hold exactly ``sub_servers`` servers and ``num_clients`` clients."""
+    if world_size != num_clients + sub_servers:
+        servers = "1 server" if sub_servers == 1 else f"{sub_servers} sub-servers"
         raise ValueError(
-            f"federation.num_clients={num_clients} needs {num_clients + 1} processes "
-            f"(1 server + {num_clients} clients), torchrun started {world_size}"
+            f"federation.num_clients={num_clients} with server.sub_servers={sub_servers} needs "
+            f"{num_clients + sub_servers} processes ({servers} + {num_clients} clients), torchrun started {world_size}"
         )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
-    return Role("server") if rank == 0 else Role("client", client_index=rank - 1)
+    if rank < sub_servers:
+        return Role("server", server_index=rank, sub_servers=sub_servers)
+    client = rank - sub_servers
+    return Role("client", client_index=client, server_index=client % sub_servers, sub_servers=sub_servers)

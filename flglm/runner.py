@@ -39,14 +39,15 @@ from flglm.datasets import (
     client_train_examples,
     dev_examples,
 )
-from flglm.distributed import DistEnv, rpc_options
+from flglm.distributed import DistEnv, init_server_group, rpc_options
 from flglm.federation import endpoint as endpoint_mod
 from flglm.federation.endpoint import ServerEndpoint
+from flglm.federation.parallelism import choose_parallelism, free_memory_bytes
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.federation.secure_aggregation import PairwiseMasker
 from flglm.federation.server import MiddleServer
-from flglm.models.split import ClientBlocks, build_full_model, plan_for
-from flglm.roles import SERVER_NAME, Role
+from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
+from flglm.roles import Role, clients_of
 from flglm.tasks import build_task
 
 log = logging.getLogger("flglm")
@@ -200,37 +201,90 @@ def _max_message_bytes(cfg: RunConfig) -> int:
     return int(cfg.crypto.max_message_mb * 2**20)
 
 
-def run_server(cfg: RunConfig, env: DistEnv) -> dict[str, Any]:
-    """Serve the middle stack until every client has joined and left; write the summary."""
+def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
+    """Serve the middle stack until every client has joined and left; the coordinator (rank 0)
+    writes the summary and the middle stack.
+
+    Hierarchical: each sub-server serves its own clients with its own replica; they join the
+    server ranks' process group first and are averaged at FedAvg rounds (``SubServerSync``).
+    """
     run_dir = Path(cfg.run_dir)
     sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
-    server = MiddleServer(cfg)
+    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split))
+    choice = choose_parallelism(
+        cfg,
+        middle.hf.config,
+        parameters=sum(p.numel() for p in middle.parameters()),
+        layers=len(middle.plan.middle),
+        free_bytes=free_memory_bytes(),
+    )
+    log.info("%s: parallelism %s (%s)", role.worker_name, choice.mode, choice.reason)
+    if choice.mode == "hierarchical":
+        init_server_group(env, index=role.server_index, size=role.sub_servers, timeout_s=cfg.server.rpc_timeout_s)
+    clients = clients_of(role.server_index, num_clients=cfg.federation.num_clients, sub_servers=role.sub_servers)
+    server = MiddleServer(cfg, middle=middle, clients=clients, mode=choice.mode)
     endpoint = ServerEndpoint(server, sessions)
     endpoint_mod.install(endpoint)
-    log.info("server: encryption %s", "on (AES-256-GCM per client)" if sessions else "OFF (crypto.enabled=false)")
+    log.info("%s: encryption %s", role.worker_name, "on (AES-256-GCM per client)" if sessions else "OFF (crypto.enabled=false)")
     log.info(
-        "server: middle stack = blocks %s (%d parameters)",
+        "%s: middle stack = blocks %s (%d parameters), serving clients %s",
+        role.worker_name,
         list(server.middle.plan.middle),
         sum(p.numel() for p in server.middle.parameters()),
+        clients,
     )
-    rpc.init_rpc(SERVER_NAME, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
+    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
     try:
         server.wait_until_done(timeout=cfg.server.startup_timeout_s)
-        save_tensors(server.middle.hf_state_dict(), run_dir / "server" / "middle.safetensors")
-        summary = server.summary()
-        summary["link"] = endpoint.summary()
+        own = server.summary()
+        own["link"] = endpoint.summary()
+        parts = server.sync.gather_json(own) if server.sync is not None else [own]
+        summary = merge_server_summaries(parts)
+        summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
         summary["federation"] = federation_metrics(summary["clients"])
         summary["config_fingerprint"] = fingerprint(cfg)
-        write_json(summary, run_dir / "summary.json")
-        log.info("federation done: %s", summary["federation"])
+        if role.is_coordinator:
+            save_tensors(server.middle.hf_state_dict(), run_dir / "server" / "middle.safetensors")
+            write_json(summary, run_dir / "summary.json")
+            log.info("federation done: %s", summary["federation"])
     except BaseException:
-        log.exception("server failed")
+        log.exception("%s failed", role.worker_name)
         rpc.shutdown(graceful=False)
         raise
     finally:
         server.close()
     rpc.shutdown()
     return summary
+
+
+def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from each sub-server's: counts added up, clients merged, each sub-server kept.
+
+    The middle stack's hash shows the replicas ended identical after the final synchronisation."""
+    if len(parts) == 1:
+        return dict(parts[0])
+
+    def add(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d in dicts:
+            for key, value in d.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    out.setdefault(key, value)
+                elif key == "elapsed_s":
+                    out[key] = max(out.get(key, 0.0), value)
+                else:
+                    out[key] = out.get(key, 0) + value
+        return out
+
+    clients: dict[str, Any] = {}
+    for part in parts:
+        clients.update(part["clients"])
+    return {
+        "server": add([p["server"] for p in parts]),
+        "link": add([p["link"] for p in parts]),
+        "clients": dict(sorted(clients.items(), key=lambda item: int(item[0]))),
+        "sub_servers": [{"server": p["server"], "link": p["link"], "clients": sorted(p["clients"], key=int)} for p in parts],
+    }
 
 
 def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -255,7 +309,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     session, masker = client_session(cfg, index)  # a missing key file fails here
     rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
     try:
-        rref = rpc.remote(SERVER_NAME, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
+        rref = rpc.remote(role.server_name, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
         link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session)
         callbacks: list[L.Callback] = []
         if session is not None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.futures import Future
 
 from flglm.federation.aggregation import AggregationRounds, fedavg
 
@@ -186,3 +187,35 @@ def test_contributing_twice_to_a_round_is_rejected() -> None:
 
     with pytest.raises(ValueError, match="client 0 already contributed to round 0"):
         rounds.contribute(0, 0, torch.zeros(3), 1.0)
+
+
+def test_a_combine_hook_answers_the_round_with_its_own_average() -> None:
+    # Hierarchical serving: a completed local round is handed on; its answer comes later.
+    handed: list[tuple[int, list[torch.Tensor], list[float]]] = []
+    pending: Future = Future()
+
+    def combine(round_index: int, vectors: list[torch.Tensor], weights: list[float]) -> Future:
+        handed.append((round_index, vectors, weights))
+        return pending
+
+    rounds = AggregationRounds(combine=combine)
+    for client in (0, 1):
+        rounds.join(client)
+    futures = [rounds.contribute(1, 3, torch.tensor([2.0]), 2.0), rounds.contribute(0, 3, torch.tensor([1.0]), 1.0)]
+
+    assert [(r, [v.item() for v in vs], ws) for r, vs, ws in handed] == [(3, [1.0, 2.0], [1.0, 2.0])]  # by client id
+    assert not any(f.done() for f in futures)
+    pending.set_result(torch.tensor([7.0]))
+    assert all(torch.equal(f.wait(), torch.tensor([7.0])) for f in futures)
+
+
+def test_a_failed_combine_reaches_every_contributor() -> None:
+    failed: Future = Future()
+    rounds = AggregationRounds(combine=lambda *_: failed)
+    rounds.join(0)
+    future = rounds.contribute(0, 0, torch.tensor([1.0]), 1.0)
+
+    failed.set_exception(RuntimeError("peer sub-server died"))
+
+    with pytest.raises(RuntimeError, match="peer sub-server died"):
+        future.wait()

@@ -48,7 +48,7 @@ def _threads(jobs: list[Callable[[], Any]], timeout: float = 60) -> list[Any]:
 def make(tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]) -> Callable[..., MiddleServer]:
     def build(*overrides: str) -> MiddleServer:
         server = MiddleServer(make_run_config(tiny_model_configs["llama"], "federation.num_clients=3", *overrides))
-        for client in range(3):
+        for client in range(server.cfg.federation.num_clients):
             server.hello(client, fingerprint(server.cfg), "tok")
         return server
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,9 +48,14 @@ class AggregationRounds:
 
     A round completes when every active client has contributed; a client that leaves the
     federation stops being waited for, so the others never deadlock on it.
+
+    ``combine`` (hierarchical serving) turns a completed round's local contributions into the
+    federation-wide average, answered later through a future; without it the round's answer
+    is the FedAvg of its own contributions.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, combine: Callable[[int, list[torch.Tensor], list[float]], Future] | None = None) -> None:
+        self._combine = combine
         self._lock = threading.Lock()
         self._rounds: dict[int, _Round] = {}
         self._active: set[int] = set()
@@ -67,7 +72,7 @@ class AggregationRounds:
             ready = [r for r in list(self._rounds) if self._ready(r)]
             results = [self._finish(r) for r in ready]
         for finished in results:
-            _deliver(finished)
+            self._deliver(*finished)
 
     def contribute(self, client_id: int, round_index: int, vector: torch.Tensor, weight: float) -> Future:
         if vector.dim() != 1 or not vector.is_floating_point():
@@ -92,22 +97,38 @@ class AggregationRounds:
             state.futures[client_id] = future
             finished = self._finish(round_index) if self._ready(round_index) else None
         if finished is not None:
-            _deliver(finished)
+            self._deliver(*finished)
         return future
 
     def _ready(self, round_index: int) -> bool:
         state = self._rounds[round_index]
         return bool(state.vectors) and self._active <= set(state.vectors)
 
-    def _finish(self, round_index: int) -> tuple[_Round, torch.Tensor]:
-        state = self._rounds.pop(round_index)
-        ids = sorted(state.vectors)
-        average = fedavg([state.vectors[i] for i in ids], [state.weights[i] for i in ids])
+    def _finish(self, round_index: int) -> tuple[int, _Round]:
         self.completed += 1
-        return state, average
+        return round_index, self._rounds.pop(round_index)
+
+    def _deliver(self, round_index: int, state: _Round) -> None:
+        """Answer a completed round; called after the lock is released, so a slow average or
+        ``combine`` never holds up other clients' contributions."""
+        ids = sorted(state.vectors)
+        vectors, weights = [state.vectors[i] for i in ids], [state.weights[i] for i in ids]
+        if self._combine is None:
+            _resolve(state, fedavg(vectors, weights))
+            return
+
+        def answer(done: Future) -> None:
+            try:
+                average = done.wait()
+            except Exception as err:  # noqa: BLE001 - every contributor learns why
+                for future in state.futures.values():
+                    future.set_exception(err)
+                return
+            _resolve(state, average)
+
+        self._combine(round_index, vectors, weights).add_done_callback(answer)
 
 
-def _deliver(finished: tuple[_Round, torch.Tensor]) -> None:
-    state, average = finished
+def _resolve(state: _Round, average: torch.Tensor) -> None:
     for future in state.futures.values():
         future.set_result(average)

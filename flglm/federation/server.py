@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from torch.futures import Future
 from flglm.config import RunConfig, fingerprint
 from flglm.federation.aggregation import AggregationRounds
 from flglm.federation.batching import ClientBatcher, batching_stats
+from flglm.federation.hierarchy import SubServerSync
 from flglm.federation.messages import (
     AUTOCAST_DTYPES,
     InvalidMessageError,
@@ -73,10 +74,29 @@ class ServerStats:
 
 
 class MiddleServer:
-    """Serves the middle stack to the clients of one federation."""
+    """Serves the middle stack to the clients of one federation (or, hierarchical, of one sub-server).
 
-    def __init__(self, cfg: RunConfig, *, middle: MiddleStack | None = None) -> None:
+    Args:
+        cfg: the federation's config.
+        middle: the middle stack (built from ``cfg`` if None).
+        clients: the client ids this server serves (all of them unless it is a sub-server).
+        mode: the resolved ``server.parallelism`` (never ``auto``); ``hierarchical`` needs the
+            server ranks' process group to be initialised (``flglm.distributed.init_server_group``).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        middle: MiddleStack | None = None,
+        clients: Sequence[int] | None = None,
+        mode: str | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.mode = mode or cfg.server.parallelism
+        if self.mode == "auto":
+            raise ValueError("MiddleServer needs a resolved parallelism mode (see flglm.federation.parallelism)")
+        self.clients = sorted(range(cfg.federation.num_clients) if clients is None else clients)
         if middle is None:
             middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split))
         self.middle = middle
@@ -91,11 +111,17 @@ class MiddleServer:
         self._turn = threading.Condition()
         self._turn_owner: int | None = None
         self._turn_since = 0.0
-        self._rounds = AggregationRounds()
+        self._error: BaseException | None = None
+        self.sync = (
+            SubServerSync(self.params, self._lock, sync_every=cfg.server.sync_every, on_error=self._abort)
+            if self.mode == "hierarchical"
+            else None
+        )
+        self._rounds = AggregationRounds(combine=self.sync.combine if self.sync is not None else None)
         self._secure = SecureRounds() if cfg.crypto.enabled and cfg.crypto.secure_aggregation else None
         # Every expected client takes part in aggregation rounds from the start, so a client that
         # joins late is waited for instead of missing the first rounds; leaving ends that.
-        for client_id in range(cfg.federation.num_clients):
+        for client_id in self.clients:
             self._rounds.join(client_id)
             if self._secure is not None:
                 self._secure.join(client_id)
@@ -108,7 +134,7 @@ class MiddleServer:
         s = cfg.server
         self._batcher = (
             ClientBatcher(self, max_clients=s.max_clients_per_batch, window_s=s.batch_window_ms / 1000, timeout_s=s.request_timeout_s)
-            if s.parallelism == "client_batching"
+            if self.mode == "client_batching"
             else None
         )
 
@@ -121,6 +147,8 @@ class MiddleServer:
                 f"(fingerprint {config_fingerprint[:12]} != {self._fingerprint[:12]}); "
                 "start every process with the same config file and overrides"
             )
+        if client_id not in self.clients:
+            raise ValueError(f"client {client_id} is not served by this server (it serves clients {self.clients})")
         with self._lock:
             if self._tokenizer_fingerprint is None:
                 self._tokenizer_fingerprint = tokenizer_fingerprint
@@ -133,12 +161,12 @@ class MiddleServer:
             self._rounds.join(client_id)
             if self._secure is not None:
                 self._secure.join(client_id)
-        log.info("client %d joined (%d/%d)", client_id, len(self._joined), self.cfg.federation.num_clients)
+        log.info("client %d joined (%d/%d)", client_id, len(self._joined), len(self.clients))
         return {
             "hidden_size": self.middle.hidden_size,
             "server_layers": list(self.middle.plan.middle),
             "trainable": bool(self.params),
-            "parallelism": self.cfg.server.parallelism,
+            "parallelism": self.mode,
             "parameter_names": [n for n, _ in self.named_params],
         }
 
@@ -154,19 +182,28 @@ class MiddleServer:
         if self._secure is not None:
             self._secure.leave(client_id)
         log.info("client %d left", client_id)
-        expected = self.cfg.federation.num_clients
-        if len(self._joined) >= expected and self._left >= self._joined:
+        if len(self._joined) >= len(self.clients) and self._left >= self._joined:
             self._done.set()
 
+    def _abort(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
     def wait_until_done(self, *, timeout: float) -> None:
-        """Block until every expected client has joined and left; joins are bounded by ``timeout``."""
+        """Block until every expected client has joined and left; joins are bounded by ``timeout``.
+
+        Hierarchical: then until every sub-server is done and the middle stacks are averaged."""
         deadline = time.monotonic() + timeout
         while not self._done.wait(timeout=1.0):
-            if len(self._joined) < self.cfg.federation.num_clients and time.monotonic() > deadline:
+            if len(self._joined) < len(self.clients) and time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"only {len(self._joined)} of {self.cfg.federation.num_clients} clients joined within "
+                    f"only {len(self._joined)} of {len(self.clients)} clients joined within "
                     f"server.startup_timeout_s={timeout}"
                 )
+        if self._error is not None:
+            raise RuntimeError(f"the server stopped: {self._error}") from self._error
+        if self.sync is not None:
+            self.sync.finish(timeout=self.cfg.server.rpc_timeout_s)
 
     # ------------------------------------------------------------------- the turn
     def _acquire_turn(self, client_id: int) -> None:
@@ -273,6 +310,8 @@ class MiddleServer:
             with torch.enable_grad():
                 outputs = self._run(header, inputs, mask, pos)
             self._pending[key] = _Pending(inputs, outputs, time.monotonic())
+            if self.sync is not None:
+                self.sync.add_samples(hidden.shape[0])
             self.stats.forwards += 1
             self.stats.bytes_in += nbytes(hidden, mask, pos)
             result = wire(outputs.to(hidden.dtype))
@@ -414,7 +453,10 @@ class MiddleServer:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "server": self.stats.as_dict() | batching_stats(self._batcher) | {"aggregation_rounds": self._rounds.completed + (self._secure.completed if self._secure else 0)},
+            "server": self.stats.as_dict()
+            | batching_stats(self._batcher)
+            | (self.sync.stats() if self.sync is not None else {})
+            | {"aggregation_rounds": self._rounds.completed + (self._secure.completed if self._secure else 0)},
             "clients": {str(k): v for k, v in sorted(self._client_metrics.items())},
         }
 

@@ -1,0 +1,69 @@
+"""``server.parallelism=auto``: pick how the server serves many clients, from what it has.
+
+Several server processes (``server.sub_servers > 1``) → ``hierarchical``: each serves its own
+clients with its own replica. One server process → ``client_batching`` if the middle stack's
+training activations for a full gathered batch (``max_clients_per_batch`` clients' micro-batches)
+fit in the memory that is free, with the model and its optimizer state; otherwise
+``sequential``, whose batches are one client's. The choice and its numbers are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flglm.config import RunConfig
+
+log = logging.getLogger("flglm.server")
+
+MEMORY_HEADROOM = 0.8
+"""Plan to use at most this fraction of the free memory."""
+
+
+@dataclass(frozen=True)
+class ParallelismChoice:
+    mode: str
+    reason: str
+
+
+def training_bytes(*, parameters: int, layers: int, hidden: int, intermediate: int, heads: int, tokens: int, seq_len: int) -> int:
+    """Rough upper bound of the middle stack's memory for one training step on ``tokens`` tokens
+    (fp32): weights, gradients and two AdamW moments, and per block the activations autograd keeps
+    (projections, MLP, norms: ~10·hidden + 3·intermediate floats per token; attention scores:
+    heads · seq_len per token)."""
+    state = 16 * parameters
+    per_token_per_layer = 4 * (10 * hidden + 3 * intermediate + heads * seq_len)
+    return state + layers * tokens * per_token_per_layer
+
+
+def choose_parallelism(cfg: RunConfig, middle_config: Any, parameters: int, layers: int, free_bytes: int) -> ParallelismChoice:
+    """Resolve ``cfg.server.parallelism`` (``auto`` or an explicit mode) to the mode to run."""
+    s = cfg.server
+    if s.parallelism != "auto":
+        return ParallelismChoice(s.parallelism, "set in the config (server.parallelism)")
+    if s.sub_servers > 1:
+        return ParallelismChoice("hierarchical", f"server.sub_servers={s.sub_servers} server processes, one replica each")
+    hidden = int(getattr(middle_config, "hidden_size", getattr(middle_config, "n_embd", 0)))
+    intermediate = int(getattr(middle_config, "intermediate_size", None) or getattr(middle_config, "n_inner", None) or 4 * hidden)
+    heads = int(getattr(middle_config, "num_attention_heads", getattr(middle_config, "n_head", 1)))
+    seq = cfg.data.max_length
+    tokens = s.max_clients_per_batch * cfg.data.batch_size * seq
+    needed = training_bytes(
+        parameters=parameters, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, tokens=tokens, seq_len=seq
+    )
+    budget = int(free_bytes * MEMORY_HEADROOM)
+    numbers = (
+        f"a gathered batch of {s.max_clients_per_batch} clients x {cfg.data.batch_size} x {seq} tokens needs "
+        f"~{needed / 2**20:.0f} MiB, {MEMORY_HEADROOM:.0%} of free memory is {budget / 2**20:.0f} MiB"
+    )
+    if needed <= budget:
+        return ParallelismChoice("client_batching", f"one server process; {numbers}")
+    return ParallelismChoice("sequential", f"one server process and {numbers}: serving one client at a time")
+
+
+def free_memory_bytes() -> int:
+    """Memory available to this process now (CPU: the OS's estimate of available memory)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
