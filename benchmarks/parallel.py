@@ -26,8 +26,7 @@ How:
 * Federations: ``flglm.launching.run_federation`` (1 server + N clients under torchrun on
   loopback, one thread per process as ``flglm.distributed.configure_threads`` gives on two
   cores), encryption ON (AES-256-GCM per client, keys from ``generate_key_set``), secure
-  aggregation on (off for hierarchical, which does not support it yet; the single FedAvg
-  round is not what is measured), ``federation.aggregate_every=0``: the only FedAvg is one round at the end of
+  aggregation on, ``federation.aggregate_every=0``: the only FedAvg is one round at the end of
   training (the steps end mid-epoch or at the first epoch end), so aggregation is not what
   is measured. ``server.batch_window_ms`` is ``--batch-window-ms``.
 * Centralized: ``flglm.runner.run_centralized`` in a child process with one thread, on the
@@ -122,8 +121,6 @@ def _run_federated(
 
     generate_key_set(run_dir / "keys", clients)
     mode_overrides = [f"server.parallelism={mode}"]
-    if mode == "hierarchical":
-        mode_overrides += ["crypto.secure_aggregation=false"]
     try:
         run_federation(
             config,

@@ -3,7 +3,7 @@
     python benchmarks/parity.py --data ../shared/data/sst2
     python benchmarks/parity.py --data ../shared/data/sst2 trainer.max_epochs=3   # overrides for every run
     python benchmarks/parity.py --data ../shared/data/sst2 --clients 2 data.max_train_rows=2000
-    python benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2 crypto.secure_aggregation=false
+    python benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2
 
 With ``configs/sst2.yaml`` (the first 12000 training phrases, 2 epochs) the three runs take
 about 6.5 minutes on a 2-core CPU machine; centralized dev accuracy is ~0.79.
@@ -100,7 +100,7 @@ def main() -> None:
         "--sub-servers",
         type=int,
         default=1,
-        help="hierarchical server with this many sub-servers (needs crypto.secure_aggregation=false); default 1",
+        help="a hierarchical server of this many sub-server processes (default 1: one server)",
     )
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "parity"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run")

@@ -312,11 +312,6 @@ def _validate_sub_servers(cfg: RunConfig) -> None:
             f"server.sub_servers={s.sub_servers} is more than federation.num_clients="
             f"{cfg.federation.num_clients}: every sub-server needs at least one client"
         )
-    if s.sub_servers > 1 and cfg.crypto.enabled and cfg.crypto.secure_aggregation:
-        raise ConfigError(
-            "server.sub_servers > 1 cannot run secure aggregation yet (pairwise masks would have to be "
-            "planned across sub-servers): set crypto.secure_aggregation=false (messages stay encrypted)"
-        )
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -7,7 +7,7 @@ themselves (gloo), the clients talk to their sub-server over RPC.
 
 One machine, 2 sub-servers + 4 clients:
     torchrun --standalone --nproc-per-node=6 launch/hierarchical.py --sub-servers 2 \\
-        --config configs/demo.yaml federation.num_clients=4 crypto.secure_aggregation=false
+        --config configs/demo.yaml federation.num_clients=4
 
 Several machines (the first S ranks are sub-servers; run one line per node):
     torchrun --nnodes=2 --nproc-per-node=3 --node-rank=0 --rdzv-backend=c10d \\

@@ -48,10 +48,15 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
     rows = (48, 32)  # 6 and 4 steps of 8: FedAvg weights 48:32 for client blocks and middle stacks
     config = write_config(tmp_path, federation={"aggregate_every": 0}, trainer={"max_steps": -1, "max_epochs": 1})
     data = _own_files(tmp_path, config, rows)
-    plain = ["crypto.secure_aggregation=false"]
 
-    hier = tmp_path / "hier"
-    run_federation(config, [*data, *plain], num_clients=2, sub_servers=2, run_dir=hier, timeout_s=240)
+    # With plain FedAvg and with secure aggregation (the two clients' masks cancel only in the
+    # sum of both sub-servers' partial sums).
+    hierarchical = {}
+    for secure in (False, True):
+        run_dir = tmp_path / f"hier-secure-{secure}"
+        overrides = [*data, f"crypto.secure_aggregation={str(secure).lower()}"]
+        run_federation(config, overrides, num_clients=2, sub_servers=2, run_dir=run_dir, timeout_s=240)
+        hierarchical[secure] = run_dir
 
     # Each replica alone: sub-server s trained with client s only. A 1-client federation whose
     # only client reads client s's file is exactly that replica (its one FedAvg round is the identity).
@@ -59,27 +64,30 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
     for client in (0, 1):
         run_dir = tmp_path / f"alone{client}"
         own_file = f"data.train_path={tmp_path / 'data'}/client{client}.tsv"
-        run_federation(config, [*data, own_file, *plain], num_clients=1, run_dir=run_dir, timeout_s=240)
+        run_federation(config, [*data, own_file], num_clients=1, run_dir=run_dir, timeout_s=240)
         replicas.append(run_dir)
 
     weights = [float(r) for r in rows]
     expected_middle = _fedavg([load_tensors(r / "server" / "middle.safetensors") for r in replicas], weights)
     expected_blocks = _fedavg([load_tensors(r / "client0" / "client_blocks.safetensors") for r in replicas], weights)
-    middle = load_tensors(hier / "server" / "middle.safetensors")
-    for name, value in expected_middle.items():
-        torch.testing.assert_close(middle[name], value, atol=1e-6, rtol=1e-5, msg=name)
-    for client in (0, 1):
-        blocks = load_tensors(hier / f"client{client}" / "client_blocks.safetensors")
-        for name, value in expected_blocks.items():
-            torch.testing.assert_close(blocks[name], value, atol=1e-6, rtol=1e-5, msg=f"client{client} {name}")
+    for secure, hier in hierarchical.items():
+        middle = load_tensors(hier / "server" / "middle.safetensors")
+        for name, value in expected_middle.items():
+            torch.testing.assert_close(middle[name], value, atol=1e-6, rtol=1e-5, msg=f"secure={secure} {name}")
+        for client in (0, 1):
+            blocks = load_tensors(hier / f"client{client}" / "client_blocks.safetensors")
+            # secure aggregation sums fixed-point values with 24 fractional bits (resolution 6e-8)
+            for name, value in expected_blocks.items():
+                torch.testing.assert_close(blocks[name], value, atol=1e-6, rtol=1e-5, msg=f"secure={secure} client{client} {name}")
 
-    summary = json.loads((hier / "summary.json").read_text())
-    assert summary["parallelism"]["mode"] == "hierarchical" and summary["parallelism"]["sub_servers"] == 2
-    assert [s["clients"] for s in summary["sub_servers"]] == [["0"], ["1"]]
-    assert [s["server"]["steps"] for s in summary["sub_servers"]] == [6, 4]  # each served its own client only
-    assert summary["server"]["steps"] == 10
-    assert summary["sub_servers"][0]["server"]["middle_syncs"] == 2  # at the round, and the final one
-    assert summary["sub_servers"][0]["server"]["middle_sha256"] == summary["sub_servers"][1]["server"]["middle_sha256"]
+        summary = json.loads((hier / "summary.json").read_text())
+        assert summary["parallelism"]["mode"] == "hierarchical" and summary["parallelism"]["sub_servers"] == 2
+        assert [s["clients"] for s in summary["sub_servers"]] == [["0"], ["1"]]
+        assert [s["server"]["steps"] for s in summary["sub_servers"]] == [6, 4]  # each served its own client only
+        assert summary["server"]["steps"] == 10
+        sub_servers = [s["server"] for s in summary["sub_servers"]]
+        assert sub_servers[0]["middle_syncs"] == 2  # at the round, and the final one
+        assert sub_servers[0]["middle_sha256"] == sub_servers[1]["middle_sha256"]
 
 
 def test_three_clients_on_two_sub_servers_with_unequal_data_finish_in_step(tmp_path: Path) -> None:
@@ -95,7 +103,7 @@ def test_three_clients_on_two_sub_servers_with_unequal_data_finish_in_step(tmp_p
 
     run_federation(
         config,
-        ["crypto.secure_aggregation=false", "server.sync_every=2"],
+        ["server.sync_every=2"],  # with secure aggregation (the default)
         num_clients=3,
         sub_servers=2,
         run_dir=run_dir,

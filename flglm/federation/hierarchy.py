@@ -7,6 +7,11 @@ the federation's FedAvg rounds, with collectives over the process group of the s
 - the client blocks are averaged over *all* clients: each sub-server contributes the sums
   (Σ w·x, Σ x, Σ w, n) of its own clients' uploads, one all-reduce adds them, and every
   sub-server answers its clients with the global FedAvg;
+- with secure aggregation, the rounds' plans span every sub-server's participants (an
+  all-reduce of who began), the masked uploads are summed across sub-servers (int64 all-reduce,
+  which wraps like the masks do) before unmasking, and a participant that left anywhere makes
+  every sub-server redo the attempt (``SubServerSync`` is the ``RoundCoordinator`` of
+  ``SecureRounds``);
 - every ``sync_every`` rounds, and always when training ends, the middle stacks are averaged,
   weighted by the samples each replica trained on since the last synchronisation.
 
@@ -32,19 +37,48 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
+from flglm.federation.secure_aggregation import unmask_sum
+from flglm.federation.secure_rounds import RoundPlan
+
 log = logging.getLogger("flglm.hierarchy")
 
 
 @dataclass
 class _LocalRound:
+    """Plain FedAvg: this sub-server's clients' uploads of a round."""
+
     round_index: int
     vectors: list[torch.Tensor]
     weights: list[float]
     future: Future
 
 
+@dataclass
+class _SecurePlan:
+    """Secure aggregation: which of this sub-server's clients began the round."""
+
+    round_index: int
+    began: set[int]
+    future: Future
+
+
+@dataclass
+class _SecureAttempt:
+    """Secure aggregation: this sub-server's masked uploads of one attempt, and who left instead."""
+
+    plan: RoundPlan
+    uploads: dict[int, torch.Tensor]
+    leavers: set[int]
+    future: Future
+
+
 class _Done:
     """This sub-server's clients have all left."""
+
+
+_Event = _LocalRound | _SecurePlan | _SecureAttempt
+# Collective kinds, sent in each step's header so every sub-server runs the same collective.
+_NONE, _PLAIN, _PLAN, _ATTEMPT = 0, 1, 2, 3
 
 
 class SubServerSync:
@@ -53,6 +87,7 @@ class SubServerSync:
     Args:
         params: the replica's trainable middle-stack parameters (averaged in place).
         lock: the server's lock; held while the parameters are read or written.
+        num_clients: clients of the whole federation (the length of a plan's participant mask).
         sync_every: average the middle stacks every this many FedAvg rounds.
         on_error: called with the exception if a collective fails (the server aborts).
     """
@@ -62,16 +97,18 @@ class SubServerSync:
         params: Sequence[torch.nn.Parameter],
         lock: threading.RLock,
         *,
+        num_clients: int,
         sync_every: int,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         self._params = list(params)
+        self._num_clients = num_clients
         self._lock = lock
         self._sync_every = sync_every
         self._on_error = on_error
-        self._events: queue.Queue[_LocalRound | _Done] = queue.Queue()
+        self._events: queue.Queue[_Event | _Done] = queue.Queue()
         self._samples = 0
         self.rounds = 0
         self.middle_syncs = 0
@@ -94,12 +131,22 @@ class SubServerSync:
 
     def combine(self, round_index: int, vectors: list[torch.Tensor], weights: list[float]) -> Future:
         """The global FedAvg of round ``round_index``, given this sub-server's clients' uploads."""
-        future: Future = Future()
+        return self._submit(_LocalRound(round_index, vectors, weights, Future()))
+
+    def plan(self, round_index: int, began: set[int]) -> Future:
+        """Secure aggregation: every sub-server's participants of round ``round_index``."""
+        return self._submit(_SecurePlan(round_index, set(began), Future()))
+
+    def attempt(self, plan: RoundPlan, uploads: dict[int, torch.Tensor], leavers: set[int]) -> Future:
+        """Secure aggregation: ``("done", average, participants)`` or ``("redo", None, remaining)``."""
+        return self._submit(_SecureAttempt(plan, dict(uploads), set(leavers), Future()))
+
+    def _submit(self, event: _Event) -> Future:
         if self.error is not None:
-            future.set_exception(self.error)
+            event.future.set_exception(self.error)
         else:
-            self._events.put(_LocalRound(round_index, vectors, weights, future))
-        return future
+            self._events.put(event)
+        return event.future
 
     def finish(self, timeout: float | None = None) -> None:
         """Wait, after this sub-server's clients have all left, until every sub-server is done."""
@@ -133,7 +180,7 @@ class SubServerSync:
     # ------------------------------------------------------------ the sync thread
     def _run(self) -> None:
         local_done = False
-        event: _LocalRound | _Done | None = None
+        event: _Event | _Done | None = None
         try:
             while True:
                 event = None if local_done else self._events.get()
@@ -148,31 +195,52 @@ class SubServerSync:
             if self._on_error is not None:
                 self._on_error(err)
 
-    def _collective(self, event: _LocalRound | None) -> bool:
-        """One step of the lock-step protocol; False once every sub-server is done."""
-        size = event.vectors[0].numel() if event is not None else 0
-        header = torch.tensor([1 if event is not None else 0, event.round_index if event else -1, size], dtype=torch.int64)
-        headers = [torch.zeros(3, dtype=torch.int64) for _ in range(self.size)]
+    def _collective(self, event: _Event | None) -> bool:
+        """One step of the lock-step protocol; False once every sub-server is done.
+
+        Each step starts with an all-gather of (kind, round, attempt, size): a sub-server without
+        an event of its own (its clients have left) learns which collective the others run and
+        takes part with an empty contribution."""
+        header = torch.tensor(_header(event), dtype=torch.int64)
+        headers = [torch.zeros(4, dtype=torch.int64) for _ in range(self.size)]
         dist.all_gather(headers, header)
-        active = [h for h in headers if h[0] == 1]
+        active = [tuple(int(v) for v in h) for h in headers if h[0] != _NONE]
         if not active:
             self._sync_middle(final=True)
             return False
-        rounds = sorted({int(h[1]) for h in active})
-        sizes = sorted({int(h[2]) for h in active})
-        if len(rounds) > 1 or len(sizes) > 1:
+        steps = sorted({h[:3] for h in active})
+        sizes = sorted({h[3] for h in active if h[3] >= 0})
+        if len(steps) > 1 or len(sizes) > 1:
             raise RuntimeError(
-                f"sub-servers out of step: active sub-servers are at FedAvg rounds {rounds} with upload sizes "
-                f"{sizes}; every client must run the same number of aggregation rounds per epoch"
+                f"sub-servers out of step: (kind, round, attempt) {steps} with upload sizes {sizes}; every "
+                "client must run the same number of aggregation rounds per epoch"
             )
-        round_index, numel = rounds[0], sizes[0]
-        average = self._reduce_round(event, numel)
+        kind, round_index, _ = steps[0]
+        numel = sizes[0] if sizes else 0
+        if kind == _PLAIN:
+            assert event is None or isinstance(event, _LocalRound)
+            average = self._reduce_round(event, numel)
+            self._round_done(round_index)
+            if event is not None:
+                event.future.set_result(average.to(event.vectors[0].dtype))
+        elif kind == _PLAN:
+            assert event is None or isinstance(event, _SecurePlan)
+            participants = self._reduce_plan(event)
+            if event is not None:
+                event.future.set_result(participants)
+        else:
+            assert event is None or isinstance(event, _SecureAttempt)
+            result = self._reduce_attempt(event, numel)
+            if result[0] == "done":
+                self._round_done(round_index)
+            if event is not None:
+                event.future.set_result(result)
+        return True
+
+    def _round_done(self, round_index: int) -> None:
+        self.rounds += 1
         if (round_index + 1) % self._sync_every == 0:
             self._sync_middle(final=False)
-        self.rounds += 1
-        if event is not None:
-            event.future.set_result(average.to(event.vectors[0].dtype))
-        return True
 
     def _reduce_round(self, event: _LocalRound | None, numel: int) -> torch.Tensor:
         """Global FedAvg from every sub-server's sums (float64): Σw·x / Σw, or Σx / n if Σw = 0."""
@@ -189,6 +257,39 @@ class SubServerSync:
         if total_weight > 0:
             return sums[:numel] / total_weight
         return sums[numel : 2 * numel] / count
+
+    def _reduce_plan(self, event: _SecurePlan | None) -> tuple[int, ...]:
+        """Union of the sub-servers' clients that began the round."""
+        began = torch.zeros(self._num_clients, dtype=torch.int64)
+        if event is not None:
+            began[sorted(event.began)] = 1
+        dist.all_reduce(began)
+        return tuple(int(i) for i in began.nonzero().flatten())
+
+    def _reduce_attempt(self, event: _SecureAttempt | None, numel: int) -> tuple[str, torch.Tensor | None, tuple[int, ...]]:
+        """Redo without whoever left anywhere, or the average of the sum of every sub-server's uploads."""
+        left = torch.zeros(self._num_clients, dtype=torch.int64)
+        if event is not None and event.leavers:
+            left[sorted(event.leavers)] = 1
+        dist.all_reduce(left)
+        leavers = {int(i) for i in left.nonzero().flatten()}
+        plan = event.plan if event is not None else None
+        if leavers:
+            remaining = tuple(p for p in plan.participants if p not in leavers) if plan is not None else ()
+            return "redo", None, remaining
+        uploads = list(event.uploads.values()) if event is not None else []
+        count = _max_over_sub_servers(len(plan.participants) if plan is not None else 0)
+        if count == 1:  # a plan of one client: its vector travels in the clear (see secure_rounds)
+            total = torch.zeros(numel, dtype=torch.float64)
+            for upload in uploads:
+                total += upload.double()
+            dist.all_reduce(total)
+            return "done", total.to(torch.float32), plan.participants if plan is not None else ()
+        total = torch.zeros(numel, dtype=torch.int64)
+        for upload in uploads:
+            total += upload  # wraps, like the masks
+        dist.all_reduce(total)
+        return "done", unmask_sum(total, participants=count), plan.participants if plan is not None else ()
 
     def _sync_middle(self, *, final: bool) -> None:
         """Replace every replica by the sample-weighted average of all replicas."""
@@ -212,13 +313,32 @@ class SubServerSync:
         self.middle_syncs += 1
         log.info("middle stacks averaged over %d sub-servers (%s, %.0f samples)", self.size, "final" if final else "round", total)
 
-    def _fail_pending(self, err: BaseException, current: _LocalRound | _Done | None) -> None:
-        pending = [current] if isinstance(current, _LocalRound) else []
+    def _fail_pending(self, err: BaseException, current: _Event | _Done | None) -> None:
+        pending = [current] if current is not None and not isinstance(current, _Done) else []
         while True:
             try:
                 pending.append(self._events.get_nowait())  # type: ignore[arg-type]
             except queue.Empty:
                 break
         for event in pending:
-            if isinstance(event, _LocalRound) and not event.future.done():
+            if not isinstance(event, _Done) and not event.future.done():
                 event.future.set_exception(RuntimeError(f"sub-server synchronisation failed: {err}"))
+
+
+def _header(event: _Event | None) -> list[int]:
+    """(kind, round, attempt, upload size or -1 when this sub-server holds no upload)."""
+    if event is None:
+        return [_NONE, -1, -1, -1]
+    if isinstance(event, _LocalRound):
+        return [_PLAIN, event.round_index, 0, event.vectors[0].numel()]
+    if isinstance(event, _SecurePlan):
+        return [_PLAN, event.round_index, 0, -1]
+    size = next(iter(event.uploads.values())).numel() if event.uploads else -1
+    return [_ATTEMPT, event.plan.round_index, event.plan.attempt, size]
+
+
+def _max_over_sub_servers(value: int) -> int:
+    """The largest ``value`` of any sub-server (one that holds no part of the plan gives 0)."""
+    out = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return int(out)

@@ -182,9 +182,17 @@ def unmask_average(uploads: Sequence[torch.Tensor], *, dtype: torch.dtype = torc
     total = uploads[0].clone()
     for upload in uploads[1:]:
         total += upload
+    return unmask_sum(total, participants=len(uploads), dtype=dtype)
+
+
+def unmask_sum(total: torch.Tensor, *, participants: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``sum(w * x) / sum(w)`` from the wrapping int64 sum of all ``participants`` masked uploads
+    (hierarchical serving adds the sub-servers' partial sums first)."""
+    if total.dtype != torch.int64 or total.dim() != 1 or total.numel() == 0:
+        raise ValueError(f"the sum of masked uploads must be a non-empty 1-D int64 tensor, got {total.dtype} {list(total.shape)}")
     decoded = decode(total)
     weight = float(decoded[-1])
-    if weight < 0 or weight >= len(uploads) * ENCODE_BOUND:
+    if weight < 0 or weight >= participants * ENCODE_BOUND:
         # An honest sum lies in [0, n * bound); outside it the masks did not cancel.
         raise ValueError(f"total weight {weight:.6g} is impossible: the masks did not cancel (uploads of different plans or secrets?)")
     if weight == 0:

@@ -12,7 +12,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch.futures import Future
@@ -52,9 +52,24 @@ class _Attempt:
     plan: RoundPlan
     uploads: dict[int, torch.Tensor] = field(default_factory=dict)
     futures: dict[int, Future] = field(default_factory=dict)
+    leavers: set[int] = field(default_factory=set)
+    """Coordinated rounds: this server's participants that left before uploading."""
+    handed_on: bool = False
 
 
 _Delivery = Callable[[], None]
+
+
+class RoundCoordinator(Protocol):
+    """Makes rounds federation-wide when several sub-servers share them (``SubServerSync``).
+
+    ``plan`` answers with the participants of every sub-server (all of them began the round);
+    ``attempt`` with ``("done", average, participants)`` or, if a participant anywhere left
+    before uploading, ``("redo", None, remaining participants)``."""
+
+    def plan(self, round_index: int, began: set[int]) -> Future: ...
+
+    def attempt(self, plan: RoundPlan, uploads: dict[int, torch.Tensor], leavers: set[int]) -> Future: ...
 
 
 class SecureRounds:
@@ -64,9 +79,16 @@ class SecureRounds:
     the round when every participant has uploaded. A participant that leaves before uploading aborts the
     attempt: everyone is told to ``"redo"`` it for a plan without that client. Futures are resolved outside
     the lock, so a callback that calls back in cannot deadlock.
+
+    With a ``coordinator`` (hierarchical serving) this server holds only its own clients' part of each
+    round: the plan spans every sub-server's participants, the uploads are summed across sub-servers
+    (pairwise masks between clients of different sub-servers cancel only there), and a participant that
+    leaves anywhere makes every sub-server redo the attempt.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, coordinator: RoundCoordinator | None = None) -> None:
+        self._coordinator = coordinator
+        self._served: set[int] = set()
         self._lock = threading.Lock()
         self._active: set[int] = set()
         self._pending: dict[int, _Pending] = {}
@@ -80,6 +102,7 @@ class SecureRounds:
             if client_id not in self._active and len(self._active) >= MAX_CLIENTS:
                 raise ValueError(f"client {client_id} cannot join: secure aggregation supports at most {MAX_CLIENTS} clients")
             self._active.add(client_id)
+            self._served.add(client_id)
 
     def leave(self, client_id: int) -> None:
         deliveries: list[_Delivery] = []
@@ -89,7 +112,11 @@ class SecureRounds:
                 deliveries += self._plan_if_ready(round_index)
             for round_index, state in list(self._attempts.items()):
                 if client_id in state.plan.participants and client_id not in state.uploads:
-                    deliveries += self._redo(round_index)
+                    if self._coordinator is None:
+                        deliveries += self._redo(round_index)
+                    else:
+                        state.leavers.add(client_id)
+                        deliveries += self._hand_on_if_ready(round_index)
         for deliver in deliveries:
             deliver()
 
@@ -138,7 +165,10 @@ class SecureRounds:
             self._size = size
             state.uploads[client_id] = vector.detach()
             state.futures[client_id] = future
-            deliveries = self._finish(round_index) if len(state.uploads) == len(plan.participants) else []
+            if self._coordinator is not None:
+                deliveries = self._hand_on_if_ready(round_index)
+            else:
+                deliveries = self._finish(round_index) if len(state.uploads) == len(plan.participants) else []
         for deliver in deliveries:
             deliver()
         return future
@@ -175,7 +205,11 @@ class SecureRounds:
         if not self._active <= set(state.futures):
             return []
         del self._pending[round_index]
-        plan = RoundPlan(round_index, 0, tuple(sorted(set(state.futures) & self._active)))
+        began = set(state.futures) & self._active
+        if self._coordinator is not None:
+            coordinator = self._coordinator
+            return [lambda: coordinator.plan(round_index, began).add_done_callback(lambda done: self._planned(round_index, state, done))]
+        plan = RoundPlan(round_index, 0, tuple(sorted(began)))
         if plan.participants:
             self._attempts[round_index] = _Attempt(plan)
         return [_resolver(f, plan) for f in state.futures.values()]
@@ -204,6 +238,68 @@ class SecureRounds:
                 return [_failer(f, error) for f in state.futures.values()]
         result = RoundResult("done", average, state.plan)
         return [_resolver(f, result) for f in state.futures.values()]
+
+
+    # ------------------------------------------------------- coordinated rounds
+    def _planned(self, round_index: int, pending: _Pending, done: Future) -> None:
+        """The coordinator's plan arrived: open the attempt and tell this server's clients."""
+        try:
+            participants = tuple(sorted(done.wait()))
+        except Exception as error:  # every waiting client must hear of it
+            for future in pending.futures.values():
+                future.set_exception(error)
+            return
+        plan = RoundPlan(round_index, 0, participants)
+        with self._lock:
+            deliveries = [_resolver(f, plan) for f in pending.futures.values()]
+            deliveries += self._open(plan)
+        for deliver in deliveries:
+            deliver()
+
+    def _open(self, plan: RoundPlan) -> list[_Delivery]:
+        if not plan.participants:
+            return []
+        state = _Attempt(plan)
+        # A participant of this server that left while the plan was being made will not upload.
+        state.leavers = {p for p in plan.participants if p in self._served and p not in self._active}
+        self._attempts[plan.round_index] = state
+        return self._hand_on_if_ready(plan.round_index)
+
+    def _hand_on_if_ready(self, round_index: int) -> list[_Delivery]:
+        """Once each of this server's participants has uploaded or left, hand the attempt to the coordinator."""
+        state = self._attempts[round_index]
+        mine = [p for p in state.plan.participants if p in self._served]
+        if state.handed_on or any(p not in state.uploads and p not in state.leavers for p in mine):
+            return []
+        state.handed_on = True
+        coordinator = self._coordinator
+        assert coordinator is not None
+        uploads, leavers = dict(state.uploads), set(state.leavers)
+        return [lambda: coordinator.attempt(state.plan, uploads, leavers).add_done_callback(lambda done: self._attempted(state, done))]
+
+    def _attempted(self, state: _Attempt, done: Future) -> None:
+        """The coordinator's answer: the average, or a redo for the remaining participants."""
+        round_index = state.plan.round_index
+        try:
+            status, average, participants = done.wait()
+        except Exception as error:  # every waiting client must hear of it
+            for future in state.futures.values():
+                future.set_exception(error)
+            return
+        with self._lock:
+            self._attempts.pop(round_index, None)
+            if status == "done":
+                self._finished.add(round_index)
+                self.completed += 1
+                result = RoundResult("done", average, state.plan)
+                deliveries = []
+            else:
+                plan = RoundPlan(round_index, state.plan.attempt + 1, tuple(sorted(participants)))
+                result = RoundResult("redo", None, plan)
+                deliveries = self._open(plan)
+            deliveries = [*(_resolver(f, result) for f in state.futures.values()), *deliveries]
+        for deliver in deliveries:
+            deliver()
 
 
 def _resolver(future: Future, value: object) -> _Delivery:

@@ -113,12 +113,14 @@ class MiddleServer:
         self._turn_since = 0.0
         self._error: BaseException | None = None
         self.sync = (
-            SubServerSync(self.params, self._lock, sync_every=cfg.server.sync_every, on_error=self._abort)
+            SubServerSync(
+                self.params, self._lock, num_clients=cfg.federation.num_clients, sync_every=cfg.server.sync_every, on_error=self._abort
+            )
             if self.mode == "hierarchical"
             else None
         )
         self._rounds = AggregationRounds(combine=self.sync.combine if self.sync is not None else None)
-        self._secure = SecureRounds() if cfg.crypto.enabled and cfg.crypto.secure_aggregation else None
+        self._secure = SecureRounds(coordinator=self.sync) if cfg.crypto.enabled and cfg.crypto.secure_aggregation else None
         # Every expected client takes part in aggregation rounds from the start, so a client that
         # joins late is waited for instead of missing the first rounds; leaving ends that.
         for client_id in self.clients:
