@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from flglm.callbacks import FedAvgCallback
+
 from flglm.crypto.keyring import generate_key_set, load_client_keys
 from flglm.federation.aggregation import fedavg
 from flglm.federation.hierarchy import SubServerSync

@@ -245,7 +245,7 @@ class SecureRounds:
         """The coordinator's plan arrived: open the attempt and tell this server's clients."""
         try:
             participants = tuple(sorted(done.wait()))
-        except Exception as error:  # every waiting client must hear of it
+        except Exception as error:  # noqa: BLE001 - every waiting client must hear of it
             for future in pending.futures.values():
                 future.set_exception(error)
             return
@@ -282,7 +282,7 @@ class SecureRounds:
         round_index = state.plan.round_index
         try:
             status, average, participants = done.wait()
-        except Exception as error:  # every waiting client must hear of it
+        except Exception as error:  # noqa: BLE001 - every waiting client must hear of it
             for future in state.futures.values():
                 future.set_exception(error)
             return
