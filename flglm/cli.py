@@ -43,7 +43,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
     setup_logging(Path(cfg.run_dir), role.worker_name)
-    threads = configure_threads(env.local_world_size)
+    threads = configure_threads(env.local_world_size, cfg.server.num_threads if role.kind == "server" else 0)
     log.info("%s (rank %d of %d), %d thread(s)", role.worker_name, env.rank, env.world_size, threads)
     if role.kind == "server":
         if role.is_coordinator:

@@ -73,6 +73,10 @@ class ServerConfig:
     startup_timeout_s: float = 600.0
     """How long the server waits for every client to join, and a client for the server."""
     num_rpc_threads: int = 16
+    num_threads: int = 0
+    """Intra-op threads of a server process; 0: its share of the machine's cores (cores //
+    processes on this machine). More than the share pays only where the clients wait while the
+    server computes, and with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads otherwise spin)."""
     parallelism: str = "sequential"
     """How the server serves several clients: ``sequential`` (one client's step at a time),
     ``client_batching`` (the requests of a group of clients run as one batch), ``hierarchical``
@@ -268,6 +272,8 @@ def validate(cfg: RunConfig) -> None:
         "server.sub_servers": cfg.server.sub_servers,
         "server.sync_every": cfg.server.sync_every,
     }
+    if cfg.server.num_threads < 0:
+        raise ConfigError(f"server.num_threads must be >= 0, got {cfg.server.num_threads}")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")

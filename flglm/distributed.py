@@ -51,9 +51,9 @@ def threads_per_process(processes_on_this_machine: int, cores: int | None = None
     return max(1, cores // max(1, processes_on_this_machine))
 
 
-def configure_threads(processes_on_this_machine: int) -> int:
-    """Give this process its share of the machine's cores; returns the thread count."""
-    n = threads_per_process(processes_on_this_machine)
+def configure_threads(processes_on_this_machine: int, requested: int = 0) -> int:
+    """Give this process its share of the machine's cores (or ``requested`` threads); returns the count."""
+    n = requested or threads_per_process(processes_on_this_machine)
     torch.set_num_threads(n)
     return n
 
