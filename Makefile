@@ -23,3 +23,4 @@ bench: install
 	$(PYTHON) benchmarks/crypto_overhead.py
 	$(PYTHON) benchmarks/parallel.py
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2 --run-dir runs/parity-hierarchical

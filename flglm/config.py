@@ -90,6 +90,9 @@ class ServerConfig:
     """hierarchical: average the sub-servers' middle stacks (weighted by the samples each trained
     on) every this many FedAvg rounds; always at the end of training. The client blocks are
     averaged over all clients of all sub-servers at every FedAvg round."""
+    sync_timeout_s: float = 86400.0
+    """hierarchical: how long a sub-server waits for the others at one synchronisation (a
+    sub-server whose clients are done waits there while the others train on)."""
     max_clients_per_batch: int = 8
     """client_batching: at most this many clients share one batch."""
     batch_window_ms: float = 50.0
@@ -272,6 +275,8 @@ def validate(cfg: RunConfig) -> None:
         "server.sub_servers": cfg.server.sub_servers,
         "server.sync_every": cfg.server.sync_every,
     }
+    if not cfg.server.sync_timeout_s > 0:
+        raise ConfigError(f"server.sync_timeout_s must be > 0, got {cfg.server.sync_timeout_s}")
     if cfg.server.num_threads < 0:
         raise ConfigError(f"server.num_threads must be >= 0, got {cfg.server.num_threads}")
     for key, value in positive.items():

@@ -74,7 +74,7 @@ def rpc_options(*, num_worker_threads: int, timeout_s: float) -> rpc.TensorPipeR
     )
 
 
-def init_server_group(env: DistEnv, *, index: int, size: int, timeout_s: float) -> None:
+def init_server_group(env: DistEnv, *, index: int, size: int, startup_timeout_s: float, timeout_s: float) -> None:
     """Join the collective group of the server's processes (hierarchical sub-servers only).
 
     The clients are not members: the group is a gloo process group of ``size`` ranks that meets
@@ -87,8 +87,11 @@ def init_server_group(env: DistEnv, *, index: int, size: int, timeout_s: float) 
 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         raise RuntimeError("hierarchical sub-servers need torchrun's store (start the federation with torchrun)")
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+    store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=datetime.timedelta(seconds=startup_timeout_s))
     dist.init_process_group(
-        "gloo", store=dist.PrefixStore("flglm/sub_servers", store), rank=index, world_size=size, timeout=timeout
+        "gloo",
+        store=dist.PrefixStore("flglm/sub_servers", store),
+        rank=index,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=timeout_s),  # bounds each collective
     )

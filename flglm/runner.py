@@ -220,7 +220,13 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     )
     log.info("%s: parallelism %s (%s)", role.worker_name, choice.mode, choice.reason)
     if choice.mode == "hierarchical":
-        init_server_group(env, index=role.server_index, size=role.sub_servers, timeout_s=cfg.server.rpc_timeout_s)
+        init_server_group(
+            env,
+            index=role.server_index,
+            size=role.sub_servers,
+            startup_timeout_s=cfg.server.startup_timeout_s,
+            timeout_s=cfg.server.sync_timeout_s,
+        )
     clients = clients_of(role.server_index, num_clients=cfg.federation.num_clients, sub_servers=role.sub_servers)
     server = MiddleServer(cfg, middle=middle, clients=clients, mode=choice.mode)
     endpoint = ServerEndpoint(server, sessions)

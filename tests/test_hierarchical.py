@@ -15,7 +15,7 @@ import yaml
 from flglm.checkpoint import load_tensors
 from flglm.config import load_config
 from flglm.datasets import build_tokenizer
-from flglm.launching import run_federation
+from flglm.launching import REPO_ROOT, run_federation, run_torchrun
 from tests.test_federation import write_config
 
 pytestmark = pytest.mark.multiprocess
@@ -50,11 +50,13 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
     data = _own_files(tmp_path, config, rows)
 
     # With plain FedAvg and with secure aggregation (the two clients' masks cancel only in the
-    # sum of both sub-servers' partial sums).
+    # sum of both sub-servers' partial sums); the plain run lets `auto` choose the mode.
     hierarchical = {}
     for secure in (False, True):
         run_dir = tmp_path / f"hier-secure-{secure}"
         overrides = [*data, f"crypto.secure_aggregation={str(secure).lower()}"]
+        if not secure:
+            overrides.append("server.parallelism=auto")
         run_federation(config, overrides, num_clients=2, sub_servers=2, run_dir=run_dir, timeout_s=240)
         hierarchical[secure] = run_dir
 
@@ -82,6 +84,8 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
 
         summary = json.loads((hier / "summary.json").read_text())
         assert summary["parallelism"]["mode"] == "hierarchical" and summary["parallelism"]["sub_servers"] == 2
+        if not secure:
+            assert "sub_servers=2" in summary["parallelism"]["reason"]  # auto's choice, and why
         assert [s["clients"] for s in summary["sub_servers"]] == [["0"], ["1"]]
         assert [s["server"]["steps"] for s in summary["sub_servers"]] == [6, 4]  # each served its own client only
         assert summary["server"]["steps"] == 10
@@ -101,14 +105,9 @@ def test_three_clients_on_two_sub_servers_with_unequal_data_finish_in_step(tmp_p
     config.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
 
-    run_federation(
-        config,
-        ["server.sync_every=2"],  # with secure aggregation (the default)
-        num_clients=3,
-        sub_servers=2,
-        run_dir=run_dir,
-        timeout_s=300,
-    )
+    # through the hierarchical launcher, with secure aggregation (the default)
+    args = ["--sub-servers", "2", "--config", str(config), f"run_dir={run_dir}", "federation.num_clients=3", "server.sync_every=2"]
+    run_torchrun(REPO_ROOT / "launch" / "hierarchical.py", args, nproc=5, timeout_s=300, run_dir=run_dir)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["clients"]) == {"0", "1", "2"}

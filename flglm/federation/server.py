@@ -205,7 +205,7 @@ class MiddleServer:
         if self._error is not None:
             raise RuntimeError(f"the server stopped: {self._error}") from self._error
         if self.sync is not None:
-            self.sync.finish(timeout=self.cfg.server.rpc_timeout_s)
+            self.sync.finish()  # each collective is bounded by server.sync_timeout_s
 
     # ------------------------------------------------------------------- the turn
     def _acquire_turn(self, client_id: int) -> None:
