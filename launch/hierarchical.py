@@ -5,9 +5,9 @@ stack; the other ranks are clients, client ``i`` served by sub-server ``i % S``.
 assigned in one place (``flglm.roles``); the sub-servers synchronise with collectives among
 themselves (gloo), the clients talk to their sub-server over RPC.
 
-One machine, 2 sub-servers + 4 clients:
+One machine, 2 sub-servers + 4 clients (keys for 4 clients: ``flglm keygen --dir runs/h/keys --clients 4``):
     torchrun --standalone --nproc-per-node=6 launch/hierarchical.py --sub-servers 2 \\
-        --config configs/demo.yaml federation.num_clients=4
+        --config configs/demo.yaml federation.num_clients=4 crypto.key_dir=runs/h/keys run_dir=runs/h
 
 Several machines (the first S ranks are sub-servers; run one line per node):
     torchrun --nnodes=2 --nproc-per-node=3 --node-rank=0 --rdzv-backend=c10d \\
