@@ -46,6 +46,19 @@ class SplitConfig:
 
 
 @dataclass(kw_only=True)
+class PeftConfig:
+    method: str = "none"
+    """``none`` (train every weight) or ``lora`` (base weights frozen on every side; LoRA adapters,
+    via the ``peft`` library, on the client blocks and on the server's middle stack)."""
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``[all-linear]``: every linear layer
+    of the blocks (not the LM head)."""
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     name: str = "adamw"
     """``adamw`` or ``sgd``; the same optimizer runs on the client blocks and on the server."""
@@ -198,6 +211,7 @@ class RunConfig:
     """Everything a run writes goes under this directory."""
     model: ModelConfig = field(default_factory=ModelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -209,6 +223,7 @@ class RunConfig:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd"),
+    "peft.method": ("none", "lora"),
     "optim.scheduler": ("constant", "linear", "cosine"),
     "data.partition": ("iid", "dirichlet", "none"),
     "task.kind": ("classification", "language_modeling"),
@@ -275,6 +290,12 @@ def validate(cfg: RunConfig) -> None:
         "server.sub_servers": cfg.server.sub_servers,
         "server.sync_every": cfg.server.sync_every,
     }
+    if cfg.peft.lora_r < 1:
+        raise ConfigError(f"peft.lora_r must be >= 1, got {cfg.peft.lora_r}")
+    if not 0 <= cfg.peft.lora_dropout < 1:
+        raise ConfigError(f"peft.lora_dropout must be in [0, 1), got {cfg.peft.lora_dropout}")
+    if not cfg.peft.target_modules:
+        raise ConfigError("peft.target_modules must name at least one module (or [all-linear])")
     if not cfg.server.sync_timeout_s > 0:
         raise ConfigError(f"server.sync_timeout_s must be > 0, got {cfg.server.sync_timeout_s}")
     if cfg.server.num_threads < 0:

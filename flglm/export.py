@@ -2,7 +2,8 @@
 
 The client blocks (from one client: after the final FedAvg all clients hold the same ones)
 and the server's middle stack are saved under the full model's parameter names, so merging
-is a union of two state dicts. Whoever runs this holds both parts: in a real federation that
+is a union of two state dicts. A LoRA run saved only the adapters: they are loaded onto the
+base model (from ``model.path`` or the seeded init) and folded into its weights. Whoever runs this holds both parts: in a real federation that
 is a decision of the parties, not something the training does by itself.
 """
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from flglm.checkpoint import load_tensors
 from flglm.config import load_config
-from flglm.models.split import build_full_model
+from flglm.models.lora import merge_lora
+from flglm.models.split import build_full_model, saved_state_dict
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> Path:
@@ -25,7 +27,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> 
     if overlap:
         raise ValueError(f"client and server parts both hold {sorted(overlap)[:3]}: not parts of one split")
     weights.update(middle)
-    model = build_full_model(cfg.model)
+    model = build_full_model(cfg.model, cfg.peft)
+    if cfg.peft.method == "lora":
+        # The run saved adapters only: they go onto the base model, then fold into its weights.
+        expected_adapters = set(saved_state_dict(model))
+        if set(weights) != expected_adapters:
+            raise ValueError(
+                f"the run's parts hold {len(weights)} tensors, the model's LoRA adapters are {len(expected_adapters)} "
+                f"(e.g. missing {sorted(expected_adapters - set(weights))[:3]}, unexpected {sorted(set(weights) - expected_adapters)[:3]})"
+            )
+        model.load_state_dict(weights, strict=False)
+        weights = merge_lora(model).state_dict()
     expected = set(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")

@@ -210,7 +210,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     """
     run_dir = Path(cfg.run_dir)
     sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
-    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split))
+    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
     choice = choose_parallelism(
         cfg,
         middle.hf.config,
@@ -329,7 +329,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         dev = dev_examples(cfg)
         tokenizer = build_tokenizer(cfg, save=index == 0)
         plan = plan_for(cfg.model, cfg.split)
-        blocks = ClientBlocks(cfg.model, plan)
+        blocks = ClientBlocks(cfg.model, plan, cfg.peft)
         check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
         log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
@@ -361,7 +361,7 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     train = all_train_examples(cfg)
     dev = dev_examples(cfg)
     tokenizer = build_tokenizer(cfg, save=True)
-    lm = FullCausalLM(build_full_model(cfg.model))
+    lm = FullCausalLM(build_full_model(cfg.model, cfg.peft))
     check_fits_model(cfg, tokenizer, vocab_size=lm.hf.config.vocab_size, max_positions=lm.max_positions)
     module, collate = build_task(cfg, lm, tokenizer)
     train_loader, dev_loader = _loaders(cfg, train, dev, collate, seed=cfg.seed)

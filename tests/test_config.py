@@ -64,6 +64,8 @@ def test_missing_train_path_is_named() -> None:
         "task.kind=qa",
         "trainer.gradient_clip_algorithm=l2",
         "model.attn_implementation=flash",
+        "peft.method=prefix",
+        "server.parallelism=fastest",
     ],
 )
 def test_choice_validation_names_the_key_and_the_choices(override: str) -> None:
@@ -90,6 +92,11 @@ def test_choice_validation_names_the_key_and_the_choices(override: str) -> None:
         ("data.alpha=nan", "data.alpha"),
         ("task.label_words=[yes]", "task.label_words"),
         ("task.prompt=no placeholder", "task.prompt"),
+        ("peft.lora_r=0", "peft.lora_r"),
+        ("peft.lora_dropout=1.0", "peft.lora_dropout"),
+        ("peft.target_modules=[]", "peft.target_modules"),
+        ("server.sync_timeout_s=0", "server.sync_timeout_s"),
+        ("server.num_threads=-1", "server.num_threads"),
     ],
 )
 def test_out_of_range_values_name_the_key(override: str, key: str) -> None:

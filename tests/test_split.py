@@ -62,7 +62,7 @@ def _split_lm(cfg: RunConfig) -> tuple[SplitCausalLM, MiddleServer]:
     server = MiddleServer(cfg)
     link = ServerLink(ServerEndpoint(server), client_id=0, timeout_s=30.0)
     info = link.hello(fingerprint(cfg), "test-tokenizer")
-    return SplitCausalLM(ClientBlocks(cfg.model, plan), RemoteMiddle(link, server_info=info)), server
+    return SplitCausalLM(ClientBlocks(cfg.model, plan, cfg.peft), RemoteMiddle(link, server_info=info)), server
 
 
 def _assert_split_matches_full(cfg: RunConfig) -> None:

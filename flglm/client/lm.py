@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of
+from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of, saved_state_dict
 
 
 class SplitCausalLM(nn.Module):
@@ -72,4 +72,4 @@ class FullCausalLM(nn.Module):
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
     def client_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.hf.state_dict()
+        return saved_state_dict(self.hf)

@@ -51,7 +51,8 @@ class SplitClientModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
         self._total_steps = max(1, int(total)) if math.isfinite(total) else 1
-        optimizer = build_optimizer(self.lm.parameters(), self.optim_cfg)
+        # Only what trains: with adapters the frozen base weights get no optimizer state at all.
+        optimizer = build_optimizer([p for p in self.lm.parameters() if p.requires_grad], self.optim_cfg)
         scheduler = build_scheduler(optimizer, self.optim_cfg, self._total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

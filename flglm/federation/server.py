@@ -98,7 +98,7 @@ class MiddleServer:
             raise ValueError("MiddleServer needs a resolved parallelism mode (see flglm.federation.parallelism)")
         self.clients = sorted(range(cfg.federation.num_clients) if clients is None else clients)
         if middle is None:
-            middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split))
+            middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
         self.middle = middle
         self.named_params = [(n, p) for n, p in middle.hf.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named_params]

@@ -27,8 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from flglm.config import ModelConfig, SplitConfig
+from flglm.config import ModelConfig, PeftConfig, SplitConfig
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
+from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
 
 Side = Literal["client", "server", "full"]
 
@@ -215,14 +216,19 @@ def load_local(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) this side needs, e.g. {missing[:5]}")
 
 
-def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side) -> nn.Module:
-    """Build, allocate and fill the modules of ``side`` (``plan`` may be None for ``full``)."""
+def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_cfg: PeftConfig | None = None) -> nn.Module:
+    """Build, allocate and fill the modules of ``side`` (``plan`` may be None for ``full``);
+    with ``peft_cfg.method=lora``, add frozen-base LoRA adapters (:mod:`flglm.models.lora`)."""
     config = load_hf_config(model_cfg)
     model = build_skeleton(config, model_cfg.attn_implementation)
     adapter = adapter_for(type(model).__name__)
+    lora = peft_cfg is not None and peft_cfg.method == "lora"
     # The whole model's parameter order, which global-norm clipping must follow to match
     # centralized clipping bit for bit (recorded before the other side's modules are dropped).
-    full_order = [name for name, _ in model.named_parameters()]
+    if lora:
+        full_order = injected_names(build_skeleton(config, model_cfg.attn_implementation), peft_cfg)
+    else:
+        full_order = [name for name, _ in model.named_parameters()]
     if side != "full":
         assert plan is not None, "a client or server side needs a split plan"
         _prune(model, adapter, plan, side)
@@ -233,7 +239,10 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side) -> nn
         load_local(model, model_cfg.path)
     else:
         init_random(model, seed=model_cfg.init_seed)
+    if lora:
+        model = inject_lora(model, peft_cfg, seed=model_cfg.init_seed)
     model.flglm_full_parameter_order = full_order
+    model.flglm_adapters_only = lora
     return model
 
 
@@ -286,9 +295,9 @@ class ClientBlocks(nn.Module):
     """The client's part: input block (embedding + head blocks), output block (tail blocks,
     final norm, LM head). The ``hf`` submodule keeps the Hugging Face names."""
 
-    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan) -> None:
+    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan, peft_cfg: PeftConfig | None = None) -> None:
         super().__init__()
-        self.hf = build_side(model_cfg, plan, "client")
+        self.hf = build_side(model_cfg, plan, "client", peft_cfg)
         self.adapter = adapter_for(type(self.hf).__name__)
         self.plan = plan
 
@@ -317,15 +326,15 @@ class ClientBlocks(nn.Module):
         return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.hf.state_dict()
+        return saved_state_dict(self.hf)
 
 
 class MiddleStack(nn.Module):
     """The server's part: the blocks between the client's head and tail."""
 
-    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan) -> None:
+    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan, peft_cfg: PeftConfig | None = None) -> None:
         super().__init__()
-        self.hf = build_side(model_cfg, plan, "server")
+        self.hf = build_side(model_cfg, plan, "server", peft_cfg)
         self.adapter = adapter_for(type(self.hf).__name__)
         self.plan = plan
 
@@ -337,9 +346,14 @@ class MiddleStack(nn.Module):
         return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, attention_mask, position_ids)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.hf.state_dict()
+        return saved_state_dict(self.hf)
 
 
-def build_full_model(model_cfg: ModelConfig) -> nn.Module:
+def build_full_model(model_cfg: ModelConfig, peft_cfg: PeftConfig | None = None) -> nn.Module:
     """The whole Hugging Face model with the same weights the split sides get (centralized reference)."""
-    return build_side(model_cfg, None, "full")
+    return build_side(model_cfg, None, "full", peft_cfg)
+
+
+def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a run saves of a side: every tensor, or with adapters (LoRA) only the adapters."""
+    return trainable_state_dict(model) if getattr(model, "flglm_adapters_only", False) else model.state_dict()

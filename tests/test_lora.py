@@ -1,0 +1,141 @@
+"""LoRA (``peft.method=lora``) through the split: the same model as the whole one, base frozen.
+
+In one process: the client blocks talk to a local ``MiddleServer`` through the real link code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from flglm.config import RunConfig
+from flglm.models import ClientBlocks, MiddleStack, build_full_model, plan_split
+from flglm.models.lora import LORA_MARK
+from flglm.models.split import saved_state_dict
+from tests.test_split import EXACT, _padded_batch, _positions, _split_lm
+
+LORA = ("peft.method=lora", "peft.lora_r=4")
+
+
+@pytest.mark.parametrize("arch", ["glm", "llama", "gpt2"])
+def test_split_with_lora_equals_the_whole_model_with_lora(
+    arch: str, tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
+) -> None:
+    cfg = make_run_config(tiny_model_configs[arch], *LORA)
+    lm, server = _split_lm(cfg)
+    full = build_full_model(cfg.model, cfg.peft)
+    # B starts at zero: make the adapters matter by moving them, identically on both models
+    with torch.no_grad():
+        full_params = dict(full.named_parameters())
+        for name, param in [*lm.blocks.hf.named_parameters(), *server.middle.hf.named_parameters()]:
+            if ".lora_B." in name:
+                value = torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
+                param.copy_(value)
+                full_params[name].copy_(value)
+    ids, mask = _padded_batch()
+
+    split_logits = lm(ids, mask)
+    full_logits = full(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+    torch.testing.assert_close(split_logits, full_logits, **EXACT)
+    weight = torch.randn(full_logits.shape, generator=torch.Generator().manual_seed(1)) * mask.unsqueeze(-1)
+    (split_logits * weight).sum().backward()
+    (full_logits * weight).sum().backward()
+
+    split_params = [*lm.blocks.hf.named_parameters(), *server.middle.hf.named_parameters()]
+    assert sorted(n for n, _ in split_params) == sorted(full_params)
+    trainable = [(n, p) for n, p in split_params if p.requires_grad]
+    assert trainable and all(LORA_MARK in n for n, _ in trainable)  # base weights frozen on both sides
+    for name, param in split_params:
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, full_params[name].grad, **EXACT, msg=name)
+        else:
+            assert param.grad is None, f"{name} is frozen but got a gradient"
+    server.close()
+
+
+def test_sides_draw_the_same_adapters_as_the_whole_model(
+    tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
+) -> None:
+    cfg = make_run_config(tiny_model_configs["llama"], *LORA)
+    plan = plan_split(4, client_head_layers=1, client_tail_layers=1)
+    full = build_full_model(cfg.model, cfg.peft).state_dict()
+    for side in (ClientBlocks(cfg.model, plan, cfg.peft), MiddleStack(cfg.model, plan, cfg.peft)):
+        saved = side.hf_state_dict()
+        assert saved and all(LORA_MARK in n for n in saved)  # a run saves the adapters only
+        for name, tensor in side.hf.state_dict().items():
+            assert torch.equal(tensor, full[name]), name
+    assert set(saved_state_dict(build_full_model(cfg.model, cfg.peft))) == {n for n in full if LORA_MARK in n}
+
+
+def test_training_steps_change_only_the_adapters(
+    tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
+) -> None:
+    cfg = make_run_config(tiny_model_configs["glm"], *LORA)
+    lm, server = _split_lm(cfg)
+    sides = {"client": lm.blocks.hf, "server": server.middle.hf}
+    before = {side: {n: p.detach().clone() for n, p in model.named_parameters()} for side, model in sides.items()}
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = _padded_batch()
+    for step in range(3):
+        logits = lm(ids, mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lm.link.step(client_step=step, total_steps=3)
+
+    for side, model in sides.items():
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[side][n])]
+        assert changed, f"nothing trained on the {side}"
+        assert all(LORA_MARK in n for n in changed), f"{side}: base weights changed: {[n for n in changed if LORA_MARK not in n]}"
+        for name, param in model.named_parameters():
+            if LORA_MARK not in name:  # byte-identical
+                assert param.detach().numpy().tobytes() == before[side][name].numpy().tobytes(), name
+    server.close()
+
+
+@pytest.mark.multiprocess
+def test_one_client_lora_federation_equals_centralized_lora_training(tmp_path) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from flglm.checkpoint import load_tensors
+    from flglm.config import load_config
+    from flglm.export import export_run
+    from flglm.launching import run_federation
+    from flglm.models.lora import merge_lora
+    from flglm.runner import run_centralized
+    from tests.test_federation import merged_weights, write_config
+
+    config = write_config(tmp_path, peft={"method": "lora", "lora_r": 4}, optim={"lr": 0.02})
+    fed_dir = tmp_path / "fed"
+    run_federation(config, num_clients=1, run_dir=fed_dir, timeout_s=240)
+    cfg = load_config(config, [f"run_dir={tmp_path / 'central'}", "federation.num_clients=1"])
+    torch.set_num_threads(1)
+    run_centralized(cfg)
+
+    fed = json.loads((fed_dir / "client0" / "metrics.json").read_text())
+    central = json.loads((tmp_path / "central" / "centralized" / "metrics.json").read_text())
+    assert fed["losses"] == pytest.approx(central["losses"], abs=1e-5)
+    fed_weights = merged_weights(fed_dir)  # client and server files: adapters only
+    central_weights = load_tensors(tmp_path / "central" / "centralized" / "model.safetensors")
+    assert sorted(fed_weights) == sorted(central_weights) and all(LORA_MARK in n for n in fed_weights)
+    initial = saved_state_dict(build_full_model(cfg.model, cfg.peft))
+    for name, value in central_weights.items():
+        torch.testing.assert_close(fed_weights[name], value, atol=1e-5, rtol=0, msg=name)
+    assert any(not torch.equal(fed_weights[n], initial[n]) for n in initial)  # the adapters trained
+    # export folds the adapters into the base weights: the result computes what the trained model computes
+    exported = AutoModelForCausalLM.from_pretrained(export_run(fed_dir, tmp_path / "exported"))
+    trained = build_full_model(cfg.model, cfg.peft)
+    trained.load_state_dict(central_weights, strict=False)
+    ids, mask = _padded_batch(vocab=200)
+    with torch.no_grad():
+        expected = trained(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        merged = merge_lora(trained)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        got = exported(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
