@@ -24,3 +24,4 @@ bench: install
 	$(PYTHON) benchmarks/parallel.py
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2 --run-dir runs/parity-hierarchical
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --run-dir runs/parity-lora peft.method=lora
