@@ -61,7 +61,7 @@ from typing import Any
 
 import yaml
 
-from flglm.benchmarking import centralized_worker, find_data_dir, run_centralized_child, speed_model
+from flglm.benchmarking import centralized_worker, client_counts, find_data_dir, run_centralized_child, speed_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODES = ("sequential", "client_batching", "hierarchical")
@@ -172,9 +172,7 @@ def main() -> None:
         return
 
     started = time.monotonic()
-    clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
-    if not clients or min(clients) < 1:
-        raise SystemExit(f"parallel: error: --clients must list positive counts, got {args.clients!r}")
+    clients = client_counts(args.clients, prog="parallel")
     if args.steps < 1:
         raise SystemExit(f"parallel: error: --steps must be >= 1, got {args.steps}")
     modes = [m for m in args.modes.split(",") if m]

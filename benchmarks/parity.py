@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flglm.benchmarking import centralized_worker, find_data_dir, run_centralized_child
+from flglm.benchmarking import centralized_worker, client_counts, find_data_dir, run_centralized_child
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "sst2.yaml"
@@ -113,9 +113,7 @@ def main() -> None:
 
     started = time.monotonic()
     config = Path(args.config).resolve()
-    clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
-    if not clients or min(clients) < 1:
-        raise SystemExit(f"parity: error: --clients must list positive counts, got {args.clients!r}")
+    clients = client_counts(args.clients, prog="parity")
     reserved = [o for o in args.overrides if o.split("=", 1)[0] in ("run_dir", "federation.num_clients", "server.sub_servers")]
     if reserved:
         raise SystemExit(f"parity: error: {reserved}: set these with --run-dir, --clients and --sub-servers")

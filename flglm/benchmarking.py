@@ -49,6 +49,17 @@ def centralized_worker(config: str | Path, overrides: list[str]) -> None:
     run_centralized(cfg)
 
 
+def client_counts(text: str, *, prog: str) -> list[int]:
+    """``--clients 1,2,4`` as sorted distinct counts; exits naming the flag if one is not a positive integer."""
+    try:
+        counts = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"{prog}: error: --clients must list positive counts, got {text!r}")
+    return counts
+
+
 def find_data_dir(data: str, repo_root: Path, needed: tuple[str, ...], *, prog: str) -> Path:
     """``data`` relative to the current directory, or else to the repository root; it must hold ``needed``."""
     candidates = list(dict.fromkeys([Path(data).resolve(), (repo_root / data).resolve()]))

@@ -3,8 +3,9 @@
 The client blocks (from one client: after the final FedAvg all clients hold the same ones)
 and the server's middle stack are saved under the full model's parameter names, so merging
 is a union of two state dicts. A LoRA run saved only the adapters: they are loaded onto the
-base model (from ``model.path`` or the seeded init) and folded into its weights. Whoever runs this holds both parts: in a real federation that
-is a decision of the parties, not something the training does by itself.
+base model (from ``model.path`` or the seeded init) and folded into its weights. Whoever runs
+this holds both parts: in a real federation that is a decision of the parties, not something
+the training does by itself.
 """
 
 from __future__ import annotations

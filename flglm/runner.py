@@ -211,10 +211,11 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
     middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    parameters = sum(p.numel() for p in middle.parameters())
     choice = choose_parallelism(
         cfg,
         middle.hf.config,
-        parameters=sum(p.numel() for p in middle.parameters()),
+        parameters=parameters,
         layers=len(middle.plan.middle),
         free_bytes=free_memory_bytes(),
     )
@@ -235,8 +236,8 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     log.info(
         "%s: middle stack = blocks %s (%d parameters), serving clients %s",
         role.worker_name,
-        list(server.middle.plan.middle),
-        sum(p.numel() for p in server.middle.parameters()),
+        list(middle.plan.middle),
+        parameters,
         clients,
     )
     rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))

@@ -65,6 +65,18 @@ def write_config(tmp_path: Path, **sections: dict) -> Path:
     return path
 
 
+def federated_and_centralized(tmp_path: Path, config: Path) -> tuple[dict, dict]:
+    """Run a 1-client federation (``tmp_path/fed``) and the centralized run (``tmp_path/central``)
+    of ``config``; return the client's and the centralized ``metrics.json``."""
+    run_federation(config, num_clients=1, run_dir=tmp_path / "fed", timeout_s=240)
+    cfg = load_config(config, [f"run_dir={tmp_path / 'central'}", "federation.num_clients=1"])
+    torch.set_num_threads(1)
+    run_centralized(cfg)
+    fed = json.loads((tmp_path / "fed" / "client0" / "metrics.json").read_text())
+    central = json.loads((tmp_path / "central" / "centralized" / "metrics.json").read_text())
+    return fed, central
+
+
 def merged_weights(run_dir: Path, client: int = 0) -> dict[str, torch.Tensor]:
     weights = load_tensors(run_dir / f"client{client}" / "client_blocks.safetensors")
     weights.update(load_tensors(run_dir / "server" / "middle.safetensors"))
@@ -87,14 +99,10 @@ def test_one_client_federation_equals_centralized_training(tmp_path: Path, train
     micro_batches = 20 * trainer.get("accumulate_grad_batches", 1)
 
     # Execute
-    run_federation(config, num_clients=1, run_dir=fed_dir, timeout_s=240)
+    fed, central = federated_and_centralized(tmp_path, config)
     cfg = load_config(config, [f"run_dir={tmp_path / 'central'}", "federation.num_clients=1"])
-    torch.set_num_threads(1)
-    run_centralized(cfg)
 
     # Assert: per-step losses and final weights equal within 1e-5.
-    fed = json.loads((fed_dir / "client0" / "metrics.json").read_text())
-    central = json.loads((tmp_path / "central" / "centralized" / "metrics.json").read_text())
     assert len(fed["losses"]) == len(central["losses"]) == micro_batches
     assert fed["losses"] == pytest.approx(central["losses"], abs=1e-5)
     fed_weights = merged_weights(fed_dir)

@@ -15,7 +15,7 @@ from flglm.config import RunConfig
 from flglm.models import ClientBlocks, MiddleStack, build_full_model, plan_split
 from flglm.models.lora import LORA_MARK
 from flglm.models.split import saved_state_dict
-from tests.test_split import EXACT, _padded_batch, _positions, _split_lm
+from tests.test_split import EXACT, _padded_batch, _positions, _run_both, _split_lm
 
 LORA = ("peft.method=lora", "peft.lora_r=4")
 
@@ -35,14 +35,7 @@ def test_split_with_lora_equals_the_whole_model_with_lora(
                 value = torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
                 param.copy_(value)
                 full_params[name].copy_(value)
-    ids, mask = _padded_batch()
-
-    split_logits = lm(ids, mask)
-    full_logits = full(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
-    torch.testing.assert_close(split_logits, full_logits, **EXACT)
-    weight = torch.randn(full_logits.shape, generator=torch.Generator().manual_seed(1)) * mask.unsqueeze(-1)
-    (split_logits * weight).sum().backward()
-    (full_logits * weight).sum().backward()
+    _run_both(lm, full)
 
     split_params = [*lm.blocks.hf.named_parameters(), *server.middle.hf.named_parameters()]
     assert sorted(n for n, _ in split_params) == sorted(full_params)
@@ -99,27 +92,18 @@ def test_training_steps_change_only_the_adapters(
 
 @pytest.mark.multiprocess
 def test_one_client_lora_federation_equals_centralized_lora_training(tmp_path) -> None:
-    import json
-
     from transformers import AutoModelForCausalLM
 
     from flglm.checkpoint import load_tensors
     from flglm.config import load_config
     from flglm.export import export_run
-    from flglm.launching import run_federation
     from flglm.models.lora import merge_lora
-    from flglm.runner import run_centralized
-    from tests.test_federation import merged_weights, write_config
+    from tests.test_federation import federated_and_centralized, merged_weights, write_config
 
     config = write_config(tmp_path, peft={"method": "lora", "lora_r": 4}, optim={"lr": 0.02})
     fed_dir = tmp_path / "fed"
-    run_federation(config, num_clients=1, run_dir=fed_dir, timeout_s=240)
+    fed, central = federated_and_centralized(tmp_path, config)
     cfg = load_config(config, [f"run_dir={tmp_path / 'central'}", "federation.num_clients=1"])
-    torch.set_num_threads(1)
-    run_centralized(cfg)
-
-    fed = json.loads((fed_dir / "client0" / "metrics.json").read_text())
-    central = json.loads((tmp_path / "central" / "centralized" / "metrics.json").read_text())
     assert fed["losses"] == pytest.approx(central["losses"], abs=1e-5)
     fed_weights = merged_weights(fed_dir)  # client and server files: adapters only
     central_weights = load_tensors(tmp_path / "central" / "centralized" / "model.safetensors")

@@ -65,12 +65,10 @@ def _split_lm(cfg: RunConfig) -> tuple[SplitCausalLM, MiddleServer]:
     return SplitCausalLM(ClientBlocks(cfg.model, plan, cfg.peft), RemoteMiddle(link, server_info=info)), server
 
 
-def _assert_split_matches_full(cfg: RunConfig) -> None:
-    """Logits and every parameter's gradient of split and whole model agree on a padded batch."""
-    lm, server = _split_lm(cfg)
-    full = build_full_model(cfg.model)
+def _run_both(lm: SplitCausalLM, full: torch.nn.Module) -> None:
+    """One padded batch forward through split and whole model (logits must agree), then the same
+    random-weighted loss backward through both."""
     ids, mask = _padded_batch()
-
     split_logits = lm(ids, mask)
     full_logits = full(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
     torch.testing.assert_close(split_logits, full_logits, **EXACT)
@@ -78,6 +76,13 @@ def _assert_split_matches_full(cfg: RunConfig) -> None:
     weight = torch.randn(full_logits.shape, generator=torch.Generator().manual_seed(1)) * mask.unsqueeze(-1)
     (split_logits * weight).sum().backward()
     (full_logits * weight).sum().backward()
+
+
+def _assert_split_matches_full(cfg: RunConfig) -> None:
+    """Logits and every parameter's gradient of split and whole model agree on a padded batch."""
+    lm, server = _split_lm(cfg)
+    full = build_full_model(cfg.model)
+    _run_both(lm, full)
     assert server.pending_count() == 0
 
     full_params = dict(full.named_parameters())

@@ -166,7 +166,7 @@ class ClientBatcher:
     # ---------------------------------------------------------------- the group
     def _active_count(self) -> int:
         """Clients a group waits for (up to the window): every expected client that has not left."""
-        return max(1, self._server.cfg.federation.num_clients - len(self._left))
+        return max(1, len(self._server.clients) - len(self._left))
 
     def _maybe_launch(self) -> None:
         if self._group is not None or not self._forming:

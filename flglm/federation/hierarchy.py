@@ -212,8 +212,8 @@ class SubServerSync:
         sizes = sorted({h[3] for h in active if h[3] >= 0})
         if len(steps) > 1 or len(sizes) > 1:
             raise RuntimeError(
-                f"sub-servers out of step: (kind, round, attempt) {steps} with upload sizes {sizes}; every "
-                "client must run the same number of aggregation rounds per epoch"
+                f"sub-servers out of step: (kind, round, attempt) {steps} with upload sizes {sizes}; the active "
+                "sub-servers must meet at the same aggregation round, in the same order"
             )
         kind, round_index, _ = steps[0]
         numel = sizes[0] if sizes else 0
@@ -258,21 +258,21 @@ class SubServerSync:
             return sums[:numel] / total_weight
         return sums[numel : 2 * numel] / count
 
+    def _union(self, clients: set[int]) -> tuple[int, ...]:
+        """The union over the sub-servers of a set of client ids (an all-reduce of membership masks), sorted."""
+        mask = torch.zeros(self._num_clients, dtype=torch.int64)
+        if clients:
+            mask[sorted(clients)] = 1
+        dist.all_reduce(mask)
+        return tuple(int(i) for i in mask.nonzero().flatten())
+
     def _reduce_plan(self, event: _SecurePlan | None) -> tuple[int, ...]:
         """Union of the sub-servers' clients that began the round."""
-        began = torch.zeros(self._num_clients, dtype=torch.int64)
-        if event is not None:
-            began[sorted(event.began)] = 1
-        dist.all_reduce(began)
-        return tuple(int(i) for i in began.nonzero().flatten())
+        return self._union(event.began if event is not None else set())
 
     def _reduce_attempt(self, event: _SecureAttempt | None, numel: int) -> tuple[str, torch.Tensor | None, tuple[int, ...]]:
         """Redo without whoever left anywhere, or the average of the sum of every sub-server's uploads."""
-        left = torch.zeros(self._num_clients, dtype=torch.int64)
-        if event is not None and event.leavers:
-            left[sorted(event.leavers)] = 1
-        dist.all_reduce(left)
-        leavers = {int(i) for i in left.nonzero().flatten()}
+        leavers = set(self._union(event.leavers if event is not None else set()))
         plan = event.plan if event is not None else None
         if leavers:
             remaining = tuple(p for p in plan.participants if p not in leavers) if plan is not None else ()
