@@ -1,9 +1,11 @@
 """Command line: ``flglm train`` (one federation process, under torchrun), ``flglm centralized``
-(the whole model in one process), ``flglm export`` (merge a run's parts into one HF directory),
-``flglm keygen`` (identity keys for encrypted federations).
+(the whole model in one process), ``flglm generate`` (text through the trained split model),
+``flglm export`` (merge a run's parts into one HF directory), ``flglm keygen`` (identity keys
+for encrypted federations).
 
     torchrun --standalone --nproc-per-node=3 launch/train.py --config configs/demo.yaml
     flglm centralized --config configs/demo.yaml run_dir=runs/central
+    flglm generate --config runs/demo/config.yaml --prompt "the movie was"
 """
 
 from __future__ import annotations
@@ -71,6 +73,80 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _generate_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "flglm generate",
+        "generate text through the trained split model: a server process with the middle stack and a "
+        "client process with its blocks and the prompts (started with torchrun unless torchrun started this)",
+    )
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    parser.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
+    parser.add_argument("--client", type=int, default=0, help="whose client blocks and keys to use")
+    parser.add_argument("--weights", help="run directory holding the trained parts (default: the config's run_dir)")
+    parser.add_argument("--base", action="store_true", help="generate with the base model (no trained weights)")
+    parser.add_argument("--out", help="JSON file of the generations (default: RUN_DIR/generate/generations.json)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the job is killed")
+    return parser
+
+
+def generate_main(argv: Sequence[str] | None = None) -> int:
+    """``flglm generate``: check the inputs, then run (or, under torchrun, be one process of) the job."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _generate_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        prompts = list(args.prompt)
+        if args.prompts_file:
+            prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts or not all(p.strip() for p in prompts):
+            raise ValueError("give at least one non-empty --prompt (or --prompts-file)")
+        weights = None if args.base else Path(args.weights or cfg.run_dir)
+        if weights is not None:
+            from flglm.run_layout import client_weights_path, middle_weights_path
+
+            for path in (middle_weights_path(weights), client_weights_path(weights, args.client)):
+                if not path.is_file():
+                    raise FileNotFoundError(f"no trained weights at {path} (pass --weights RUN_DIR, or --base for the untrained model)")
+        out = Path(args.out or Path(args.weights or cfg.run_dir) / "generate" / "generations.json")
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"flglm: error: {err}", file=sys.stderr)
+        return 2
+    if "RANK" in os.environ:
+        return _generate_worker(cfg, args, prompts, weights, out)
+    from flglm.launching import GENERATE_SCRIPT, FederationFailed, run_torchrun
+
+    try:
+        run_torchrun(GENERATE_SCRIPT, argv, nproc=2, timeout_s=args.timeout, run_dir=Path(cfg.run_dir))
+    except FederationFailed as err:
+        print(f"flglm: error: {err}", file=sys.stderr)
+        return 1
+    import json
+
+    for row in json.loads(out.read_text()):
+        print(f"{row['prompt']}\n  -> {row['generated']}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _generate_worker(cfg, args: argparse.Namespace, prompts: list[str], weights: Path | None, out: Path) -> int:
+    from flglm.distributed import configure_threads, read_env
+    from flglm.roles import generation_role
+    from flglm.runner import setup_logging
+    from flglm.serving import generate_as_client, serve_generation
+
+    env = read_env()
+    role = generation_role(env.rank, env.world_size, client_index=args.client, num_clients=cfg.federation.num_clients)
+    setup_logging(Path(cfg.run_dir), f"generate-{role.worker_name}")
+    configure_threads(env.local_world_size)
+    if role.kind == "server":
+        serve_generation(cfg, env, client_index=args.client, weights=weights)
+    else:
+        generate_as_client(cfg, env, role, prompts=prompts, weights=weights, out=out)
+    return 0
+
+
 def export_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flglm export", description="merge a run's parts into a Hugging Face directory")
     parser.add_argument("--run-dir", required=True, help="a finished federation's run_dir")
@@ -116,7 +192,13 @@ def keygen_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "centralized": centralized_main, "export": export_main, "keygen": keygen_main}
+COMMANDS = {
+    "train": train_main,
+    "centralized": centralized_main,
+    "generate": generate_main,
+    "export": export_main,
+    "keygen": keygen_main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

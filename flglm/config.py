@@ -79,6 +79,10 @@ class ServerConfig:
     """A forward's autograd state is released if its backward has not come within this time."""
     max_pending_per_client: int = 8
     """At most this many forwards awaiting their backward are kept per client (oldest evicted)."""
+    max_decode_sessions_per_client: int = 4
+    """Generation: at most this many open decoding sessions (key/value caches of the middle
+    stack) per client; the least recently used is freed first. An idle session is freed after
+    ``state_timeout_s``."""
     max_batch_size: int = 4096
     """Larger hidden-state batches are rejected before they touch the model."""
     rpc_timeout_s: float = 300.0
@@ -189,6 +193,23 @@ class TaskConfig:
 
 
 @dataclass(kw_only=True)
+class GenerationConfig:
+    """Decoding through the split (``generate()`` on a task module, ``flglm generate``)."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    """False: greedy (the most likely token each step). True: sample from the distribution
+    shaped by ``temperature``, ``top_k`` and ``top_p``."""
+    temperature: float = 1.0
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0: no limit)."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability adds up to p (1: no limit)."""
+    seed: int = 0
+    """Seed of the sampling generator (same seed, same prompts: same text)."""
+
+
+@dataclass(kw_only=True)
 class TrainerConfig:
     max_epochs: int = 1
     max_steps: int = -1
@@ -218,6 +239,7 @@ class RunConfig:
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -285,6 +307,8 @@ def validate(cfg: RunConfig) -> None:
         "data.max_length": cfg.data.max_length,
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
         "server.max_pending_per_client": cfg.server.max_pending_per_client,
+        "server.max_decode_sessions_per_client": cfg.server.max_decode_sessions_per_client,
+        "generation.max_new_tokens": cfg.generation.max_new_tokens,
         "server.max_batch_size": cfg.server.max_batch_size,
         "server.max_clients_per_batch": cfg.server.max_clients_per_batch,
         "server.sub_servers": cfg.server.sub_servers,
@@ -298,6 +322,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("peft.target_modules must name at least one module (or [all-linear])")
     if not cfg.server.sync_timeout_s > 0:
         raise ConfigError(f"server.sync_timeout_s must be > 0, got {cfg.server.sync_timeout_s}")
+    g = cfg.generation
+    if not (g.temperature > 0 and math.isfinite(g.temperature)):
+        raise ConfigError(f"generation.temperature must be finite and > 0, got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+    if g.top_k < 0:
+        raise ConfigError(f"generation.top_k must be >= 0 (0: no limit), got {g.top_k}")
     if cfg.server.num_threads < 0:
         raise ConfigError(f"server.num_threads must be >= 0, got {cfg.server.num_threads}")
     for key, value in positive.items():
@@ -359,10 +390,12 @@ def fingerprint(cfg: RunConfig) -> str:
     """A hash of everything server and clients must agree on.
 
     ``run_dir`` and ``crypto.key_dir`` are left out (each machine keeps its files elsewhere);
-    so is the trainer's display setting, which does not change what is computed.
+    so is the trainer's display setting, and the client's decoding settings: neither changes
+    what the server computes.
     """
     shared = to_dict(cfg)
     shared.pop("run_dir")
+    shared.pop("generation")
     shared["crypto"].pop("key_dir")
     shared["trainer"].pop("enable_progress_bar")
     blob = json.dumps(shared, sort_keys=True, default=str).encode()

@@ -8,7 +8,6 @@ client's ``train_path`` (``{client}`` substituted) is its own file.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -23,6 +22,7 @@ from flglm.data import (
     save_tokenizer,
     train_word_tokenizer,
 )
+from flglm.run_layout import tokenizer_dir
 
 
 def _read(cfg: RunConfig, path: str, max_rows: int | None) -> list[Example]:
@@ -99,7 +99,7 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
     required = [cfg.task.prompt.replace("{text}", " "), *cfg.task.label_words]
     tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
     if save:
-        save_tokenizer(tokenizer, Path(cfg.run_dir) / "tokenizer")
+        save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
     return tokenizer
 
 

@@ -16,14 +16,15 @@ from flglm.checkpoint import load_tensors
 from flglm.config import load_config
 from flglm.models.lora import merge_lora
 from flglm.models.split import build_full_model, saved_state_dict
+from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> Path:
     """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by ``from_pretrained``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(run_dir / "config.yaml")
-    weights = load_tensors(run_dir / f"client{client}" / "client_blocks.safetensors")
-    middle = load_tensors(run_dir / "server" / "middle.safetensors")
+    weights = load_tensors(client_weights_path(run_dir, client))
+    middle = load_tensors(middle_weights_path(run_dir))
     overlap = set(weights) & set(middle)
     if overlap:
         raise ValueError(f"client and server parts both hold {sorted(overlap)[:3]}: not parts of one split")
@@ -47,9 +48,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> 
         raise ValueError(f"the run's parts lack {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
     model.load_state_dict(weights, strict=False)
     model.save_pretrained(out_dir)
-    tokenizer_dir = run_dir / "tokenizer"
-    if tokenizer_dir.is_dir():
+    if tokenizer_dir(run_dir).is_dir():
         from flglm.data import load_tokenizer
 
-        load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
+        load_tokenizer(tokenizer_dir(run_dir)).save_pretrained(out_dir)
     return out_dir

@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
+GENERATE_SCRIPT = REPO_ROOT / "launch" / "generate.py"
 
 
 class FederationFailed(RuntimeError):

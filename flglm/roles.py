@@ -61,3 +61,18 @@ def role_for_rank(rank: int, world_size: int, *, num_clients: int, sub_servers: 
         return Role("server", server_index=rank, sub_servers=sub_servers)
     client = rank - sub_servers
     return Role("client", client_index=client, server_index=client % sub_servers, sub_servers=sub_servers)
+
+
+def generation_role(rank: int, world_size: int, *, client_index: int, num_clients: int) -> Role:
+    """Roles of a generation job (``flglm generate``): rank 0 serves the middle stack, rank 1 is
+    client ``client_index`` with the prompts. One server even if training was hierarchical: the
+    sub-servers' replicas are equal after the final synchronisation."""
+    if world_size != 2:
+        raise ValueError(f"a generation job runs 2 processes (server + one client), torchrun started {world_size}")
+    if not 0 <= client_index < num_clients:
+        raise ValueError(f"client {client_index} is not one of the federation's clients 0..{num_clients - 1}")
+    if rank == 0:
+        return Role("server")
+    if rank == 1:
+        return Role("client", client_index=client_index)
+    raise ValueError(f"rank {rank} outside world of size {world_size}")

@@ -48,6 +48,7 @@ from flglm.federation.secure_aggregation import PairwiseMasker
 from flglm.federation.server import MiddleServer
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.roles import Role, clients_of
+from flglm.run_layout import client_weights_path, middle_weights_path
 from flglm.tasks import build_task
 
 log = logging.getLogger("flglm")
@@ -251,7 +252,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
         summary["federation"] = federation_metrics(summary["clients"])
         summary["config_fingerprint"] = fingerprint(cfg)
         if role.is_coordinator:
-            save_tensors(server.middle.hf_state_dict(), run_dir / "server" / "middle.safetensors")
+            save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
             write_json(summary, run_dir / "summary.json")
             log.info("federation done: %s", summary["federation"])
     except BaseException:
@@ -344,7 +345,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         metrics = _final_metrics(trainer, module, dev_loader)
         metrics["train_time_s"] = round(time.monotonic() - started, 3)
         metrics["fedavg_rounds"] = float(fedavg.rounds)
-        save_tensors(module.client_state_dict(), out_dir / "client_blocks.safetensors")
+        save_tensors(module.client_state_dict(), client_weights_path(cfg.run_dir, index))
         write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
         link.leave(metrics)
     except BaseException:

@@ -2,15 +2,29 @@
 
 Both classes map (input_ids, attention_mask) to logits, so the same task module trains either
 one; that is how federated training is compared with centralized training of the same model.
+Both also decode incrementally with key/value caches (``open_decoding``/``decode``/
+``close_decoding``), which :func:`flglm.generation.generate` drives.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers import DynamicCache, PretrainedConfig
 
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of, saved_state_dict
+
+
+@dataclass
+class SplitDecoding:
+    """A generation in progress: the caches of the client's blocks and the server's session."""
+
+    cache: DynamicCache
+    session: int
+    past: int = 0
 
 
 class SplitCausalLM(nn.Module):
@@ -29,12 +43,35 @@ class SplitCausalLM(nn.Module):
     def max_positions(self) -> int | None:
         return self.blocks.max_positions
 
+    @property
+    def hf_config(self) -> PretrainedConfig:
+        return self.blocks.hf.config
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         crossing = self.blocks.input_block(input_ids, attention_mask, position_ids)
         crossing.hidden = self.middle(crossing)
         return self.blocks.output_block(crossing)
+
+    def open_decoding(self) -> SplitDecoding:
+        return SplitDecoding(DynamicCache(config=self.blocks.hf.config), self.link.open_decoding())
+
+    def decode(
+        self, state: SplitDecoding, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the new tokens; ``attention_mask`` covers the cached tokens and the new ones.
+
+        The input block and the output block use the client's cache, the middle stack the
+        server's cache of this session, so only the new tokens' hidden states cross the link."""
+        crossing = self.blocks.input_block(input_ids, attention_mask, position_ids, cache=state.cache)
+        crossing.hidden = self.link.decode(state.session, state.past, crossing)
+        logits = self.blocks.output_block(crossing, cache=state.cache)
+        state.past += input_ids.shape[1]
+        return logits
+
+    def close_decoding(self, state: SplitDecoding) -> None:
+        self.link.end_decoding(state.session)
 
     def client_state_dict(self) -> dict[str, torch.Tensor]:
         """The client blocks under the Hugging Face parameter names."""
@@ -64,12 +101,29 @@ class FullCausalLM(nn.Module):
     def max_positions(self) -> int | None:
         return max_positions_of(self.hf.config)
 
+    @property
+    def hf_config(self) -> PretrainedConfig:
+        return self.hf.config
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+    def open_decoding(self) -> DynamicCache:
+        return DynamicCache(config=self.hf.config)
+
+    def decode(
+        self, state: DynamicCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.hf(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=state, use_cache=True
+        ).logits
+
+    def close_decoding(self, state: DynamicCache) -> None:
+        return None
 
     def client_state_dict(self) -> dict[str, torch.Tensor]:
         return saved_state_dict(self.hf)

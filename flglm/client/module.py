@@ -7,30 +7,35 @@ for any causal LM. This base class makes the split invisible to Lightning:
   (``optimizer_step``), with the LR schedule evaluated at this client's step;
 * gradient clipping by global norm spans client *and* server gradients
   (``configure_gradient_clipping``), so it clips exactly as centralized training would;
-* with a whole model (``FullCausalLM``) it is a plain LightningModule: the centralized run.
+* with a whole model (``FullCausalLM``) it is a plain LightningModule: the centralized run;
+* ``generate`` decodes through the split with key/value caches on both sides
+  (:mod:`flglm.generation`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from flglm.config import OptimConfig
+from flglm.config import GenerationConfig, OptimConfig
+from flglm.generation import generate
 from flglm.optim import build_optimizer, build_scheduler, global_clip_coefficient, grad_norms, scale_grads
 
 
 class SplitClientModule(L.LightningModule):
     """Base class of every task; owns the LM (split or whole) and the optimizer."""
 
-    def __init__(self, lm: nn.Module, *, optim: OptimConfig) -> None:
+    def __init__(self, lm: nn.Module, *, optim: OptimConfig, generation: GenerationConfig | None = None) -> None:
         super().__init__()
         self.lm = lm
         self.optim_cfg = optim
+        self.generation_cfg = generation or GenerationConfig()
         self.loss_history: list[float] = []
         self.samples_seen = 0
         self._total_steps = 1
@@ -46,6 +51,48 @@ class SplitClientModule(L.LightningModule):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.lm(input_ids, attention_mask, position_ids)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
+        """Left-padded prompts followed by the generated tokens (see :func:`flglm.generation.generate`).
+
+        ``settings`` override fields of the run's ``generation`` config for this call, e.g.
+        ``max_new_tokens=16, do_sample=True``. Decodes in eval mode; the module's mode is restored.
+        """
+        cfg = dataclasses.replace(self.generation_cfg, **settings)
+        config = self.lm.hf_config
+        was_training = self.training
+        self.eval()
+        try:
+            return generate(
+                self.lm, input_ids, attention_mask, cfg=cfg, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+            )
+        finally:
+            self.train(was_training)
+
+    def generate_text(self, prompts: Sequence[str], tokenizer: Any, **settings: Any) -> list[str]:
+        """Generate a continuation of each prompt; returns the new text only (special tokens dropped)."""
+        return [text for text, _ in self.generate_with_ids(prompts, tokenizer, **settings)]
+
+    def generate_with_ids(self, prompts: Sequence[str], tokenizer: Any, **settings: Any) -> list[tuple[str, list[int]]]:
+        """Each prompt's continuation as (text, generated token ids up to the end-of-text token)."""
+        rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        bos = tokenizer.bos_token_id
+        rows = [([bos] if bos is not None else []) + r for r in rows]
+        if not all(rows):
+            raise ValueError("every prompt needs at least one token")
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.int64)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64)
+        out = self.generate(ids, mask, **settings)
+        eos = self.lm.hf_config.eos_token_id
+        results = []
+        for row in out[:, width:].tolist():
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            results.append((tokenizer.decode(row, skip_special_tokens=True), row))
+        return results
 
     # ----------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> Any:

@@ -102,8 +102,10 @@ KINDS: tuple[str, ...] = (
     "agg_result",
     "leave",
     "test",
+    "decode",
+    "decode_end",
 )
-"""Message kinds; the header carries the index."""
+"""Message kinds; the header carries the index (new kinds go at the end)."""
 _KIND_CODES = {name: i for i, name in enumerate(KINDS)}
 
 MAX_NDIM = 8
@@ -285,7 +287,7 @@ class MessageHeader:
     kind: str
     """One of :data:`KINDS`."""
     round: int = 0
-    """Aggregation round (aggregation messages) or 0."""
+    """Aggregation round (aggregation messages), decoding session (generation), or 0."""
     step: int = 0
     """Request id of a forward/backward pair, or the client's step."""
     tensors: tuple[TensorSpec, ...] = ()

@@ -21,6 +21,18 @@ from flglm.data.readers import (
     read_jsonl,
     read_tsv,
 )
+from flglm.data.summarization import (
+    ARTICLE_FIELDS,
+    SUMMARIZATION_FORMATS,
+    SUMMARY_FIELDS,
+    read_summarization,
+)
+from flglm.data.superglue import (
+    SUPERGLUE_TASKS,
+    TASK_FORMATS,
+    SuperGlueFormat,
+    read_task_file,
+)
 from flglm.data.tokenizer import (
     SPECIAL_TOKENS,
     load_tokenizer,
@@ -30,12 +42,18 @@ from flglm.data.tokenizer import (
 )
 
 __all__ = [
+    "ARTICLE_FIELDS",
     "PARTITION_KINDS",
     "SPECIAL_TOKENS",
+    "SUMMARIZATION_FORMATS",
+    "SUMMARY_FIELDS",
+    "SUPERGLUE_TASKS",
     "SUPPORTED_SUFFIXES",
+    "TASK_FORMATS",
     "DataFormatError",
     "EmptyPartitionError",
     "Example",
+    "SuperGlueFormat",
     "check_partition",
     "load_tokenizer",
     "partition",
@@ -43,6 +61,8 @@ __all__ = [
     "partition_iid",
     "read_examples",
     "read_jsonl",
+    "read_summarization",
+    "read_task_file",
     "read_tsv",
     "save_tokenizer",
     "tokenizer_fingerprint",

@@ -29,10 +29,15 @@ _DEFAULT_TEXT_FIELD: dict[str, str] = {"tsv": "sentence", "jsonl": "text"}
 
 @dataclass(frozen=True)
 class Example:
-    """One text and its class label (None when the data set is unlabelled)."""
+    """One text and its class label (None when the data set is unlabelled).
+
+    ``target`` is the reference output of a generation task (a summary); it is
+    None for classification, where the answer is the ``label`` index.
+    """
 
     text: str
     label: int | None = None
+    target: str | None = None
 
 
 class DataFormatError(ValueError):

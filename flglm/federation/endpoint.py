@@ -51,6 +51,8 @@ class ServerEndpoint:
             "join": self._join,
             "forward": self._forward,
             "infer": self._infer,
+            "decode": self._decode,
+            "decode_end": self._decode_end,
             "backward": self._backward,
             "grad_norms": self._grad_norms,
             "step": self._step,
@@ -143,6 +145,17 @@ class ServerEndpoint:
         hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "infer")
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
         return [self.server.infer(header, hidden, mask, pos)]
+
+    def _decode(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "decode")
+        autocast, past = P.parse_decode_control(ctrl, f"client {client_id}")
+        header = RequestHeader(client_id, step, autocast)
+        return [self.server.decode(header, round_index, past, hidden, mask, pos)]
+
+    def _decode_end(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        P.expect_tensors(tensors, 0, f"client {client_id}", "decode_end")
+        self.server.end_decoding(client_id, round_index)
+        return []
 
     def _backward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (grad,) = P.expect_tensors(tensors, 1, f"client {client_id}", "backward")

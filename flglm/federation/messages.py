@@ -57,8 +57,12 @@ def check_forward(
     hidden_size: int,
     max_batch_size: int,
     max_positions: int | None,
+    mask_length: int | None = None,
 ) -> None:
-    """Validate a forward request; raises InvalidMessageError naming the first problem."""
+    """Validate a forward request; raises InvalidMessageError naming the first problem.
+
+    ``mask_length``: the attention mask's expected width when it also covers cached tokens
+    (generation: cached + new); by default the hidden states' length."""
     who = header.describe()
     for name, value in (("hidden states", hidden), ("attention mask", attention_mask), ("position ids", position_ids)):
         if not isinstance(value, torch.Tensor):
@@ -77,9 +81,12 @@ def check_forward(
         raise InvalidMessageError(f"{who}: batch of {batch} exceeds server.max_batch_size={max_batch_size}")
     if max_positions is not None and length > max_positions:
         raise InvalidMessageError(f"{who}: sequence length {length} exceeds the model's limit of {max_positions}")
-    if attention_mask.dtype not in MASK_DTYPES or _shape(attention_mask) != [batch, length]:
+    width = length if mask_length is None else mask_length
+    if max_positions is not None and width > max_positions:
+        raise InvalidMessageError(f"{who}: {width} tokens with the cached ones exceed the model's limit of {max_positions}")
+    if attention_mask.dtype not in MASK_DTYPES or _shape(attention_mask) != [batch, width]:
         raise InvalidMessageError(
-            f"{who}: attention mask must be an integer or bool tensor of shape [{batch}, {length}], "
+            f"{who}: attention mask must be an integer or bool tensor of shape [{batch}, {width}], "
             f"got {attention_mask.dtype} {_shape(attention_mask)}"
         )
     if attention_mask.numel() and (attention_mask.min() < 0 or attention_mask.max() > 1):

@@ -13,6 +13,9 @@ kind        request tensors (round, step)              reply kind   reply tensor
 join        [json fingerprints]                        welcome      [json server facts]
 forward     [hidden, mask, positions, ctrl] (step=id)  output       [hidden]
 infer       [hidden, mask, positions, ctrl] (step=id)  output       [hidden]
+decode      [hidden, mask, positions, ctrl2]           output       [hidden]
+            (round=session, step=id; mask covers cached + new tokens; ctrl2: autocast, cached)
+decode_end  [] (round=session)                         ack          []
 backward    [grad of output] (step=id)                 grad_in      [grad of input]
 grad_norms  []                                         norms        [per-parameter norms]
 step        [ctrl float64: step, total, scale, clip]   ack          []
@@ -36,6 +39,8 @@ REPLY_KIND: dict[str, str] = {
     "join": "welcome",
     "forward": "output",
     "infer": "output",
+    "decode": "output",
+    "decode_end": "ack",
     "backward": "grad_in",
     "grad_norms": "norms",
     "step": "ack",
@@ -80,6 +85,20 @@ def autocast_name(ctrl: object, who: str) -> str:
     if not 0 <= code < len(AUTOCAST_CODES):
         raise InvalidMessageError(f"{who}: autocast code {code} is not one of 0..{len(AUTOCAST_CODES) - 1}")
     return AUTOCAST_CODES[code]
+
+
+def decode_control(autocast: str, past: int) -> torch.Tensor:
+    return torch.tensor([AUTOCAST_CODES.index(autocast), int(past)], dtype=torch.int64)
+
+
+def parse_decode_control(ctrl: object, who: str) -> tuple[str, int]:
+    """(autocast dtype name, number of tokens the session's cache already holds)."""
+    if not isinstance(ctrl, torch.Tensor) or ctrl.dtype != torch.int64 or ctrl.shape != (2,):
+        raise InvalidMessageError(f"{who}: decode control must be an int64 tensor of shape [2]")
+    past = int(ctrl[1].item())
+    if past < 0:
+        raise InvalidMessageError(f"{who}: cached token count must be >= 0, got {past}")
+    return autocast_name(ctrl[:1], who), past
 
 
 def step_control(client_step: int, total_steps: int, grad_scale: float, clip_value: float | None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from flglm.federation.messages import RequestHeader, nbytes, wire
 from flglm.federation.protocol import (
     REPLY_KIND,
     autocast_code,
+    decode_control,
     json_tensor,
     json_value,
     parse_plan,
@@ -45,6 +46,7 @@ class ServerLink:
         self.timeout_s = timeout_s
         self.session = session
         self._request_ids = itertools.count()
+        self._decode_sessions = itertools.count()
         self.messages = 0
         self.payload_bytes = 0
         """Raw bytes of the tensors this client sent and received."""
@@ -113,6 +115,20 @@ class ServerLink:
         header = self.header()
         (out,) = self.exchange("infer", self._crossing(header, crossing), step=header.request_id)
         return out
+
+    def open_decoding(self) -> int:
+        """A new decoding session number (the server creates its cache on the first ``decode``)."""
+        return next(self._decode_sessions)
+
+    def decode(self, session: int, past: int, crossing: Crossing) -> torch.Tensor:
+        """The middle stack's output for new tokens of a decoding session that has ``past`` cached tokens."""
+        header = self.header()
+        tensors = [crossing.hidden, crossing.attention_mask, crossing.position_ids, decode_control(header.autocast, past)]
+        (out,) = self.exchange("decode", tensors, round_index=session, step=header.request_id)
+        return out
+
+    def end_decoding(self, session: int) -> None:
+        self.exchange("decode_end", [], round_index=session)
 
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
         (grad_in,) = self.exchange("backward", [grad], step=header.request_id)

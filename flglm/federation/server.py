@@ -1,6 +1,6 @@
 """The server: holds the middle stack, its optimizer, and per-request autograd state.
 
-Typed methods: ``hello``, ``forward``, ``infer``, ``backward``, ``grad_norms``, ``step``,
+Typed methods: ``hello``, ``forward``, ``infer``, ``decode``/``end_decoding``, ``backward``, ``grad_norms``, ``step``,
 ``aggregation_begin``/``aggregation_upload``, ``leave``. Clients reach them only through
 ``flglm.federation.endpoint.ServerEndpoint``, which decodes (and, with encryption, opens)
 each message. Sequential serving: a client's training step (its forwards, backwards and
@@ -26,6 +26,7 @@ from torch.futures import Future
 from flglm.config import RunConfig, fingerprint
 from flglm.federation.aggregation import AggregationRounds
 from flglm.federation.batching import ClientBatcher, batching_stats
+from flglm.federation.decoding import DecodeSessions
 from flglm.federation.hierarchy import SubServerSync
 from flglm.federation.messages import (
     AUTOCAST_DTYPES,
@@ -59,6 +60,7 @@ class _Pending:
 class ServerStats:
     forwards: int = 0
     inferences: int = 0
+    decodes: int = 0
     backwards: int = 0
     steps: int = 0
     rejected: int = 0
@@ -108,6 +110,9 @@ class MiddleServer:
         self._fingerprint = fingerprint(cfg)
         self._lock = threading.RLock()
         self._pending: OrderedDict[tuple[int, int], _Pending] = OrderedDict()
+        self._decoding = DecodeSessions(
+            middle.hf.config, max_per_client=cfg.server.max_decode_sessions_per_client, idle_timeout_s=cfg.server.state_timeout_s
+        )
         self._turn = threading.Condition()
         self._turn_owner: int | None = None
         self._turn_since = 0.0
@@ -177,6 +182,7 @@ class MiddleServer:
             self._left.add(client_id)
             self._client_metrics[client_id] = {k: float(v) for k, v in metrics.items()}
             self._drop_client_state(client_id)
+            self._decoding.drop_client(client_id)
         self._release_turn(client_id, discard_grads=True)
         if self._batcher is not None:
             self._batcher.leave(client_id)
@@ -233,7 +239,7 @@ class MiddleServer:
                 self._turn.notify_all()
 
     # ------------------------------------------------------------ forward/backward
-    def _check(self, header: object, hidden: object, mask: object, pos: object) -> RequestHeader:
+    def _check(self, header: object, hidden: object, mask: object, pos: object, *, past: int = 0) -> RequestHeader:
         try:
             header = check_header(header)
             check_forward(
@@ -244,6 +250,7 @@ class MiddleServer:
                 hidden_size=self.middle.hidden_size,
                 max_batch_size=self.cfg.server.max_batch_size,
                 max_positions=self.max_positions,
+                mask_length=past + hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None,
             )
         except InvalidMessageError:
             self.stats.rejected += 1
@@ -283,11 +290,13 @@ class MiddleServer:
         with self._lock:
             self._zero_grads()
 
-    def _run(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any = None
+    ) -> torch.Tensor:
         dtype = AUTOCAST_DTYPES[header.autocast]
         ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
         with ctx:
-            return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1))
+            return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1), cache)
 
     def forward(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | Future:
         """Training forward: keeps the autograd state until the matching ``backward``.
@@ -334,6 +343,50 @@ class MiddleServer:
             result = wire(outputs.to(hidden.dtype))
             self.stats.bytes_out += nbytes(result)
             return result
+
+    # ------------------------------------------------------------------ generation
+    def decode(
+        self, header: RequestHeader, session: int, past: int, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """One generation step of a decoding session: the middle stack on the new tokens' hidden
+        states, attending to the ``past`` tokens its cache holds for the session (no_grad).
+
+        ``mask`` covers the cached and the new tokens. Like ``infer`` it needs no turn: it
+        changes no weights and keeps no autograd state.
+        """
+        header = self._check(header, hidden, mask, pos, past=past)
+        return self._compute(self._decode_now, header, session, past, hidden, mask, pos)
+
+    def _decode_now(
+        self, header: RequestHeader, session: int, past: int, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+    ) -> torch.Tensor:
+        with self._lock, torch.no_grad():
+            try:
+                entry = self._decoding.session_for(header.client_id, session, past=past, batch=hidden.shape[0])
+            except InvalidMessageError:
+                self.stats.rejected += 1
+                raise
+            self.middle.eval()
+            try:
+                outputs = self._run(header, hidden, mask, pos, cache=entry.cache)
+            except BaseException:
+                self._decoding.end(header.client_id, session)  # a half-updated cache is useless
+                raise
+            entry.length += hidden.shape[1]
+            self.stats.decodes += 1
+            self.stats.bytes_in += nbytes(hidden, mask, pos)
+            result = wire(outputs.to(hidden.dtype))
+            self.stats.bytes_out += nbytes(result)
+            return result
+
+    def end_decoding(self, client_id: int, session: int) -> None:
+        """Free a decoding session's cache (the client's generation is done)."""
+        with self._lock:
+            self._decoding.end(client_id, session)
+
+    def decode_sessions(self) -> int:
+        with self._lock:
+            return len(self._decoding)
 
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor | Future:
         """Backpropagate ``grad`` (d loss / d outputs) and return d loss / d inputs."""
@@ -457,6 +510,7 @@ class MiddleServer:
         return {
             "server": self.stats.as_dict()
             | batching_stats(self._batcher)
+            | self._decoding.stats()
             | (self.sync.stats() if self.sync is not None else {})
             | {"aggregation_rounds": self._rounds.completed + (self._secure.completed if self._secure else 0)},
             "clients": {str(k): v for k, v in sorted(self._client_metrics.items())},

@@ -69,8 +69,11 @@ class ArchitectureAdapter:
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: object | None = None,
     ) -> torch.Tensor:
         kwargs = {"attention_mask": attention_mask, "position_ids": position_ids}
+        if cache is not None:
+            kwargs |= {"cache": cache, "use_cache": True}
         if position_embeddings is not None:
             kwargs["position_embeddings"] = position_embeddings
         out = block(hidden, **kwargs)

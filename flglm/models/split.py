@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -262,14 +263,25 @@ def run_blocks(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
+    cache: Cache | None = None,
 ) -> torch.Tensor:
-    """Run the given blocks exactly as the full model's decoder loop would."""
+    """Run the given blocks exactly as the full model's decoder loop would.
+
+    With a ``cache`` (generation), the blocks append their keys/values to it and attend to
+    what it already holds; ``attention_mask`` then covers the cached tokens and the new ones.
+    Each side's cache only has entries for its own blocks, so the mask is sized against the
+    first of them (the default, block 0, is empty on the server).
+    """
+    layer_ids = list(layer_ids)
+    if not layer_ids:
+        return hidden
     mask = create_causal_mask(
         config=model.config,
         inputs_embeds=hidden,
         attention_mask=attention_mask,
-        cache=None,
+        cache=cache,
         position_ids=position_ids,
+        layer_idx=layer_ids[0] if cache is not None else None,
     )
     rotary = adapter.get(model, adapter.rotary) if adapter.rotary else None
     position_embeddings = adapter.position_embeddings(rotary, hidden, position_ids)
@@ -281,6 +293,7 @@ def run_blocks(
             attention_mask=mask,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
+            cache=cache,
         )
     return hidden
 
@@ -310,17 +323,21 @@ class ClientBlocks(nn.Module):
         return max_positions_of(self.hf.config)
 
     def input_block(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
     ) -> Crossing:
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         hidden = self.adapter.embed(self.hf, input_ids, position_ids)
-        hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, attention_mask, position_ids)
+        hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, attention_mask, position_ids, cache)
         return Crossing(hidden, attention_mask, position_ids)
 
-    def output_block(self, crossing: Crossing) -> torch.Tensor:
+    def output_block(self, crossing: Crossing, cache: Cache | None = None) -> torch.Tensor:
         hidden = run_blocks(
-            self.hf, self.adapter, self.plan.tail, crossing.hidden, crossing.attention_mask, crossing.position_ids
+            self.hf, self.adapter, self.plan.tail, crossing.hidden, crossing.attention_mask, crossing.position_ids, cache
         )
         hidden = self.adapter.get(self.hf, self.adapter.final_norm)(hidden)
         return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
@@ -342,8 +359,10 @@ class MiddleStack(nn.Module):
     def hidden_size(self) -> int:
         return int(self.hf.config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, attention_mask, position_ids)
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache | None = None
+    ) -> torch.Tensor:
+        return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, attention_mask, position_ids, cache)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return saved_state_dict(self.hf)

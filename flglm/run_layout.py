@@ -1,0 +1,23 @@
+"""Where a run keeps its files: one place, so training, export and generation agree.
+
+Light on purpose (no torch import): command-line front ends check paths before starting jobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def middle_weights_path(run_dir: str | Path) -> Path:
+    """The server's middle stack (all weights, or the adapters of a LoRA run)."""
+    return Path(run_dir) / "server" / "middle.safetensors"
+
+
+def client_weights_path(run_dir: str | Path, client_index: int) -> Path:
+    """Client ``client_index``'s blocks (equal for every client after the final FedAvg)."""
+    return Path(run_dir) / f"client{client_index}" / "client_blocks.safetensors"
+
+
+def tokenizer_dir(run_dir: str | Path) -> Path:
+    """The tokenizer a random-init run trained and saved (client 0 writes it)."""
+    return Path(run_dir) / "tokenizer"

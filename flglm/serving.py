@@ -1,0 +1,118 @@
+"""Generation as a two-process job: the trained model stays split.
+
+The server process holds the trained middle stack (``run_dir/server/middle.safetensors``),
+the client process its trained blocks (``run_dir/client{i}/client_blocks.safetensors``),
+the tokenizer and the prompts. Hidden states cross the same link as in training, encrypted
+under the client's keys, and the server keeps only a per-session key/value cache, so the
+prompts and generated text never leave the client. ``flglm generate`` starts this job with
+torchrun (or runs one of its processes when torchrun started it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed import rpc
+
+from flglm.checkpoint import load_tensors, write_json
+from flglm.client.lm import SplitCausalLM
+from flglm.client.module import SplitClientModule
+from flglm.config import RunConfig, fingerprint
+from flglm.data import load_tokenizer, tokenizer_fingerprint
+from flglm.datasets import build_tokenizer
+from flglm.distributed import DistEnv, rpc_options
+from flglm.federation import endpoint as endpoint_mod
+from flglm.federation.endpoint import ServerEndpoint
+from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.federation.server import MiddleServer
+from flglm.models.split import ClientBlocks, MiddleStack, plan_for, saved_state_dict
+from flglm.roles import Role
+from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
+from flglm.runner import client_session, server_sessions
+
+log = logging.getLogger("flglm")
+
+
+def load_trained(model: nn.Module, path: str | Path) -> None:
+    """Load a side's saved weights (every tensor, or the adapters of a LoRA run) onto ``model``.
+
+    Raises:
+        ValueError: the file holds other tensors than the ones this side saves (another split,
+            another model or another PEFT method), naming some of them.
+    """
+    tensors = load_tensors(path)
+    expected = set(saved_state_dict(model))
+    tied = {n for n in expected - set(tensors) if n.endswith("lm_head.weight")}  # stored once with the embedding
+    if set(tensors) != expected - tied:
+        missing, unexpected = sorted(expected - tied - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(
+            f"{path} does not hold this side's weights: missing {len(missing)} (e.g. {missing[:3]}), "
+            f"unexpected {len(unexpected)} (e.g. {unexpected[:3]}); was it written by a run with the same model, split and peft?"
+        )
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=False)
+
+
+def generation_tokenizer(cfg: RunConfig, run_dir: Path) -> Any:
+    """The tokenizer the run trained with: the one it saved, else the config's."""
+    saved = tokenizer_dir(run_dir)
+    if cfg.model.path is None and cfg.data.tokenizer_path is None and saved.is_dir():
+        return load_tokenizer(saved)
+    return build_tokenizer(cfg, save=False)
+
+
+def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights: Path | None) -> None:
+    """Rank 0: serve the (trained) middle stack to one client until it leaves."""
+    sessions = server_sessions(cfg)
+    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    if weights is not None:
+        load_trained(middle.hf, middle_weights_path(weights))
+    server = MiddleServer(cfg, middle=middle, clients=[client_index], mode="sequential")
+    endpoint_mod.install(ServerEndpoint(server, sessions))
+    rpc.init_rpc("server", rank=env.rank, world_size=env.world_size, rpc_backend_options=rpc_options(num_worker_threads=8, timeout_s=cfg.server.rpc_timeout_s))
+    try:
+        server.wait_until_done(timeout=cfg.server.startup_timeout_s)
+        log.info("generation served: %s", server.summary()["server"])
+    except BaseException:
+        log.exception("the generation server failed")
+        rpc.shutdown(graceful=False)
+        raise
+    finally:
+        server.close()
+    rpc.shutdown()
+
+
+def generate_as_client(
+    cfg: RunConfig, env: DistEnv, role: Role, *, prompts: Sequence[str], weights: Path | None, out: Path
+) -> list[dict[str, Any]]:
+    """Rank 1: generate a continuation of each prompt through the split; write them to ``out`` (JSON lines)."""
+    assert role.client_index is not None
+    session, _ = client_session(cfg, role.client_index)
+    run_dir = Path(cfg.run_dir) if weights is None else weights
+    tokenizer = generation_tokenizer(cfg, run_dir)
+    blocks = ClientBlocks(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    if weights is not None:
+        load_trained(blocks.hf, client_weights_path(weights, role.client_index))
+    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s))
+    try:
+        rref = rpc.remote("server", endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
+        link = ServerLink(rref, client_id=role.client_index, timeout_s=cfg.server.rpc_timeout_s, session=session)
+        if session is not None:
+            link.handshake()
+        info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
+        module = SplitClientModule(SplitCausalLM(blocks, RemoteMiddle(link, server_info=info)), optim=cfg.optim, generation=cfg.generation)
+        results = module.generate_with_ids(prompts, tokenizer)
+        rows = [{"prompt": p, "generated": text, "token_ids": ids} for p, (text, ids) in zip(prompts, results)]
+        write_json(rows, out)
+        link.leave({"prompts": float(len(prompts))})
+    except BaseException:
+        log.exception("the generating client failed")
+        rpc.shutdown(graceful=False)
+        raise
+    rpc.shutdown()
+    return rows

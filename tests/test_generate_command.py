@@ -1,0 +1,79 @@
+"""``flglm generate``: a real two-process job (torchrun, RPC, encryption on) on saved parts.
+
+The run directory is made by hand (saved tokenizer, trained-looking LoRA adapters on both
+sides, keys), so the test needs no training run; the tokens must equal Hugging Face's
+``generate`` on a whole model holding the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flglm.checkpoint import save_tensors
+from flglm.config import load_config
+from flglm.datasets import build_tokenizer
+from flglm.models import ClientBlocks, MiddleStack, build_full_model
+from flglm.models.split import plan_for
+from flglm.run_layout import client_weights_path, middle_weights_path
+from tests.conftest import TINY_MODEL_CONFIGS
+from tests.test_federation import write_config
+
+
+def _perturb_adapters(model: torch.nn.Module, seed: int) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed + len(name))) * 0.3)
+
+
+@pytest.mark.multiprocess
+def test_generate_command_matches_the_whole_model(tmp_path: Path) -> None:
+    model = {**TINY_MODEL_CONFIGS["llama"], "vocab_size": 256, "initializer_range": 0.2}
+    config = write_config(tmp_path, model={"config": model}, peft={"method": "lora", "lora_r": 4})
+    cfg = load_config(config, [f"run_dir={tmp_path / 'run'}", "generation.max_new_tokens=12"])
+    tokenizer = build_tokenizer(cfg, save=True)
+    plan = plan_for(cfg.model, cfg.split)
+    blocks, middle = ClientBlocks(cfg.model, plan, cfg.peft), MiddleStack(cfg.model, plan, cfg.peft)
+    _perturb_adapters(blocks.hf, 1)
+    _perturb_adapters(middle.hf, 2)
+    save_tensors(blocks.hf_state_dict(), client_weights_path(cfg.run_dir, 0))
+    save_tensors(middle.hf_state_dict(), middle_weights_path(cfg.run_dir))
+
+    prompts = ["this movie was great", "bad"]
+    cmd = [sys.executable, "-m", "flglm.cli", "generate", "--config", str(config), "--timeout", "240"]
+    cmd += [arg for p in prompts for arg in ("--prompt", p)]
+    cmd += [f"run_dir={tmp_path / 'run'}", "generation.max_new_tokens=12"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    rows = json.loads((tmp_path / "run" / "generate" / "generations.json").read_text())
+    assert [r["prompt"] for r in rows] == prompts
+
+    full = build_full_model(cfg.model, cfg.peft)
+    full.load_state_dict({**blocks.hf.state_dict(), **middle.hf.state_dict()})
+    full.eval()
+    for prompt, row in zip(prompts, rows):
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
+        reference = full.generate(input_ids=ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+        expected = reference[0, ids.shape[1] :].tolist()
+        assert row["token_ids"] == expected[: len(row["token_ids"])] and len(row["token_ids"]) > 3, (row, expected)
+        assert row["generated"] == tokenizer.decode(row["token_ids"], skip_special_tokens=True)
+    assert f"{prompts[0]}\n  -> {rows[0]['generated']}" in done.stdout
+    server_log = (tmp_path / "run" / "logs" / "generate-server.log").read_text()
+    assert "'decode_sessions_opened': 1" in server_log and "client 0 left" in server_log
+
+
+def test_generate_command_names_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flglm.cli import main
+
+    config = write_config(tmp_path)
+    code = main(["generate", "--config", str(config), "--prompt", "hello", f"run_dir={tmp_path / 'nothing'}"])
+    assert code == 2
+    assert f"no trained weights at {tmp_path / 'nothing' / 'server' / 'middle.safetensors'}" in capsys.readouterr().err
+    assert main(["generate", "--config", str(config), "--base"]) == 2
+    assert "at least one non-empty --prompt" in capsys.readouterr().err
