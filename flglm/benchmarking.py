@@ -84,3 +84,26 @@ def run_centralized_child(script: str | Path, config: str | Path, overrides: lis
         tail = "\n".join(output.read_text(errors="replace").splitlines()[-40:])
         raise SystemExit(f"{prog}: error: the centralized run exited with {proc.returncode}:\n{tail}")
     return json.loads((run_dir / "centralized" / "metrics.json").read_text())["metrics"]
+
+
+def save_pretrained_base(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Turn a finished centralized run (full fine-tuning, no PEFT) into a Hugging Face model
+    directory (config, safetensors, tokenizer) that ``model.path`` can name.
+
+    Parameter-efficient methods adapt features a base model already has; with nothing to
+    download here, a benchmark of them first pretrains its own small base this way."""
+    from flglm.checkpoint import load_tensors
+    from flglm.config import load_config
+    from flglm.data import load_tokenizer
+    from flglm.models import build_full_model
+    from flglm.run_layout import tokenizer_dir
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.peft.method != "none":
+        raise ValueError(f"{run_dir} trained with peft.method={cfg.peft.method}; a base comes from full training")
+    model = build_full_model(cfg.model)
+    model.load_state_dict(load_tensors(run_dir / "centralized" / "model.safetensors"))
+    model.save_pretrained(out_dir)
+    load_tokenizer(tokenizer_dir(run_dir)).save_pretrained(out_dir)
+    return out_dir

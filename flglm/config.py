@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,14 +49,23 @@ class SplitConfig:
 @dataclass(kw_only=True)
 class PeftConfig:
     method: str = "none"
-    """``none`` (train every weight) or ``lora`` (base weights frozen on every side; LoRA adapters,
-    via the ``peft`` library, on the client blocks and on the server's middle stack)."""
+    """``none`` (train every weight), ``lora`` (base weights frozen on every side; LoRA adapters,
+    via the ``peft`` library, on the client blocks and on the server's middle stack) or
+    ``ptuning_v2`` (base weights frozen on every side; a prefix encoder on the client makes
+    learned key/value prefixes for every block, those of the server's blocks cross the link)."""
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``[all-linear]``: every linear layer
     of the blocks (not the LM head)."""
+    prefix_length: int = 16
+    """ptuning_v2: number of learned key/value positions in front of every block's attention."""
+    prefix_projection: bool = False
+    """ptuning_v2: make the prefixes with a two-layer MLP over prefix embeddings (peft's
+    reparameterisation) instead of learning them directly."""
+    prefix_hidden_size: int = 256
+    """ptuning_v2 with ``prefix_projection``: hidden width of that MLP."""
 
 
 @dataclass(kw_only=True)
@@ -162,6 +172,13 @@ class DataConfig:
     """Validation file, evaluated by every client through the split."""
     text_field: str = "sentence"
     label_field: str | None = "label"
+    """Columns of a ``tsv``/``jsonl`` file; ignored for the task formats below, which know theirs."""
+    format: str = "auto"
+    """How the data files are read: ``auto`` (by suffix: ``.tsv`` GLUE-style, ``.jsonl``/``.json``),
+    ``tsv``, ``jsonl``, a SuperGLUE task (``boolq``, ``cb``, ``copa``, ``multirc``, ``record``,
+    ``rte``, ``wic``, ``wsc``: the official JSON lines, each example a prompt ending in
+    ``answer:``; for ``task.kind=classification``) or a summarization set (``cnn_dailymail``,
+    ``xsum``: article -> summary; for ``task.kind=generation``)."""
     partition: str = "iid"
     """How one training file is divided among clients: ``iid``, ``dirichlet`` or ``none`` (each
     client's ``train_path`` is its own file)."""
@@ -171,7 +188,12 @@ class DataConfig:
     """Use only the first N rows of the training file (a stated subset for quick experiments)."""
     max_dev_rows: int | None = None
     max_length: int = 64
-    """Token budget of one example; longer texts are truncated from the end."""
+    """Token budget of one example (prompt words and, for generation, the target included);
+    longer texts are truncated on ``truncation_side``."""
+    truncation_side: str = "auto"
+    """Which end of a too-long text is cut: ``right`` keeps its start, ``left`` keeps its end.
+    ``auto``: ``left`` for SuperGLUE formats (their question and ``answer:``, where the label word
+    is scored, are at the end), ``right`` otherwise (a review's or an article's lead)."""
     batch_size: int = 16
     eval_batch_size: int = 64
     tokenizer_path: str | None = None
@@ -185,11 +207,27 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TaskConfig:
     kind: str = "classification"
-    """``classification`` (prompt + verbalizer) or ``language_modeling``."""
-    prompt: str = "{text} sentiment :"
-    """Prompt template for classification; ``{text}`` is the example's text."""
-    label_words: list[str] = field(default_factory=lambda: ["negative", "positive"])
-    """One word per label; the LM's score of each word after the prompt classifies."""
+    """``classification`` (prompt + verbalizer), ``generation`` (prompt -> target, e.g. article ->
+    summary; loss on the target only, ROUGE/BLEU of generated text at validation) or
+    ``language_modeling``."""
+    prompt: str | None = None
+    """Prompt template of classification and generation; ``{text}`` is the example's text (the
+    source). None: ``{text}`` for SuperGLUE formats (their texts already end in ``answer:``),
+    ``{text} summary :`` for generation, ``{text} sentiment :`` otherwise."""
+    label_words: list[str] | None = None
+    """One word per label; the LM's score of each word after the prompt classifies. None: the
+    SuperGLUE task's words with a SuperGLUE ``data.format`` (e.g. boolq ``[no, yes]``), else
+    ``[negative, positive]``. Set explicitly, a list replaces them (same number of classes)."""
+    max_target_tokens: int = 32
+    """generation: tokens of ``data.max_length`` kept for the target (end-of-text token included;
+    a longer target is cut); the prompt gets the rest. Also caps the tokens generated at validation."""
+    max_eval_generations: int = 32
+    """generation: decode at most this many dev examples per validation for ROUGE/BLEU (decoding
+    is the slow part; the loss covers every dev example). 0: no generation metrics."""
+    factory: str | None = None
+    """A task of your own: ``package.module:function``, called as ``function(cfg, lm, tokenizer)``
+    and returning ``(task module, collate function)`` like :func:`flglm.tasks.build_task`; it
+    replaces the built-in task of ``kind`` (README: "Writing your own task")."""
 
 
 @dataclass(kw_only=True)
@@ -243,12 +281,20 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+# The task formats of ``flglm.data.read_task_file``, listed here so that loading a config does
+# not import the data layer (and transformers); tests/test_tasks.py checks they agree.
+SUPERGLUE_FORMATS: tuple[str, ...] = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
+SUMMARIZATION_FORMATS: tuple[str, ...] = ("cnn_dailymail", "xsum")
+DATA_FORMATS: tuple[str, ...] = ("auto", "tsv", "jsonl", *SUPERGLUE_FORMATS, *SUMMARIZATION_FORMATS)
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd"),
-    "peft.method": ("none", "lora"),
+    "peft.method": ("none", "lora", "ptuning_v2"),
     "optim.scheduler": ("constant", "linear", "cosine"),
     "data.partition": ("iid", "dirichlet", "none"),
-    "task.kind": ("classification", "language_modeling"),
+    "task.kind": ("classification", "generation", "language_modeling"),
+    "data.format": DATA_FORMATS,
+    "data.truncation_side": ("auto", "left", "right"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
     "model.attn_implementation": ("sdpa", "eager"),
     "server.parallelism": ("sequential", "client_batching", "hierarchical", "auto"),
@@ -318,6 +364,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"peft.lora_r must be >= 1, got {cfg.peft.lora_r}")
     if not 0 <= cfg.peft.lora_dropout < 1:
         raise ConfigError(f"peft.lora_dropout must be in [0, 1), got {cfg.peft.lora_dropout}")
+    if cfg.peft.prefix_length < 1 or cfg.peft.prefix_hidden_size < 1:
+        raise ConfigError(
+            f"peft.prefix_length and peft.prefix_hidden_size must be >= 1, got {cfg.peft.prefix_length}, {cfg.peft.prefix_hidden_size}"
+        )
+    if cfg.peft.method == "ptuning_v2" and cfg.server.parallelism == "client_batching":
+        raise ConfigError(
+            "peft.method=ptuning_v2 does not work with server.parallelism=client_batching yet (each client's "
+            "prefixes would have to ride along in the gathered batch); use sequential, hierarchical or auto"
+        )
     if not cfg.peft.target_modules:
         raise ConfigError("peft.target_modules must name at least one module (or [all-linear])")
     if not cfg.server.sync_timeout_s > 0:
@@ -357,10 +412,37 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr must be finite and > 0, got {cfg.optim.lr}")
     if not (cfg.data.alpha > 0 and math.isfinite(cfg.data.alpha)):
         raise ConfigError(f"data.alpha must be finite and > 0, got {cfg.data.alpha}")
-    if cfg.task.kind == "classification" and len(cfg.task.label_words) < 2:
-        raise ConfigError(f"task.label_words needs at least 2 words, got {cfg.task.label_words}")
-    if cfg.task.kind == "classification" and "{text}" not in cfg.task.prompt:
-        raise ConfigError(f"task.prompt must contain '{{text}}', got {cfg.task.prompt!r}")
+    _validate_task(cfg)
+
+
+def _validate_task(cfg: RunConfig) -> None:
+    """The task kind, its prompt and label words, and the data format must fit together."""
+    task, data = cfg.task, cfg.data
+    if task.factory is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", task.factory):
+        raise ConfigError(f"task.factory must look like package.module:function, got {task.factory!r}")
+    if task.kind == "classification" and task.label_words is not None and len(task.label_words) < 2:
+        raise ConfigError(f"task.label_words needs at least 2 words, got {task.label_words}")
+    if task.kind != "language_modeling" and task.prompt is not None and "{text}" not in task.prompt:
+        raise ConfigError(f"task.prompt must contain '{{text}}', got {task.prompt!r}")
+    if data.format in SUPERGLUE_FORMATS and task.kind != "classification":
+        raise ConfigError(f"data.format={data.format} is a classification task; set task.kind=classification, got {task.kind!r}")
+    if data.format in SUMMARIZATION_FORMATS and task.kind != "generation":
+        raise ConfigError(f"data.format={data.format} gives (article, summary) pairs; set task.kind=generation, got {task.kind!r}")
+    if task.kind != "generation":
+        return
+    if data.format not in SUMMARIZATION_FORMATS:
+        raise ConfigError(
+            f"task.kind=generation needs (source, target) pairs: set data.format to one of {list(SUMMARIZATION_FORMATS)}, got {data.format!r}"
+        )
+    if not 1 <= task.max_target_tokens < data.max_length:
+        raise ConfigError(
+            f"task.max_target_tokens must be >= 1 and leave room for the prompt in data.max_length={data.max_length}, "
+            f"got {task.max_target_tokens}"
+        )
+    if task.max_eval_generations < 0:
+        raise ConfigError(f"task.max_eval_generations must be >= 0 (0: none), got {task.max_eval_generations}")
+    if data.partition == "dirichlet":
+        raise ConfigError("data.partition=dirichlet splits by class label; task.kind=generation has none (use iid)")
 
 
 def _validate_sub_servers(cfg: RunConfig) -> None:

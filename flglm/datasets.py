@@ -14,20 +14,69 @@ from transformers import AutoTokenizer
 
 from flglm.config import ConfigError, RunConfig
 from flglm.data import (
+    SUPERGLUE_TASKS,
+    TASK_FORMATS,
     Example,
     check_partition,
     load_tokenizer,
     partition,
     read_examples,
+    read_task_file,
     save_tokenizer,
     train_word_tokenizer,
 )
 from flglm.run_layout import tokenizer_dir
 
+DEFAULT_LABEL_WORDS: tuple[str, ...] = ("negative", "positive")
+"""The label words of a classification task on plain ``tsv``/``jsonl`` data (a sentiment task)."""
+
+
+def task_prompt(cfg: RunConfig) -> str:
+    """``task.prompt``, or when unset the prompt that suits the task kind and the data format.
+
+    SuperGLUE texts are already prompts ending in ``answer:``, so they get none of their own.
+    """
+    if cfg.task.prompt is not None:
+        return cfg.task.prompt
+    if cfg.task.kind == "generation":
+        return "{text} summary :"
+    if cfg.data.format in SUPERGLUE_TASKS:
+        return "{text}"
+    return "{text} sentiment :"
+
+
+def task_label_words(cfg: RunConfig) -> list[str]:
+    """``task.label_words``, or when unset the SuperGLUE task's verbalizer (else negative/positive).
+
+    Raises:
+        ConfigError: explicit words for a SuperGLUE format whose class count they do not match
+            (labels would index past the words).
+    """
+    spec = SUPERGLUE_TASKS.get(cfg.data.format)
+    if cfg.task.label_words is None:
+        return list(spec.label_words) if spec is not None else list(DEFAULT_LABEL_WORDS)
+    if spec is not None and len(cfg.task.label_words) != len(spec.label_words):
+        raise ConfigError(
+            f"task.label_words={cfg.task.label_words} has {len(cfg.task.label_words)} words but data.format="
+            f"{cfg.data.format} has {len(spec.label_words)} classes {list(spec.label_names)}"
+        )
+    return list(cfg.task.label_words)
+
+
+def truncation_side(cfg: RunConfig) -> str:
+    """``left`` (keep a text's end) or ``right`` (keep its start); see ``data.truncation_side``."""
+    if cfg.data.truncation_side != "auto":
+        return cfg.data.truncation_side
+    return "left" if cfg.data.format in SUPERGLUE_TASKS else "right"
+
 
 def _read(cfg: RunConfig, path: str, max_rows: int | None) -> list[Example]:
-    label_field = cfg.data.label_field if cfg.task.kind == "classification" else None
-    examples = read_examples(path, text_field=cfg.data.text_field, label_field=label_field)
+    if cfg.data.format in TASK_FORMATS:
+        # The config allows a task format only with its task kind, which always needs labels.
+        examples = read_task_file(path, cfg.data.format, labelled=True)
+    else:
+        label_field = cfg.data.label_field if cfg.task.kind == "classification" else None
+        examples = read_examples(path, text_field=cfg.data.text_field, label_field=label_field, fmt=cfg.data.format)
     return examples[:max_rows] if max_rows is not None else examples
 
 
@@ -82,7 +131,8 @@ def dev_examples(cfg: RunConfig) -> list[Example] | None:
 def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
     """The federation's tokenizer: the pretrained model's own, a saved one, or a trained one.
 
-    A trained tokenizer is a pure function of the training file, so every process builds the
+    A trained tokenizer is a pure function of the training file (its texts and, for generation,
+    its targets; the prompt and label words always in), so every process builds the
     same one (the server checks its fingerprint at each client's handshake); ``save`` writes
     it to ``run_dir/tokenizer`` so the run can be reused.
     """
@@ -95,8 +145,13 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
             "with data.partition=none each client has its own file, so no shared tokenizer can be "
             "trained: set data.tokenizer_path to a saved tokenizer directory"
         )
-    texts = [e.text for e in all_train_examples(cfg)]
-    required = [cfg.task.prompt.replace("{text}", " "), *cfg.task.label_words]
+    examples = all_train_examples(cfg)
+    texts = [e.text for e in examples] + [e.target for e in examples if e.target is not None]
+    required = [task_prompt(cfg).replace("{text}", " ")]
+    if cfg.task.kind != "generation":
+        # Language modeling too: a base model pretrained on this data may then classify with the
+        # same config's prompt and label words (benchmarks/parity.py does).
+        required.extend(task_label_words(cfg))
     tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
     if save:
         save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))

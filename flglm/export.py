@@ -23,6 +23,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> 
     """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by ``from_pretrained``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.peft.method == "ptuning_v2":
+        raise ValueError(
+            "a P-tuning v2 run's prefixes are not weights of the Hugging Face model, so they cannot be folded "
+            "into an exported directory; generate through the split with `flglm generate` instead"
+        )
     weights = load_tensors(client_weights_path(run_dir, client))
     middle = load_tensors(middle_weights_path(run_dir))
     overlap = set(weights) & set(middle)

@@ -10,7 +10,7 @@ from conftest import TINY_MODEL_CONFIGS
 
 from flglm.config import ConfigError, load_config
 from flglm.data import EmptyPartitionError, write_demo_dataset
-from flglm.datasets import build_tokenizer, check_fits_model, client_train_examples
+from flglm.datasets import build_tokenizer, check_fits_model, client_train_examples, task_prompt
 from flglm.tasks import PromptCollator, PromptError
 
 
@@ -70,7 +70,7 @@ def test_a_label_word_the_tokenizer_does_not_know_is_named(tmp_path: Path) -> No
     tokenizer = build_tokenizer(cfg, save=False)
 
     with pytest.raises(PromptError, match="'zyzzyva'"):
-        PromptCollator(tokenizer, cfg.task.prompt, ["negative", "zyzzyva"], cfg.data.max_length)
+        PromptCollator(tokenizer, task_prompt(cfg), ["negative", "zyzzyva"], cfg.data.max_length)
 
 
 def test_a_split_that_leaves_the_server_nothing_is_refused_before_training(tmp_path: Path) -> None:

@@ -15,15 +15,19 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
 from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.models.prefix import prefilled_cache, prefix_of, with_prefix_mask
 from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of, saved_state_dict
 
 
 @dataclass
 class SplitDecoding:
-    """A generation in progress: the caches of the client's blocks and the server's session."""
+    """A generation in progress: the caches of the client's blocks and the server's session.
 
-    cache: DynamicCache
+    The cache is made at the first step, when the batch size is known (P-tuning prefixes are
+    stored in it for every row)."""
+
     session: int
+    cache: DynamicCache | None = None
     past: int = 0
 
 
@@ -50,12 +54,15 @@ class SplitCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        crossing = self.blocks.input_block(input_ids, attention_mask, position_ids)
+        prefixes = self.blocks.prefixes()  # P-tuning v2; None otherwise
+        cache = self.blocks.prefix_cache(prefixes, input_ids.shape[0])
+        crossing = self.blocks.input_block(input_ids, attention_mask, position_ids, cache)
+        crossing.prefix = self.blocks.server_prefixes(prefixes)
         crossing.hidden = self.middle(crossing)
-        return self.blocks.output_block(crossing)
+        return self.blocks.output_block(crossing, cache)
 
     def open_decoding(self) -> SplitDecoding:
-        return SplitDecoding(DynamicCache(config=self.blocks.hf.config), self.link.open_decoding())
+        return SplitDecoding(self.link.open_decoding())
 
     def decode(
         self, state: SplitDecoding, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -64,7 +71,13 @@ class SplitCausalLM(nn.Module):
 
         The input block and the output block use the client's cache, the middle stack the
         server's cache of this session, so only the new tokens' hidden states cross the link."""
+        server_prefixes = None
+        if state.cache is None:
+            prefixes = self.blocks.prefixes()
+            state.cache = self.blocks.prefix_cache(prefixes, input_ids.shape[0]) or DynamicCache(config=self.hf_config)
+            server_prefixes = self.blocks.server_prefixes(prefixes)  # sent once, with the prompt
         crossing = self.blocks.input_block(input_ids, attention_mask, position_ids, cache=state.cache)
+        crossing.prefix = server_prefixes
         crossing.hidden = self.link.decode(state.session, state.past, crossing)
         logits = self.blocks.output_block(crossing, cache=state.cache)
         state.past += input_ids.shape[1]
@@ -110,20 +123,37 @@ class FullCausalLM(nn.Module):
     ) -> torch.Tensor:
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        cache = self._prefix_cache(input_ids.shape[0])
+        if cache is None:
+            return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        mask = with_prefix_mask(attention_mask, self._prefix_length)
+        return self.hf(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache).logits
 
-    def open_decoding(self) -> DynamicCache:
-        return DynamicCache(config=self.hf.config)
+    @property
+    def _prefix_length(self) -> int:
+        prefix = prefix_of(self.hf)
+        return prefix.prefix_length if prefix is not None else 0
+
+    def _prefix_cache(self, batch: int) -> DynamicCache | None:
+        """P-tuning v2: every block's prefix in a cache, as peft feeds prefixes to a whole model."""
+        prefix = prefix_of(self.hf)
+        if prefix is None:
+            return None
+        return prefilled_cache(self.hf.config, prefix(), list(range(prefix.num_layers)), batch)
+
+    def open_decoding(self) -> list[DynamicCache]:
+        return []  # filled at the first step, when the batch size is known
 
     def decode(
-        self, state: DynamicCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+        self, state: list[DynamicCache], input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        return self.hf(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=state, use_cache=True
-        ).logits
+        if not state:
+            state.append(self._prefix_cache(input_ids.shape[0]) or DynamicCache(config=self.hf.config))
+        mask = with_prefix_mask(attention_mask, self._prefix_length) if self._prefix_length else attention_mask
+        return self.hf(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=state[0], use_cache=True).logits
 
-    def close_decoding(self, state: DynamicCache) -> None:
-        return None
+    def close_decoding(self, state: list[DynamicCache]) -> None:
+        state.clear()
 
     def client_state_dict(self) -> dict[str, torch.Tensor]:
         return saved_state_dict(self.hf)

@@ -28,6 +28,9 @@ class DecodeSession:
     cache: DynamicCache
     batch: int
     length: int = 0
+    """Tokens cached per row (not counting a P-tuning prefix)."""
+    prefix_length: int = 0
+    """Positions of the cache a P-tuning v2 prefix takes (in front of the tokens)."""
     last_used: float = field(default_factory=time.monotonic)
 
 

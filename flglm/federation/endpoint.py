@@ -137,20 +137,20 @@ class ServerEndpoint:
         return [P.json_tensor(info)]
 
     def _forward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "forward")
+        (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "forward")
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return _then(self.server.forward(header, hidden, mask, pos), lambda out: [out])
+        return _then(self.server.forward(header, hidden, mask, pos, prefix), lambda out: [out])
 
     def _infer(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "infer")
+        (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "infer")
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return [self.server.infer(header, hidden, mask, pos)]
+        return [self.server.infer(header, hidden, mask, pos, prefix)]
 
     def _decode(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        hidden, mask, pos, ctrl = P.expect_tensors(tensors, 4, f"client {client_id}", "decode")
+        (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "decode")
         autocast, past = P.parse_decode_control(ctrl, f"client {client_id}")
         header = RequestHeader(client_id, step, autocast)
-        return [self.server.decode(header, round_index, past, hidden, mask, pos)]
+        return [self.server.decode(header, round_index, past, hidden, mask, pos, prefix)]
 
     def _decode_end(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "decode_end")
@@ -159,7 +159,7 @@ class ServerEndpoint:
 
     def _backward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (grad,) = P.expect_tensors(tensors, 1, f"client {client_id}", "backward")
-        return _then(self.server.backward(RequestHeader(client_id, step), grad), lambda grad_in: [grad_in])
+        return _then(self.server.backward(RequestHeader(client_id, step), grad), lambda grads: list(grads) if isinstance(grads, tuple) else [grads])
 
     def _grad_norms(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "grad_norms")

@@ -101,6 +101,24 @@ def check_forward(
         raise InvalidMessageError(f"{who}: hidden states contain NaN or Inf")
 
 
+MAX_PREFIX_LENGTH = 4096
+
+
+def check_prefix(header: RequestHeader, prefix: object, *, layers: int, kv_heads: int, head_dim: int) -> None:
+    """P-tuning v2 prefixes of the server's blocks: ``[layers, 2, kv_heads, length, head_dim]``, finite."""
+    who = header.describe()
+    if not isinstance(prefix, torch.Tensor) or prefix.dtype not in FLOAT_DTYPES or prefix.dim() != 5:
+        got = f"{prefix.dtype} {_shape(prefix)}" if isinstance(prefix, torch.Tensor) else type(prefix).__name__
+        raise InvalidMessageError(f"{who}: prefixes must be a float tensor [layers, 2, kv_heads, length, head_dim], got {got}")
+    layers_, two, heads, length, dim = prefix.shape
+    if (layers_, two, heads, dim) != (layers, 2, kv_heads, head_dim) or not 1 <= length <= MAX_PREFIX_LENGTH:
+        raise InvalidMessageError(
+            f"{who}: prefixes must have shape [{layers}, 2, {kv_heads}, 1..{MAX_PREFIX_LENGTH}, {head_dim}], got {_shape(prefix)}"
+        )
+    if not torch.isfinite(prefix).all():
+        raise InvalidMessageError(f"{who}: prefixes contain NaN or Inf")
+
+
 def check_gradient(header: RequestHeader, grad: object, expected: torch.Tensor) -> None:
     """A gradient must match the output it is the gradient of."""
     who = header.describe()

@@ -11,12 +11,14 @@ pickled.
 kind        request tensors (round, step)              reply kind   reply tensors
 ==========  =========================================  ===========  ==========================
 join        [json fingerprints]                        welcome      [json server facts]
-forward     [hidden, mask, positions, ctrl] (step=id)  output       [hidden]
-infer       [hidden, mask, positions, ctrl] (step=id)  output       [hidden]
-decode      [hidden, mask, positions, ctrl2]           output       [hidden]
-            (round=session, step=id; mask covers cached + new tokens; ctrl2: autocast, cached)
+forward     [hidden, mask, positions, ctrl(, prefix)]  output       [hidden]
+            (step=id; prefix: P-tuning v2 key/values of the server's blocks)
+infer       [hidden, mask, positions, ctrl(, prefix)]  output       [hidden]
+decode      [hidden, mask, positions, ctrl2(, prefix)] output       [hidden]
+            (round=session, step=id; mask covers cached + new tokens; ctrl2: autocast, cached;
+            prefix with a session's first step only)
 decode_end  [] (round=session)                         ack          []
-backward    [grad of output] (step=id)                 grad_in      [grad of input]
+backward    [grad of output] (step=id)                 grad_in      [grad of input(, grad of prefix)]
 grad_norms  []                                         norms        [per-parameter norms]
 step        [ctrl float64: step, total, scale, clip]   ack          []
 agg_begin   [] (round)                                 agg_plan     [int64: attempt, ids...]
@@ -117,6 +119,13 @@ def parse_step_control(ctrl: object, who: str) -> tuple[int, int, float, float |
     if not math.isnan(clip) and not (math.isfinite(clip) and clip > 0):
         raise InvalidMessageError(f"{who}: clip value must be > 0 (or NaN for none), got {clip}")
     return int(step), int(total), scale, None if math.isnan(clip) else clip
+
+
+def crossing_tensors(tensors: object, who: str, kind: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A crossing's [hidden, mask, positions, ctrl] and the optional P-tuning prefixes after them."""
+    count = len(tensors) if isinstance(tensors, (list, tuple)) else 0
+    values = expect_tensors(tensors, 5 if count == 5 else 4, who, kind)
+    return values[:4], (values[4] if len(values) == 5 else None)
 
 
 def expect_tensors(tensors: object, count: int, who: str, kind: str) -> list[torch.Tensor]:

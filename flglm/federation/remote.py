@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.rpc import PyRRef
 
 from flglm.crypto.sessions import ClientSession
-from flglm.federation.messages import RequestHeader, nbytes, wire
+from flglm.federation.messages import InvalidMessageError, RequestHeader, nbytes, wire
 from flglm.federation.protocol import (
     REPLY_KIND,
     autocast_code,
@@ -105,7 +105,8 @@ class ServerLink:
         return json_value(info, "the server's welcome")
 
     def _crossing(self, header: RequestHeader, crossing: Crossing) -> list[torch.Tensor]:
-        return [crossing.hidden, crossing.attention_mask, crossing.position_ids, autocast_code(header.autocast)]
+        tensors = [crossing.hidden, crossing.attention_mask, crossing.position_ids, autocast_code(header.autocast)]
+        return tensors if crossing.prefix is None else [*tensors, crossing.prefix]
 
     def forward(self, header: RequestHeader, crossing: Crossing) -> torch.Tensor:
         (out,) = self.exchange("forward", self._crossing(header, crossing), step=header.request_id)
@@ -124,15 +125,20 @@ class ServerLink:
         """The middle stack's output for new tokens of a decoding session that has ``past`` cached tokens."""
         header = self.header()
         tensors = [crossing.hidden, crossing.attention_mask, crossing.position_ids, decode_control(header.autocast, past)]
+        if crossing.prefix is not None:
+            tensors.append(crossing.prefix)
         (out,) = self.exchange("decode", tensors, round_index=session, step=header.request_id)
         return out
 
     def end_decoding(self, session: int) -> None:
         self.exchange("decode_end", [], round_index=session)
 
-    def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
-        (grad_in,) = self.exchange("backward", [grad], step=header.request_id)
-        return grad_in
+    def backward(self, header: RequestHeader, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradient of the hidden states sent, and of the prefixes sent with them (P-tuning v2)."""
+        reply = self.exchange("backward", [grad], step=header.request_id)
+        if len(reply) not in (1, 2):
+            raise InvalidMessageError(f"a backward answer carries 1 or 2 tensors, got {len(reply)}")
+        return reply[0], (reply[1] if len(reply) == 2 else None)
 
     def grad_norms(self) -> torch.Tensor:
         (norms,) = self.exchange("grad_norms", [])
@@ -170,15 +176,17 @@ class _MiddleCall(torch.autograd.Function):
     receive the gradient of the hidden states. The server keeps the graph in between."""
 
     @staticmethod
-    def forward(ctx, hidden, anchor, link, mask, pos):  # type: ignore[override]
+    def forward(ctx, hidden, anchor, prefix, link, mask, pos):  # type: ignore[override]
         header = link.header()
-        ctx.link, ctx.header = link, header
-        return link.forward(header, Crossing(hidden, mask, pos))
+        ctx.link, ctx.header, ctx.has_prefix = link, header, prefix is not None
+        return link.forward(header, Crossing(hidden, mask, pos, prefix))
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        grad_input = ctx.link.backward(ctx.header, grad_output.contiguous())
-        return grad_input, None, None, None, None
+        grad_input, grad_prefix = ctx.link.backward(ctx.header, grad_output.contiguous())
+        if ctx.has_prefix and grad_prefix is None:
+            raise InvalidMessageError("the server sent no gradient for the prefixes it was given")
+        return grad_input, None, grad_prefix if ctx.has_prefix else None, None, None, None
 
 
 class RemoteMiddle(nn.Module):
@@ -194,7 +202,10 @@ class RemoteMiddle(nn.Module):
         self._anchor = torch.zeros((), requires_grad=True)
 
     def forward(self, crossing: Crossing) -> torch.Tensor:
-        training = torch.is_grad_enabled() and (crossing.hidden.requires_grad or self.server_trainable)
+        prefix_trains = crossing.prefix is not None and crossing.prefix.requires_grad
+        training = torch.is_grad_enabled() and (crossing.hidden.requires_grad or prefix_trains or self.server_trainable)
         if not training:
             return self.link.infer(crossing)
-        return _MiddleCall.apply(crossing.hidden, self._anchor, self.link, crossing.attention_mask, crossing.position_ids)
+        return _MiddleCall.apply(
+            crossing.hidden, self._anchor, crossing.prefix, self.link, crossing.attention_mask, crossing.position_ids
+        )

@@ -35,11 +35,13 @@ from flglm.federation.messages import (
     check_forward,
     check_gradient,
     check_header,
+    check_prefix,
     nbytes,
     wire,
 )
 from flglm.federation.protocol import plain_result_tensors, plan_tensor, result_tensors
 from flglm.federation.secure_rounds import SecureRounds
+from flglm.models.prefix import kv_shape
 from flglm.models.split import MiddleStack, max_positions_of, plan_for
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
 
@@ -54,6 +56,8 @@ class _Pending:
     inputs: torch.Tensor
     outputs: torch.Tensor
     created: float
+    prefix: torch.Tensor | None = None
+    """P-tuning v2: the prefixes the client sent (their gradient goes back with the inputs')."""
 
 
 @dataclass
@@ -239,9 +243,14 @@ class MiddleServer:
                 self._turn.notify_all()
 
     # ------------------------------------------------------------ forward/backward
-    def _check(self, header: object, hidden: object, mask: object, pos: object, *, past: int = 0) -> RequestHeader:
+    def _check(
+        self, header: object, hidden: object, mask: object, pos: object, *, past: int = 0, prefix: object = None
+    ) -> RequestHeader:
         try:
             header = check_header(header)
+            if prefix is not None:
+                kv_heads, head_dim = kv_shape(self.middle.hf.config)
+                check_prefix(header, prefix, layers=len(self.middle.plan.middle), kv_heads=kv_heads, head_dim=head_dim)
             check_forward(
                 header,
                 hidden,
@@ -291,24 +300,42 @@ class MiddleServer:
             self._zero_grads()
 
     def _run(
-        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any = None
+        self,
+        header: RequestHeader,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        cache: Any = None,
+        prefix: torch.Tensor | None = None,
+        prefix_length: int = 0,
     ) -> torch.Tensor:
+        """The middle stack; ``prefix`` (P-tuning v2) goes into a fresh cache in front of the
+        tokens, ``prefix_length`` says how many positions of ``cache`` a decoding session's prefix took."""
+        if prefix is not None:
+            cache = self.middle.prefix_cache(prefix, hidden.shape[0]) if cache is None else cache
+            prefix_length = prefix.shape[-2]
         dtype = AUTOCAST_DTYPES[header.autocast]
         ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
         with ctx:
-            return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1), cache)
+            return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1), cache, prefix_length)
 
-    def forward(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | Future:
+    def forward(
+        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor | Future:
         """Training forward: keeps the autograd state until the matching ``backward``.
 
         With client-batching the answer is a future, resolved when the client's group has run."""
-        header = self._check(header, hidden, mask, pos)
+        header = self._check(header, hidden, mask, pos, prefix=prefix)
         if self._batcher is not None:
+            if prefix is not None:
+                raise InvalidMessageError(f"{header.describe()}: client batching does not carry P-tuning prefixes")
             return self._batcher.forward(header, hidden, mask, pos)
         self._acquire_turn(header.client_id)
-        return self._compute(self._forward_now, header, hidden, mask, pos)
+        return self._compute(self._forward_now, header, hidden, mask, pos, prefix)
 
-    def _forward_now(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _forward_now(
+        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
         with self._lock:
             self._sweep()
             key = (header.client_id, header.request_id)
@@ -318,9 +345,10 @@ class MiddleServer:
             self._evict_over_limit(header.client_id)
             self.middle.train()
             inputs = hidden.detach().requires_grad_(hidden.is_floating_point())
+            prefix_in = prefix.detach().requires_grad_() if prefix is not None else None
             with torch.enable_grad():
-                outputs = self._run(header, inputs, mask, pos)
-            self._pending[key] = _Pending(inputs, outputs, time.monotonic())
+                outputs = self._run(header, inputs, mask, pos, prefix=prefix_in)
+            self._pending[key] = _Pending(inputs, outputs, time.monotonic(), prefix_in)
             if self.sync is not None:
                 self.sync.add_samples(hidden.shape[0])
             self.stats.forwards += 1
@@ -329,15 +357,19 @@ class MiddleServer:
             self.stats.bytes_out += nbytes(result)
             return result
 
-    def infer(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def infer(
+        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Evaluation forward: no_grad, nothing kept."""
-        header = self._check(header, hidden, mask, pos)
-        return self._compute(self._infer_now, header, hidden, mask, pos)
+        header = self._check(header, hidden, mask, pos, prefix=prefix)
+        return self._compute(self._infer_now, header, hidden, mask, pos, prefix)
 
-    def _infer_now(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _infer_now(
+        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
         with self._lock, torch.no_grad():
             self.middle.eval()
-            outputs = self._run(header, hidden, mask, pos)
+            outputs = self._run(header, hidden, mask, pos, prefix=prefix)
             self.stats.inferences += 1
             self.stats.bytes_in += nbytes(hidden, mask, pos)
             result = wire(outputs.to(hidden.dtype))
@@ -346,29 +378,49 @@ class MiddleServer:
 
     # ------------------------------------------------------------------ generation
     def decode(
-        self, header: RequestHeader, session: int, past: int, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+        self,
+        header: RequestHeader,
+        session: int,
+        past: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        prefix: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One generation step of a decoding session: the middle stack on the new tokens' hidden
         states, attending to the ``past`` tokens its cache holds for the session (no_grad).
 
         ``mask`` covers the cached and the new tokens. Like ``infer`` it needs no turn: it
-        changes no weights and keeps no autograd state.
+        changes no weights and keeps no autograd state. P-tuning v2: the first step (``past``
+        0) carries the prefixes, which the session's cache keeps.
         """
-        header = self._check(header, hidden, mask, pos, past=past)
-        return self._compute(self._decode_now, header, session, past, hidden, mask, pos)
+        header = self._check(header, hidden, mask, pos, past=past, prefix=prefix)
+        return self._compute(self._decode_now, header, session, past, hidden, mask, pos, prefix)
 
     def _decode_now(
-        self, header: RequestHeader, session: int, past: int, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+        self,
+        header: RequestHeader,
+        session: int,
+        past: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        prefix: torch.Tensor | None,
     ) -> torch.Tensor:
         with self._lock, torch.no_grad():
             try:
                 entry = self._decoding.session_for(header.client_id, session, past=past, batch=hidden.shape[0])
+                if prefix is not None and past != 0:
+                    raise InvalidMessageError(f"{header.describe()}: prefixes come with a session's first step only")
             except InvalidMessageError:
                 self.stats.rejected += 1
                 raise
             self.middle.eval()
             try:
-                outputs = self._run(header, hidden, mask, pos, cache=entry.cache)
+                if prefix is not None:
+                    entry.cache = self.middle.prefix_cache(prefix, hidden.shape[0])
+                    entry.prefix_length = prefix.shape[-2]
+                outputs = self._run(header, hidden, mask, pos, cache=entry.cache, prefix_length=entry.prefix_length)
             except BaseException:
                 self._decoding.end(header.client_id, session)  # a half-updated cache is useless
                 raise
@@ -388,8 +440,9 @@ class MiddleServer:
         with self._lock:
             return len(self._decoding)
 
-    def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor | Future:
-        """Backpropagate ``grad`` (d loss / d outputs) and return d loss / d inputs."""
+    def backward(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Future:
+        """Backpropagate ``grad`` (d loss / d outputs) and return d loss / d inputs (and, with
+        P-tuning v2, d loss / d prefixes)."""
         try:
             header = check_header(header)
         except InvalidMessageError:
@@ -399,7 +452,7 @@ class MiddleServer:
             return self._batcher.backward(header, grad)
         return self._compute(self._backward_now, header, grad)
 
-    def _backward_now(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor:
+    def _backward_now(self, header: RequestHeader, grad: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
             key = (header.client_id, header.request_id)
             pending = self._pending.get(key)
@@ -422,7 +475,12 @@ class MiddleServer:
                 grad_in = torch.zeros_like(pending.inputs)
             result = wire(grad_in)
             self.stats.bytes_out += nbytes(result)
-            return result
+            if pending.prefix is None:
+                return result
+            grad_prefix = pending.prefix.grad if pending.prefix.grad is not None else torch.zeros_like(pending.prefix)
+            grad_prefix = wire(grad_prefix)
+            self.stats.bytes_out += nbytes(grad_prefix)
+            return result, grad_prefix
 
     # ------------------------------------------------------------------ optimizer
     def grad_norms(self, client_id: int) -> torch.Tensor:

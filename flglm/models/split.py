@@ -31,6 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from flglm.config import ModelConfig, PeftConfig, SplitConfig
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
 from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
+from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefix_of, with_prefix_mask
 
 Side = Literal["client", "server", "full"]
 
@@ -219,7 +220,9 @@ def load_local(model: nn.Module, path: str | Path) -> None:
 
 def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_cfg: PeftConfig | None = None) -> nn.Module:
     """Build, allocate and fill the modules of ``side`` (``plan`` may be None for ``full``);
-    with ``peft_cfg.method=lora``, add frozen-base LoRA adapters (:mod:`flglm.models.lora`)."""
+    with ``peft_cfg.method=lora``, add frozen-base LoRA adapters (:mod:`flglm.models.lora`);
+    with ``ptuning_v2``, freeze every weight and give the client (and the whole model) the
+    prefix encoder (:mod:`flglm.models.prefix`) as submodule ``prefix_encoder``."""
     config = load_hf_config(model_cfg)
     model = build_skeleton(config, model_cfg.attn_implementation)
     adapter = adapter_for(type(model).__name__)
@@ -242,18 +245,27 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_
         init_random(model, seed=model_cfg.init_seed)
     if lora:
         model = inject_lora(model, peft_cfg, seed=model_cfg.init_seed)
+    ptuning = peft_cfg is not None and peft_cfg.method == "ptuning_v2"
+    if ptuning:
+        model.requires_grad_(False)
+        prefix = PrefixKV(config, peft_cfg, seed=model_cfg.init_seed)
+        full_order += [f"{PREFIX_MODULE}.{name}" for name, _ in prefix.named_parameters()]
+        if side != "server":
+            setattr(model, PREFIX_MODULE, prefix)
     model.flglm_full_parameter_order = full_order
-    model.flglm_adapters_only = lora
+    model.flglm_adapters_only = lora or ptuning
     return model
 
 
 @dataclass
 class Crossing:
-    """What crosses the link with the hidden states: the padding mask and the position ids."""
+    """What crosses the link with the hidden states: the padding mask, the position ids and,
+    with P-tuning v2, the key/value prefixes of the server's blocks."""
 
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    prefix: torch.Tensor | None = None
 
 
 def run_blocks(
@@ -322,6 +334,31 @@ class ClientBlocks(nn.Module):
     def max_positions(self) -> int | None:
         return max_positions_of(self.hf.config)
 
+    @property
+    def prefix_length(self) -> int:
+        prefix = prefix_of(self.hf)
+        return prefix.prefix_length if prefix is not None else 0
+
+    def prefixes(self) -> torch.Tensor | None:
+        """Every block's key/value prefix (P-tuning v2), or None."""
+        prefix = prefix_of(self.hf)
+        return prefix() if prefix is not None else None
+
+    def prefix_cache(self, prefixes: torch.Tensor | None, batch: int) -> Cache | None:
+        """A cache holding the client blocks' prefixes for ``batch`` rows (None without prefixes)."""
+        if prefixes is None:
+            return None
+        layers = self.plan.layers_of("client")
+        return prefilled_cache(self.hf.config, prefixes[layers], layers, batch)
+
+    def server_prefixes(self, prefixes: torch.Tensor | None) -> torch.Tensor | None:
+        """The part of the prefixes that crosses the link: the server's blocks'."""
+        return None if prefixes is None else prefixes[list(self.plan.middle)]
+
+    def _block_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = self.prefix_length
+        return with_prefix_mask(attention_mask, length) if length else attention_mask
+
     def input_block(
         self,
         input_ids: torch.Tensor,
@@ -332,12 +369,12 @@ class ClientBlocks(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         hidden = self.adapter.embed(self.hf, input_ids, position_ids)
-        hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, attention_mask, position_ids, cache)
+        hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, self._block_mask(attention_mask), position_ids, cache)
         return Crossing(hidden, attention_mask, position_ids)
 
     def output_block(self, crossing: Crossing, cache: Cache | None = None) -> torch.Tensor:
         hidden = run_blocks(
-            self.hf, self.adapter, self.plan.tail, crossing.hidden, crossing.attention_mask, crossing.position_ids, cache
+            self.hf, self.adapter, self.plan.tail, crossing.hidden, self._block_mask(crossing.attention_mask), crossing.position_ids, cache
         )
         hidden = self.adapter.get(self.hf, self.adapter.final_norm)(hidden)
         return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
@@ -360,9 +397,22 @@ class MiddleStack(nn.Module):
         return int(self.hf.config.hidden_size)
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+        prefix_length: int = 0,
     ) -> torch.Tensor:
+        """``cache`` holds the blocks' P-tuning prefixes (``prefix_length`` positions, which the
+        mask gains in front) and, when decoding, the tokens seen so far."""
+        if prefix_length:
+            attention_mask = with_prefix_mask(attention_mask, prefix_length)
         return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, attention_mask, position_ids, cache)
+
+    def prefix_cache(self, prefixes: torch.Tensor, batch: int) -> Cache:
+        """A cache holding the prefixes a client sent for the middle blocks, for ``batch`` rows."""
+        return prefilled_cache(self.hf.config, prefixes, list(self.plan.middle), batch)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return saved_state_dict(self.hf)

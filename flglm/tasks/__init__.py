@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -9,24 +10,62 @@ from torch import nn
 
 from flglm.client.module import SplitClientModule
 from flglm.config import RunConfig
+from flglm.datasets import task_label_words, task_prompt, truncation_side
 from flglm.tasks.classification import ClassificationTask, PromptCollator, PromptError
+from flglm.tasks.generation import GenerationTask, Seq2SeqCollator
 from flglm.tasks.language_modeling import LanguageModelingTask, TextCollator
 
 __all__ = [
     "ClassificationTask",
+    "GenerationTask",
     "LanguageModelingTask",
     "PromptCollator",
     "PromptError",
+    "Seq2SeqCollator",
     "TextCollator",
     "build_task",
 ]
 
 
 def build_task(cfg: RunConfig, lm: nn.Module, tokenizer: Any) -> tuple[SplitClientModule, Callable]:
-    """The task module for ``cfg.task.kind`` and the collate function that feeds it."""
-    if cfg.task.kind == "classification":
-        collate = PromptCollator(tokenizer, cfg.task.prompt, cfg.task.label_words, cfg.data.max_length)
-        return ClassificationTask(lm, optim=cfg.optim, label_token_ids=collate.label_token_ids), collate
-    if cfg.task.kind == "language_modeling":
-        return LanguageModelingTask(lm, optim=cfg.optim), TextCollator(tokenizer, cfg.data.max_length)
-    raise ValueError(f"task.kind={cfg.task.kind!r} is not one of ['classification', 'language_modeling']")
+    """The task module for ``cfg.task.kind`` and the collate function that feeds it.
+
+    Every task gets the run's ``generation`` settings, so ``generate()`` on any of them decodes
+    as configured.
+    """
+    if cfg.task.factory is not None:
+        return _own_task(cfg.task.factory)(cfg, lm, tokenizer)
+    kind = cfg.task.kind
+    if kind == "classification":
+        collate = PromptCollator(tokenizer, task_prompt(cfg), task_label_words(cfg), cfg.data.max_length, truncation_side(cfg))
+        task = ClassificationTask(lm, optim=cfg.optim, generation=cfg.generation, label_token_ids=collate.label_token_ids)
+        return task, collate
+    if kind == "generation":
+        seq2seq = Seq2SeqCollator(tokenizer, task_prompt(cfg), cfg.data.max_length, cfg.task.max_target_tokens, truncation_side(cfg))
+        # Validation never generates past the target budget: prompt + output then fit data.max_length,
+        # which check_fits_model holds to the model's positions.
+        generation = GenerationTask(
+            lm,
+            optim=cfg.optim,
+            generation=cfg.generation,
+            tokenizer=tokenizer,
+            max_new_tokens=min(cfg.generation.max_new_tokens, cfg.task.max_target_tokens),
+            max_eval_generations=cfg.task.max_eval_generations,
+        )
+        return generation, seq2seq
+    if kind == "language_modeling":
+        return LanguageModelingTask(lm, optim=cfg.optim, generation=cfg.generation), TextCollator(tokenizer, cfg.data.max_length)
+    raise ValueError(f"task.kind={kind!r} is not one of ['classification', 'generation', 'language_modeling']")
+
+
+def _own_task(factory: str) -> Callable[[RunConfig, nn.Module, Any], tuple[SplitClientModule, Callable]]:
+    """Import ``package.module:function`` (``task.factory``), naming what is missing if it fails."""
+    module_name, _, function = factory.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"task.factory={factory!r}: cannot import {module_name!r} ({err}); is it on PYTHONPATH?") from None
+    built = getattr(module, function, None)
+    if not callable(built):
+        raise ValueError(f"task.factory={factory!r}: {module_name} has no function {function!r}")
+    return built

@@ -2,7 +2,9 @@
 
 The text is wrapped in a prompt (``"{text} sentiment :"``) and the LM scores one label word
 per class at the prompt's last position; the loss is cross-entropy over those label words'
-logits and the prediction is the best-scoring word.
+logits and the prediction is the best-scoring word. A text too long for ``max_length`` is cut
+on one side: SuperGLUE texts end with the question and ``answer:``, right where the label word
+is scored, so for them the start of the passage goes (``truncation_side="left"``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from flglm.client.module import SplitClientModule
-from flglm.config import OptimConfig
+from flglm.config import GenerationConfig, OptimConfig
 from flglm.data.readers import Example
 
 
@@ -27,14 +29,20 @@ class PromptError(ValueError):
 
 @dataclass
 class PromptCollator:
-    """Tokenizes examples into ``prefix + text + suffix`` with the text truncated to fit."""
+    """Tokenizes examples into ``prefix + text + suffix`` with the text truncated to fit.
+
+    ``truncation_side``: ``right`` keeps the start of a long text, ``left`` keeps its end.
+    """
 
     tokenizer: Any
     prompt: str
     label_words: Sequence[str]
     max_length: int
+    truncation_side: str = "right"
 
     def __post_init__(self) -> None:
+        if self.truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
         prefix, _, suffix = self.prompt.partition("{text}")
         self._prefix = self._ids(prefix)
         self._suffix = self._ids(suffix)
@@ -55,7 +63,7 @@ class PromptCollator:
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         texts = self.tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"]
-        rows = [self._bos + self._prefix + list(ids[: self._budget]) + self._suffix for ids in texts]
+        rows = [self._bos + self._prefix + truncate(ids, self._budget, self.truncation_side) + self._suffix for ids in texts]
         length = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -67,11 +75,26 @@ class PromptCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def truncate(ids: Sequence[int], budget: int, side: str) -> list[int]:
+    """At most ``budget`` of ``ids``: the first ones (``side="right"``) or the last (``"left"``)."""
+    ids = list(ids)
+    if len(ids) <= budget:
+        return ids
+    return ids[len(ids) - budget :] if side == "left" else ids[:budget]
+
+
 class ClassificationTask(SplitClientModule):
     """Prompt + verbalizer classification with accuracy and macro-F1 (torchmetrics)."""
 
-    def __init__(self, lm: nn.Module, *, optim: OptimConfig, label_token_ids: Sequence[int]) -> None:
-        super().__init__(lm, optim=optim)
+    def __init__(
+        self,
+        lm: nn.Module,
+        *,
+        optim: OptimConfig,
+        label_token_ids: Sequence[int],
+        generation: GenerationConfig | None = None,
+    ) -> None:
+        super().__init__(lm, optim=optim, generation=generation)
         self.register_buffer("label_token_ids", torch.tensor(list(label_token_ids), dtype=torch.long), persistent=False)
         num_classes = len(label_token_ids)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

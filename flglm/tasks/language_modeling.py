@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.text import Perplexity
 
 from flglm.client.module import SplitClientModule
-from flglm.config import OptimConfig
+from flglm.config import GenerationConfig, OptimConfig
 from flglm.data.readers import Example
 
 
@@ -37,8 +37,8 @@ class TextCollator:
 class LanguageModelingTask(SplitClientModule):
     """Causal LM loss on every non-padding next token; validation perplexity."""
 
-    def __init__(self, lm: nn.Module, *, optim: OptimConfig) -> None:
-        super().__init__(lm, optim=optim)
+    def __init__(self, lm: nn.Module, *, optim: OptimConfig, generation: GenerationConfig | None = None) -> None:
+        super().__init__(lm, optim=optim, generation=generation)
         self.val_ppl = Perplexity(ignore_index=-100)
 
     @staticmethod
