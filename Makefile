@@ -25,3 +25,6 @@ bench: install
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2 --run-dir runs/parity-hierarchical
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --run-dir runs/parity-lora peft.method=lora
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --pretrain-base --run-dir runs/parity-lora-base peft.method=lora optim.lr=0.005
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --base runs/parity-lora-base/base --run-dir runs/parity-lora-base4 peft.method=lora optim.lr=0.005 trainer.max_epochs=4
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --base runs/parity-lora-base/base --run-dir runs/parity-ptuning peft.method=ptuning_v2 optim.lr=0.01

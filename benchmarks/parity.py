@@ -102,8 +102,6 @@ def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Pa
 def _pretrain_base(config: Path, data: Path, root: Path, *, rows: int, timeout_s: float) -> Path:
     """Pretrain the config's model as a causal LM on the training sentences (centralized, full
     training), save it as ``root/base``, and return a copy of the config that starts from it."""
-    from omegaconf import OmegaConf
-
     from flglm.benchmarking import save_pretrained_base
 
     run_dir = root / "pretrain"
@@ -121,9 +119,19 @@ def _pretrain_base(config: Path, data: Path, root: Path, *, rows: int, timeout_s
     metrics = run_centralized_child(__file__, config, overrides, run_dir, timeout_s=timeout_s, prog="parity")
     base = save_pretrained_base(run_dir, root / "base")
     print(f"[parity] base pretrained: train loss {metrics.get('train_loss', float('nan')):.3f}, saved in {base}", file=sys.stderr, flush=True)
+    return _from_base(config, base, root)
+
+
+def _from_base(config: Path, base: Path, root: Path) -> Path:
+    """A copy of ``config`` (in ``root``) whose model is the Hugging Face directory ``base``."""
+    from omegaconf import OmegaConf
+
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"parity: error: --base {base} has no config.json")
     derived = OmegaConf.load(config)
     derived.model = {"path": str(base)}
     derived.data.tokenizer_path = None  # the base's own tokenizer (model.path) is used
+    root.mkdir(parents=True, exist_ok=True)
     out = root / "config.yaml"
     OmegaConf.save(derived, out)
     return out
@@ -142,6 +150,7 @@ def main() -> None:
     )
     parser.add_argument("--pretrain-base", action="store_true", help="first pretrain the base model as a causal LM on the training text")
     parser.add_argument("--pretrain-rows", type=int, default=0, help="rows of the training file for pretraining (0: all)")
+    parser.add_argument("--base", help="start every run from this Hugging Face directory (e.g. an earlier run's base/)")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "parity"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run")
     parser.add_argument("--centralized-worker", action="store_true", help=argparse.SUPPRESS)
@@ -162,6 +171,10 @@ def main() -> None:
     data = find_data_dir(args.data, REPO_ROOT, ("train.tsv", "dev.tsv"), prog="parity")
     root = Path(args.run_dir).resolve()
     pretrain_wall = None
+    if args.base and args.pretrain_base:
+        raise SystemExit("parity: error: give --base or --pretrain-base, not both")
+    if args.base:
+        config = _from_base(config, Path(args.base).resolve(), root)
     if args.pretrain_base:
         t0 = time.monotonic()
         config = _pretrain_base(config, data, root, rows=args.pretrain_rows, timeout_s=args.timeout)
@@ -203,8 +216,9 @@ def main() -> None:
     print("\n".join(_table(results, walls, rows=rows, cfg=cfg, dev=data / "dev.tsv")))
     result = _result(results, rows=rows, epochs=cfg.trainer.max_epochs, overrides=args.overrides)
     result["sub_servers"] = args.sub_servers
+    if pretrain_wall is not None or args.base:
+        result["base"] = str(Path(args.base).resolve() if args.base else root / "base")
     if pretrain_wall is not None:
-        result["pretrained_base"] = str(root / "base")
         result["pretrain_wall_s"] = pretrain_wall
     result["wall_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result))

@@ -23,8 +23,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def _guide_blocks() -> tuple[str, dict]:
     section = README.read_text().split("## Writing your own task", 1)[1].split("\n## ", 1)[0]
-    python = next(b for b in re.findall(r"```python\n(.*?)```", section, re.S) if b.startswith("# my_tasks.py"))
-    (config,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    python = next(b for b in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if b.startswith("# my_tasks.py"))
+    (config,) = re.findall(r"```yaml\n(.*?)```", section, re.DOTALL)
     return python, yaml.safe_load(config)
 
 

@@ -133,3 +133,32 @@ def test_one_client_ptuning_federation_equals_centralized_training(tmp_path) -> 
         torch.testing.assert_close(fed_weights[name], value, atol=1e-5, rtol=0, msg=name)
     with pytest.raises(ValueError, match="P-tuning v2"):
         export_run(tmp_path / "fed", tmp_path / "exported")
+
+
+def test_saved_prefix_encoder_loaded_onto_the_base_reproduces_the_outputs(
+    tmp_path, tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
+) -> None:
+    """What a run saves (the prefix encoder only) and ``flglm generate`` loads: same logits as the trained model."""
+    from flglm.checkpoint import save_tensors
+    from flglm.models import ClientBlocks
+    from flglm.models.split import plan_for
+    from flglm.serving import load_trained
+
+    cfg = make_run_config(tiny_model_configs["llama"], *PTUNING)
+    lm, server = _split_lm(cfg)
+    with torch.no_grad():
+        for param in lm.blocks.hf.parameters():
+            if param.requires_grad:
+                param.mul_(-0.5)  # as if trained
+    path = save_tensors(lm.blocks.hf_state_dict(), tmp_path / "client_blocks.safetensors")
+    fresh = ClientBlocks(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        before = lm(ids, mask)
+        lm.blocks = fresh
+        assert not torch.equal(lm(ids, mask), before)
+        load_trained(fresh.hf, path)
+        torch.testing.assert_close(lm(ids, mask), before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not hold this side's weights"):
+        load_trained(server.middle.hf, path)
+    server.close()

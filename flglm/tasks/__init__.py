@@ -66,6 +66,8 @@ def _own_task(factory: str) -> Callable[[RunConfig, nn.Module, Any], tuple[Split
     except ModuleNotFoundError as err:
         raise ValueError(f"task.factory={factory!r}: cannot import {module_name!r} ({err}); is it on PYTHONPATH?") from None
     built = getattr(module, function, None)
-    if not callable(built):
+    if built is None:
         raise ValueError(f"task.factory={factory!r}: {module_name} has no function {function!r}")
+    if not callable(built):
+        raise TypeError(f"task.factory={factory!r}: {module_name}.{function} is not a function")
     return built
