@@ -23,7 +23,7 @@ from flglm.generation import GenerationError, generate
 from flglm.models import build_full_model
 from flglm.models.lora import LORA_MARK
 from flglm.models.split import Crossing
-from tests.test_split import _padded_batch, _split_lm
+from tests.test_split import _split_lm, train_steps
 
 EOS, PAD = 2, 0
 
@@ -49,20 +49,6 @@ def _hf_generate(full: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n
     )
 
 
-def _train_adapters(lm: Any, steps: int = 5) -> None:
-    """A few real training steps through the split: LoRA on both sides moves away from B=0."""
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=5e-2)
-    ids, mask = _padded_batch()
-    for step in range(steps):
-        logits = lm(ids, mask)
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # not trained to produce padding
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        lm.link.step(client_step=step, total_steps=steps)
-
-
 @pytest.mark.parametrize("arch", ["glm", "llama", "gpt2"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "trained-lora"])
 def test_greedy_split_generation_equals_hf_generate(
@@ -73,7 +59,7 @@ def test_greedy_split_generation_equals_hf_generate(
     lm, server = _split_lm(cfg)
     full = build_full_model(cfg.model, cfg.peft)
     if adapter:
-        _train_adapters(lm)
+        train_steps(lm, steps=5, lr=5e-2)  # LoRA on both sides moves away from B=0
         trained = {**lm.blocks.hf.state_dict(), **server.middle.hf.state_dict()}
         moved = [n for n, p in full.named_parameters() if LORA_MARK in n and not torch.equal(p, trained[n])]
         assert moved, "training did not change the adapters"

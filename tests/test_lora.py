@@ -15,7 +15,7 @@ from flglm.config import RunConfig
 from flglm.models import ClientBlocks, MiddleStack, build_full_model, plan_split
 from flglm.models.lora import LORA_MARK
 from flglm.models.split import saved_state_dict
-from tests.test_split import EXACT, _padded_batch, _positions, _run_both, _split_lm
+from tests.test_split import EXACT, _padded_batch, _positions, _run_both, _split_lm, train_steps
 
 LORA = ("peft.method=lora", "peft.lora_r=4")
 
@@ -70,15 +70,7 @@ def test_training_steps_change_only_the_adapters(
     lm, server = _split_lm(cfg)
     sides = {"client": lm.blocks.hf, "server": server.middle.hf}
     before = {side: {n: p.detach().clone() for n, p in model.named_parameters()} for side, model in sides.items()}
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
-    ids, mask = _padded_batch()
-    for step in range(3):
-        logits = lm(ids, mask)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        lm.link.step(client_step=step, total_steps=3)
+    train_steps(lm, steps=3, lr=1e-2)
 
     for side, model in sides.items():
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[side][n])]

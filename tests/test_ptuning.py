@@ -18,7 +18,7 @@ from flglm.config import GenerationConfig, RunConfig
 from flglm.generation import generate
 from flglm.models import build_full_model
 from flglm.models.prefix import PREFIX_MODULE
-from tests.test_split import EXACT, _padded_batch, _positions, _split_lm
+from tests.test_split import EXACT, _padded_batch, _positions, _split_lm, train_steps
 
 PTUNING = ("peft.method=ptuning_v2", "peft.prefix_length=5")
 
@@ -65,15 +65,7 @@ def test_training_changes_only_the_prefix_encoder(
     lm, server = _split_lm(cfg)
     sides = {"client": lm.blocks.hf, "server": server.middle.hf}
     before = {side: {n: p.detach().clone() for n, p in model.named_parameters()} for side, model in sides.items()}
-    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
-    ids, mask = _padded_batch()
-    for step in range(3):
-        logits = lm(ids, mask)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        lm.link.step(client_step=step, total_steps=3)
+    train_steps(lm, steps=3, lr=1e-2)
     changed = [n for n, p in lm.blocks.hf.named_parameters() if not torch.equal(p, before["client"][n])]
     assert changed and all(n.startswith(PREFIX_MODULE + ".") for n in changed)
     for side, model in sides.items():

@@ -65,6 +65,21 @@ def _split_lm(cfg: RunConfig) -> tuple[SplitCausalLM, MiddleServer]:
     return SplitCausalLM(ClientBlocks(cfg.model, plan, cfg.peft), RemoteMiddle(link, server_info=info)), server
 
 
+def train_steps(lm: SplitCausalLM, *, steps: int, lr: float) -> None:
+    """Real training steps through the split (next-token loss on the padded batch, padding not a
+    target): the client's AdamW on what trains, the server's step over the link after each."""
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=lr)
+    ids, mask = _padded_batch()
+    for step in range(steps):
+        logits = lm(ids, mask)
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lm.link.step(client_step=step, total_steps=steps)
+
+
 def _run_both(lm: SplitCausalLM, full: torch.nn.Module) -> None:
     """One padded batch forward through split and whole model (logits must agree), then the same
     random-weighted loss backward through both."""
