@@ -102,14 +102,15 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
         if not prompts or not all(p.strip() for p in prompts):
             raise ValueError("give at least one non-empty --prompt (or --prompts-file)")
-        weights = None if args.base else Path(args.weights or cfg.run_dir)
+        run_dir = Path(args.weights or cfg.run_dir)
+        weights = None if args.base else run_dir
         if weights is not None:
             from flglm.run_layout import client_weights_path, middle_weights_path
 
             for path in (middle_weights_path(weights), client_weights_path(weights, args.client)):
                 if not path.is_file():
                     raise FileNotFoundError(f"no trained weights at {path} (pass --weights RUN_DIR, or --base for the untrained model)")
-        out = Path(args.out or Path(args.weights or cfg.run_dir) / "generate" / "generations.json")
+        out = Path(args.out or run_dir / "generate" / "generations.json")
     except (ConfigError, OSError, ValueError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2

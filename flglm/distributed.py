@@ -7,12 +7,16 @@ busy core), so each process of a federation takes its share of the cores.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch.distributed import rpc
+
+log = logging.getLogger("flglm")
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -72,6 +76,24 @@ def rpc_options(*, num_worker_threads: int, timeout_s: float) -> rpc.TensorPipeR
         _transports=["uv"],
         _channels=["basic"],
     )
+
+
+@contextmanager
+def rpc_worker(name: str, env: DistEnv, options: rpc.TensorPipeRpcBackendOptions, *, what: str) -> Iterator[None]:
+    """This process is RPC worker ``name`` for the block's duration.
+
+    On success RPC shuts down gracefully (waiting for every worker). On failure the error is
+    logged (as ``what`` failed), RPC shuts down at once — a graceful shutdown would wait for the
+    other workers, which torchrun stops instead — and the error propagates.
+    """
+    rpc.init_rpc(name, rank=env.rank, world_size=env.world_size, rpc_backend_options=options)
+    try:
+        yield
+    except BaseException:
+        log.exception("%s failed", what)
+        rpc.shutdown(graceful=False)
+        raise
+    rpc.shutdown()
 
 
 def init_server_group(env: DistEnv, *, index: int, size: int, startup_timeout_s: float, timeout_s: float) -> None:

@@ -44,6 +44,14 @@ class IncrementalDecoder(Protocol):
     def close_decoding(self, state: Any) -> None: ...
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch ``(input_ids, attention_mask)``, as ``generate`` wants."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.int64)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64)
+    return ids, mask
+
+
 def logits_warpers(cfg: GenerationConfig) -> LogitsProcessorList:
     """The score transforms of sampling, in Hugging Face's order: temperature, top-k, top-p."""
     warpers = LogitsProcessorList()

@@ -39,7 +39,7 @@ from flglm.datasets import (
     client_train_examples,
     dev_examples,
 )
-from flglm.distributed import DistEnv, init_server_group, rpc_options
+from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker
 from flglm.federation import endpoint as endpoint_mod
 from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.parallelism import choose_parallelism, free_memory_bytes
@@ -241,27 +241,22 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
         parameters,
         clients,
     )
-    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
     try:
-        server.wait_until_done(timeout=cfg.server.startup_timeout_s)
-        own = server.summary()
-        own["link"] = endpoint.summary()
-        parts = server.sync.gather_json(own) if server.sync is not None else [own]
-        summary = merge_server_summaries(parts)
-        summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
-        summary["federation"] = federation_metrics(summary["clients"])
-        summary["config_fingerprint"] = fingerprint(cfg)
-        if role.is_coordinator:
-            save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
-            write_json(summary, run_dir / "summary.json")
-            log.info("federation done: %s", summary["federation"])
-    except BaseException:
-        log.exception("%s failed", role.worker_name)
-        rpc.shutdown(graceful=False)
-        raise
+        with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name):
+            server.wait_until_done(timeout=cfg.server.startup_timeout_s)
+            own = server.summary()
+            own["link"] = endpoint.summary()
+            parts = server.sync.gather_json(own) if server.sync is not None else [own]
+            summary = merge_server_summaries(parts)
+            summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
+            summary["federation"] = federation_metrics(summary["clients"])
+            summary["config_fingerprint"] = fingerprint(cfg)
+            if role.is_coordinator:
+                save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
+                write_json(summary, run_dir / "summary.json")
+                log.info("federation done: %s", summary["federation"])
     finally:
         server.close()
-    rpc.shutdown()
     return summary
 
 
@@ -315,8 +310,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     index = role.client_index
     out_dir = Path(cfg.run_dir) / role.worker_name
     session, masker = client_session(cfg, index)  # a missing key file fails here
-    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=_rpc_options(cfg))
-    try:
+    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name):
         rref = rpc.remote(role.server_name, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
         link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session)
         callbacks: list[L.Callback] = []
@@ -348,12 +342,6 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         save_tensors(module.client_state_dict(), client_weights_path(cfg.run_dir, index))
         write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
         link.leave(metrics)
-    except BaseException:
-        # Fail fast: a graceful shutdown would wait for the others; torchrun stops them.
-        log.exception("%s failed", role.worker_name)
-        rpc.shutdown(graceful=False)
-        raise
-    rpc.shutdown()
     return metrics
 
 

@@ -25,7 +25,7 @@ from flglm.client.module import SplitClientModule
 from flglm.config import RunConfig, fingerprint
 from flglm.data import load_tokenizer, tokenizer_fingerprint
 from flglm.datasets import build_tokenizer
-from flglm.distributed import DistEnv, rpc_options
+from flglm.distributed import DistEnv, rpc_options, rpc_worker
 from flglm.federation import endpoint as endpoint_mod
 from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.remote import RemoteMiddle, ServerLink
@@ -74,17 +74,13 @@ def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights
         load_trained(middle.hf, middle_weights_path(weights))
     server = MiddleServer(cfg, middle=middle, clients=[client_index], mode="sequential")
     endpoint_mod.install(ServerEndpoint(server, sessions))
-    rpc.init_rpc("server", rank=env.rank, world_size=env.world_size, rpc_backend_options=rpc_options(num_worker_threads=8, timeout_s=cfg.server.rpc_timeout_s))
+    options = rpc_options(num_worker_threads=8, timeout_s=cfg.server.rpc_timeout_s)
     try:
-        server.wait_until_done(timeout=cfg.server.startup_timeout_s)
-        log.info("generation served: %s", server.summary()["server"])
-    except BaseException:
-        log.exception("the generation server failed")
-        rpc.shutdown(graceful=False)
-        raise
+        with rpc_worker("server", env, options, what="the generation server"):
+            server.wait_until_done(timeout=cfg.server.startup_timeout_s)
+            log.info("generation served: %s", server.summary()["server"])
     finally:
         server.close()
-    rpc.shutdown()
 
 
 def generate_as_client(
@@ -98,8 +94,8 @@ def generate_as_client(
     blocks = ClientBlocks(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
     if weights is not None:
         load_trained(blocks.hf, client_weights_path(weights, role.client_index))
-    rpc.init_rpc(role.worker_name, rank=env.rank, world_size=env.world_size, rpc_backend_options=rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s))
-    try:
+    options = rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s)
+    with rpc_worker(role.worker_name, env, options, what="the generating client"):
         rref = rpc.remote("server", endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
         link = ServerLink(rref, client_id=role.client_index, timeout_s=cfg.server.rpc_timeout_s, session=session)
         if session is not None:
@@ -110,9 +106,4 @@ def generate_as_client(
         rows = [{"prompt": p, "generated": text, "token_ids": ids} for p, (text, ids) in zip(prompts, results)]
         write_json(rows, out)
         link.leave({"prompts": float(len(prompts))})
-    except BaseException:
-        log.exception("the generating client failed")
-        rpc.shutdown(graceful=False)
-        raise
-    rpc.shutdown()
     return rows

@@ -80,6 +80,21 @@ def train_steps(lm: SplitCausalLM, *, steps: int, lr: float) -> None:
         lm.link.step(client_step=step, total_steps=steps)
 
 
+def snapshot(sides: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """A copy of every parameter of each side, by side and name."""
+    return {side: {n: p.detach().clone() for n, p in model.named_parameters()} for side, model in sides.items()}
+
+
+def assert_base_unchanged(
+    sides: dict[str, torch.nn.Module], before: dict[str, dict[str, torch.Tensor]], is_adapter: Callable[[str], bool]
+) -> None:
+    """Every parameter that is not an adapter is byte-identical to its snapshot, on every side."""
+    for side, model in sides.items():
+        for name, param in model.named_parameters():
+            if not is_adapter(name):
+                assert param.detach().numpy().tobytes() == before[side][name].numpy().tobytes(), (side, name)
+
+
 def _run_both(lm: SplitCausalLM, full: torch.nn.Module) -> None:
     """One padded batch forward through split and whole model (logits must agree), then the same
     random-weighted loss backward through both."""

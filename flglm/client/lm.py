@@ -15,7 +15,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
 from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.models.prefix import prefilled_cache, prefix_of, with_prefix_mask
+from flglm.models.prefix import prefilled_cache, prefix_length_of, prefix_of, with_prefix_mask
 from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of, saved_state_dict
 
 
@@ -123,16 +123,16 @@ class FullCausalLM(nn.Module):
     ) -> torch.Tensor:
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        cache = self._prefix_cache(input_ids.shape[0])
-        if cache is None:
-            return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        mask = with_prefix_mask(attention_mask, self._prefix_length)
-        return self.hf(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache).logits
+        return self._logits(input_ids, attention_mask, position_ids, self._prefix_cache(input_ids.shape[0]))
 
-    @property
-    def _prefix_length(self) -> int:
-        prefix = prefix_of(self.hf)
-        return prefix.prefix_length if prefix is not None else 0
+    def _logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
+    ) -> torch.Tensor:
+        """The model on the tokens; ``cache`` holds P-tuning prefixes and, decoding, the past tokens."""
+        mask = with_prefix_mask(attention_mask, prefix_length_of(self.hf))
+        return self.hf(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=cache is not None
+        ).logits
 
     def _prefix_cache(self, batch: int) -> DynamicCache | None:
         """P-tuning v2: every block's prefix in a cache, as peft feeds prefixes to a whole model."""
@@ -149,8 +149,7 @@ class FullCausalLM(nn.Module):
     ) -> torch.Tensor:
         if not state:
             state.append(self._prefix_cache(input_ids.shape[0]) or DynamicCache(config=self.hf.config))
-        mask = with_prefix_mask(attention_mask, self._prefix_length) if self._prefix_length else attention_mask
-        return self.hf(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=state[0], use_cache=True).logits
+        return self._logits(input_ids, attention_mask, position_ids, state[0])
 
     def close_decoding(self, state: list[DynamicCache]) -> None:
         state.clear()

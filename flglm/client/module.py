@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from flglm.config import GenerationConfig, OptimConfig
-from flglm.generation import generate
+from flglm.generation import generate, left_pad
 from flglm.optim import build_optimizer, build_scheduler, global_clip_coefficient, grad_norms, scale_grads
 
 
@@ -81,17 +81,19 @@ class SplitClientModule(L.LightningModule):
         rows = [([bos] if bos is not None else []) + r for r in rows]
         if not all(rows):
             raise ValueError("every prompt needs at least one token")
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.int64)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64)
-        out = self.generate(ids, mask, **settings)
+        ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        return self.continuations(self.generate(ids, mask, **settings), ids.shape[1], tokenizer)
+
+    def continuations(self, sequences: torch.Tensor, prompt_width: int, tokenizer: Any) -> list[tuple[str, list[int]]]:
+        """What ``generate`` added after prompts ``prompt_width`` wide: each row's token ids up to
+        and including the first end-of-text token, and their text (without it)."""
         eos = self.lm.hf_config.eos_token_id
         results = []
-        for row in out[:, width:].tolist():
+        for row in sequences[:, prompt_width:].tolist():
             if eos in row:
                 row = row[: row.index(eos) + 1]
-            results.append((tokenizer.decode(row, skip_special_tokens=True), row))
+            text_ids = row[:-1] if row and row[-1] == eos else row
+            results.append((tokenizer.decode(text_ids, skip_special_tokens=True), row))
         return results
 
     # ----------------------------------------------------------------- optimizer

@@ -312,12 +312,18 @@ class MiddleServer:
         """The middle stack; ``prefix`` (P-tuning v2) goes into a fresh cache in front of the
         tokens, ``prefix_length`` says how many positions of ``cache`` a decoding session's prefix took."""
         if prefix is not None:
-            cache = self.middle.prefix_cache(prefix, hidden.shape[0]) if cache is None else cache
-            prefix_length = prefix.shape[-2]
+            cache, prefix_length = self.middle.prefix_cache(prefix, hidden.shape[0]), prefix.shape[-2]
         dtype = AUTOCAST_DTYPES[header.autocast]
         ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
         with ctx:
             return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1), cache, prefix_length)
+
+    def _answer(self, outputs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The middle's output in the request's dtype, compact for the wire; both counted in the stats."""
+        self.stats.bytes_in += nbytes(hidden, mask, pos)
+        result = wire(outputs.to(hidden.dtype))
+        self.stats.bytes_out += nbytes(result)
+        return result
 
     def forward(
         self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
@@ -352,10 +358,7 @@ class MiddleServer:
             if self.sync is not None:
                 self.sync.add_samples(hidden.shape[0])
             self.stats.forwards += 1
-            self.stats.bytes_in += nbytes(hidden, mask, pos)
-            result = wire(outputs.to(hidden.dtype))
-            self.stats.bytes_out += nbytes(result)
-            return result
+            return self._answer(outputs, hidden, mask, pos)
 
     def infer(
         self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
@@ -371,10 +374,7 @@ class MiddleServer:
             self.middle.eval()
             outputs = self._run(header, hidden, mask, pos, prefix=prefix)
             self.stats.inferences += 1
-            self.stats.bytes_in += nbytes(hidden, mask, pos)
-            result = wire(outputs.to(hidden.dtype))
-            self.stats.bytes_out += nbytes(result)
-            return result
+            return self._answer(outputs, hidden, mask, pos)
 
     # ------------------------------------------------------------------ generation
     def decode(
@@ -426,10 +426,7 @@ class MiddleServer:
                 raise
             entry.length += hidden.shape[1]
             self.stats.decodes += 1
-            self.stats.bytes_in += nbytes(hidden, mask, pos)
-            result = wire(outputs.to(hidden.dtype))
-            self.stats.bytes_out += nbytes(result)
-            return result
+            return self._answer(outputs, hidden, mask, pos)
 
     def end_decoding(self, client_id: int, session: int) -> None:
         """Free a decoding session's cache (the client's generation is done)."""

@@ -73,6 +73,12 @@ def prefix_of(model: nn.Module) -> PrefixKV | None:
     return getattr(model, PREFIX_MODULE, None)
 
 
+def prefix_length_of(model: nn.Module) -> int:
+    """Positions the model's prefixes take in front of the tokens (0 without P-tuning)."""
+    prefix = prefix_of(model)
+    return prefix.prefix_length if prefix is not None else 0
+
+
 def prefilled_cache(config: PretrainedConfig, prefixes: torch.Tensor, layer_ids: list[int], batch: int) -> DynamicCache:
     """A cache holding ``prefixes[j]`` as the past keys/values of block ``layer_ids[j]`` for each of ``batch`` rows."""
     cache = DynamicCache(config=config)
@@ -83,6 +89,9 @@ def prefilled_cache(config: PretrainedConfig, prefixes: torch.Tensor, layer_ids:
 
 
 def with_prefix_mask(attention_mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
-    """The attention mask with ``prefix_length`` leading ones: every token sees the prefix."""
+    """The attention mask with ``prefix_length`` leading ones: every token sees the prefix
+    (the mask itself when there is no prefix)."""
+    if prefix_length == 0:
+        return attention_mask
     ones = attention_mask.new_ones(attention_mask.shape[0], prefix_length)
     return torch.cat([ones, attention_mask], dim=1)

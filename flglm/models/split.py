@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from flglm.config import ModelConfig, PeftConfig, SplitConfig
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
 from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
-from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefix_of, with_prefix_mask
+from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefix_length_of, prefix_of, with_prefix_mask
 
 Side = Literal["client", "server", "full"]
 
@@ -336,8 +336,7 @@ class ClientBlocks(nn.Module):
 
     @property
     def prefix_length(self) -> int:
-        prefix = prefix_of(self.hf)
-        return prefix.prefix_length if prefix is not None else 0
+        return prefix_length_of(self.hf)
 
     def prefixes(self) -> torch.Tensor | None:
         """Every block's key/value prefix (P-tuning v2), or None."""
@@ -355,10 +354,6 @@ class ClientBlocks(nn.Module):
         """The part of the prefixes that crosses the link: the server's blocks'."""
         return None if prefixes is None else prefixes[list(self.plan.middle)]
 
-    def _block_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        length = self.prefix_length
-        return with_prefix_mask(attention_mask, length) if length else attention_mask
-
     def input_block(
         self,
         input_ids: torch.Tensor,
@@ -369,12 +364,12 @@ class ClientBlocks(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         hidden = self.adapter.embed(self.hf, input_ids, position_ids)
-        hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, self._block_mask(attention_mask), position_ids, cache)
+        hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, with_prefix_mask(attention_mask, self.prefix_length), position_ids, cache)
         return Crossing(hidden, attention_mask, position_ids)
 
     def output_block(self, crossing: Crossing, cache: Cache | None = None) -> torch.Tensor:
         hidden = run_blocks(
-            self.hf, self.adapter, self.plan.tail, crossing.hidden, self._block_mask(crossing.attention_mask), crossing.position_ids, cache
+            self.hf, self.adapter, self.plan.tail, crossing.hidden, with_prefix_mask(crossing.attention_mask, self.prefix_length), crossing.position_ids, cache
         )
         hidden = self.adapter.get(self.hf, self.adapter.final_norm)(hidden)
         return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
@@ -406,9 +401,8 @@ class MiddleStack(nn.Module):
     ) -> torch.Tensor:
         """``cache`` holds the blocks' P-tuning prefixes (``prefix_length`` positions, which the
         mask gains in front) and, when decoding, the tokens seen so far."""
-        if prefix_length:
-            attention_mask = with_prefix_mask(attention_mask, prefix_length)
-        return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, attention_mask, position_ids, cache)
+        mask = with_prefix_mask(attention_mask, prefix_length)
+        return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, mask, position_ids, cache)
 
     def prefix_cache(self, prefixes: torch.Tensor, batch: int) -> Cache:
         """A cache holding the prefixes a client sent for the middle blocks, for ``batch`` rows."""

@@ -27,6 +27,7 @@ from torchmetrics.text import ROUGEScore, SacreBLEUScore
 from flglm.client.module import SplitClientModule
 from flglm.config import GenerationConfig, OptimConfig
 from flglm.data.readers import Example
+from flglm.generation import left_pad
 from flglm.tasks.classification import PromptError, truncate
 
 ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
@@ -104,16 +105,12 @@ class Seq2SeqCollator:
         input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        prompt_width = max(len(p) for p in prompts)
-        prompt_ids = torch.full((len(examples), prompt_width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((len(examples), prompt_width), dtype=torch.long)
+        prompt_ids, prompt_mask = left_pad(prompts, pad)
         for i, (prompt, answer) in enumerate(zip(prompts, answers)):
             row = prompt + answer
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
             labels[i, len(prompt) : len(row)] = torch.tensor(answer)
-            prompt_ids[i, prompt_width - len(prompt) :] = torch.tensor(prompt)
-            prompt_mask[i, prompt_width - len(prompt) :] = 1
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -171,13 +168,7 @@ class GenerationTask(SplitClientModule):
     def generate_from_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
         """Greedy continuation of left-padded prompts, as text up to the end-of-text token."""
         out = self.generate(prompt_ids, prompt_mask, max_new_tokens=self.max_new_tokens, do_sample=False)
-        eos = self.lm.hf_config.eos_token_id
-        texts = []
-        for row in out[:, prompt_ids.shape[1] :].tolist():
-            if eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return texts
+        return [text for text, _ in self.continuations(out, prompt_ids.shape[1], self.tokenizer)]
 
     def score_texts(self, predictions: Sequence[str], references: Sequence[str]) -> None:
         """Add generated texts and their references to this validation's ROUGE and BLEU."""
