@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.futures import Future
 
@@ -27,6 +27,7 @@ def _contributions(draw: st.DrawFn) -> tuple[list[list[float]], list[float]]:
 
 @FAST
 @given(_contributions())
+@example(([[1.5]], [5e-324]))  # a subnormal weight: the case CI found
 def test_fedavg_is_the_weighted_mean(contributions: tuple[list[list[float]], list[float]]) -> None:
     vectors, weights = contributions
     tensors = [torch.tensor(v, dtype=torch.float64) for v in vectors]
@@ -35,7 +36,9 @@ def test_fedavg_is_the_weighted_mean(contributions: tuple[list[list[float]], lis
     average = fedavg(tensors, weights)
 
     if total > 0:
-        expected = [sum(w * v[i] for v, w in zip(vectors, weights)) / total for i in range(len(vectors[0]))]
+        # Each weight's share first: w * v / total underflows for subnormal weights (5e-324 * 1.5
+        # rounds to 5e-324), the share w / total does not.
+        expected = [sum((w / total) * v[i] for v, w in zip(vectors, weights)) for i in range(len(vectors[0]))]
     else:
         expected = [sum(v[i] for v in vectors) / len(vectors) for i in range(len(vectors[0]))]
     assert average.dtype == torch.float64 and average.shape == tensors[0].shape
