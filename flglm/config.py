@@ -136,6 +136,29 @@ class FederationConfig:
     (the first rank(s) serve)."""
     aggregate_every: int = 0
     """FedAvg of the client blocks every this many optimizer steps; 0: only at each epoch end."""
+    max_retries: int = 3
+    """A client resends a message whose answer did not come (lost, timed out after
+    ``server.rpc_timeout_s``, connection reset) up to this many times; the server answers a
+    resent message from its record, so nothing is applied twice. 0: fail at the first loss."""
+    retry_backoff_s: float = 0.5
+    """Wait before the first resend; doubled before each further one."""
+    retry_backoff_max_s: float = 10.0
+    """Longest wait between two resends."""
+
+
+@dataclass(kw_only=True)
+class FaultsConfig:
+    """Fault injection for testing (all 0 in real runs): each client's link loses and duplicates
+    messages at random, deterministically by ``seed`` (``flglm.federation.transport.FaultyTransport``)."""
+
+    drop_request: float = 0.0
+    """Probability that a message is lost before the server sees it."""
+    drop_reply: float = 0.0
+    """Probability that the server handles a message but its answer is lost."""
+    duplicate: float = 0.0
+    """Probability that the server receives a message twice."""
+    seed: int = 0
+    """Client ``i`` draws its faults from seed ``seed + i``."""
 
 
 @dataclass(kw_only=True)
@@ -279,6 +302,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 # The task formats of ``flglm.data.read_task_file``, listed here so that loading a config does
@@ -398,6 +422,7 @@ def validate(cfg: RunConfig) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     _validate_sub_servers(cfg)
+    _validate_link(cfg)
     if cfg.crypto.client_public_keys and len(cfg.crypto.client_public_keys) != cfg.federation.num_clients:
         raise ConfigError(
             f"crypto.client_public_keys lists {len(cfg.crypto.client_public_keys)} keys for "
@@ -445,6 +470,23 @@ def _validate_task(cfg: RunConfig) -> None:
         raise ConfigError("data.partition=dirichlet splits by class label; task.kind=generation has none (use iid)")
 
 
+def _validate_link(cfg: RunConfig) -> None:
+    f, faults = cfg.federation, cfg.faults
+    if f.max_retries < 0:
+        raise ConfigError(f"federation.max_retries must be >= 0, got {f.max_retries}")
+    for key, value in (("federation.retry_backoff_s", f.retry_backoff_s), ("federation.retry_backoff_max_s", f.retry_backoff_max_s)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{key} must be finite and >= 0, got {value}")
+    probabilities = {"faults.drop_request": faults.drop_request, "faults.drop_reply": faults.drop_reply, "faults.duplicate": faults.duplicate}
+    for key, value in probabilities.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be a probability in [0, 1], got {value}")
+    if sum(probabilities.values()) > 1.0:
+        raise ConfigError(f"faults.drop_request + faults.drop_reply + faults.duplicate must not exceed 1, got {sum(probabilities.values())}")
+    if (faults.drop_request or faults.drop_reply) and f.max_retries == 0:
+        raise ConfigError("faults.drop_request/drop_reply lose messages; they need federation.max_retries >= 1")
+
+
 def _validate_sub_servers(cfg: RunConfig) -> None:
     s = cfg.server
     if s.sub_servers > 1 and s.parallelism not in ("hierarchical", "auto"):
@@ -472,12 +514,13 @@ def fingerprint(cfg: RunConfig) -> str:
     """A hash of everything server and clients must agree on.
 
     ``run_dir`` and ``crypto.key_dir`` are left out (each machine keeps its files elsewhere);
-    so is the trainer's display setting, and the client's decoding settings: neither changes
-    what the server computes.
+    so is the trainer's display setting, the client's decoding settings and the test-only fault
+    injection: none changes what the server computes.
     """
     shared = to_dict(cfg)
     shared.pop("run_dir")
     shared.pop("generation")
+    shared.pop("faults")
     shared["crypto"].pop("key_dir")
     shared["trainer"].pop("enable_progress_bar")
     blob = json.dumps(shared, sort_keys=True, default=str).encode()

@@ -46,6 +46,7 @@ from flglm.federation.parallelism import choose_parallelism, free_memory_bytes
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.federation.secure_aggregation import PairwiseMasker
 from flglm.federation.server import MiddleServer
+from flglm.federation.transport import FaultyTransport, RetryPolicy, RpcTransport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.roles import Role, clients_of
 from flglm.run_layout import client_weights_path, middle_weights_path
@@ -198,6 +199,24 @@ def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, Pa
     return session, masker
 
 
+def client_link(cfg: RunConfig, rref: rpc.RRef, index: int, session: ClientSession | None) -> ServerLink:
+    """Client ``index``'s link to the server, with the configured timeout and resends (and, for
+    testing, the configured fault injection)."""
+    f, faults = cfg.federation, cfg.faults
+    transport = RpcTransport(rref, timeout_s=cfg.server.rpc_timeout_s)
+    if faults.drop_request or faults.drop_reply or faults.duplicate:
+        transport = FaultyTransport(
+            transport,
+            seed=faults.seed + index,
+            drop_request=faults.drop_request,
+            drop_reply=faults.drop_reply,
+            duplicate=faults.duplicate,
+        )
+        log.warning("client %d: fault injection on (%s)", index, faults)
+    retry = RetryPolicy(max_retries=f.max_retries, backoff_s=f.retry_backoff_s, backoff_max_s=f.retry_backoff_max_s)
+    return ServerLink(transport, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session, retry=retry)
+
+
 def _max_message_bytes(cfg: RunConfig) -> int:
     return int(cfg.crypto.max_message_mb * 2**20)
 
@@ -312,7 +331,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     session, masker = client_session(cfg, index)  # a missing key file fails here
     with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name):
         rref = rpc.remote(role.server_name, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
-        link = ServerLink(rref, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session)
+        link = client_link(cfg, rref, index, session)
         callbacks: list[L.Callback] = []
         if session is not None:
             encryption = EncryptionCallback(link, rekey_each_epoch=cfg.crypto.rekey_each_epoch)
@@ -339,6 +358,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         metrics = _final_metrics(trainer, module, dev_loader)
         metrics["train_time_s"] = round(time.monotonic() - started, 3)
         metrics["fedavg_rounds"] = float(fedavg.rounds)
+        metrics["resent_messages"] = float(link.retries)
         save_tensors(module.client_state_dict(), client_weights_path(cfg.run_dir, index))
         write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
         link.leave(metrics)

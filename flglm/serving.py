@@ -28,12 +28,12 @@ from flglm.datasets import build_tokenizer
 from flglm.distributed import DistEnv, rpc_options, rpc_worker
 from flglm.federation import endpoint as endpoint_mod
 from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.federation.remote import RemoteMiddle
 from flglm.federation.server import MiddleServer
 from flglm.models.split import ClientBlocks, MiddleStack, plan_for, saved_state_dict
 from flglm.roles import Role
 from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
-from flglm.runner import client_session, server_sessions
+from flglm.runner import client_link, client_session, server_sessions
 
 log = logging.getLogger("flglm")
 
@@ -97,7 +97,7 @@ def generate_as_client(
     options = rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s)
     with rpc_worker(role.worker_name, env, options, what="the generating client"):
         rref = rpc.remote("server", endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
-        link = ServerLink(rref, client_id=role.client_index, timeout_s=cfg.server.rpc_timeout_s, session=session)
+        link = client_link(cfg, rref, role.client_index, session)
         if session is not None:
             link.handshake()
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))

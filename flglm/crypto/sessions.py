@@ -23,6 +23,7 @@ from flglm.crypto.channel import (
     HandshakeError,
     MessageHeader,
     SealedChannel,
+    SessionError,
     client_finish,
     client_hello,
     server_accept,
@@ -173,14 +174,14 @@ class ServerSessions:
                 return header, tensors
             self.rejected += 1
             if error is None:
-                raise ChannelError(f"client {client_id} has no encrypted session (handshake first)")
+                raise SessionError(f"client {client_id} has no encrypted session (handshake first)")
             raise type(error)(f"client {client_id}: {error}")
 
     def seal(self, client_id: int, kind: str, tensors: Sequence[torch.Tensor], *, round: int = 0, step: int = 0) -> torch.Tensor:
         slot = self._slot(client_id)
         with slot.lock:
             if slot.active is None:
-                raise ChannelError(f"client {client_id} has no active encrypted session")
+                raise SessionError(f"client {client_id} has no active encrypted session")
             return slot.active.seal(MessageHeader(client_id=client_id, kind=kind, round=round, step=step), tensors)
 
     def close(self, client_id: int) -> None:

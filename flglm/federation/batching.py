@@ -156,6 +156,11 @@ class ClientBatcher:
             self._maybe_run_step()
         return request.future
 
+    def join(self, client_id: int) -> None:
+        """A client (re)joined: groups wait for it again."""
+        with self._lock:
+            self._left.discard(client_id)
+
     def leave(self, client_id: int) -> None:
         with self._lock:
             self._left.add(client_id)

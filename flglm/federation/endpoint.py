@@ -20,6 +20,7 @@ from torch.futures import Future
 from flglm.crypto.channel import ChannelError
 from flglm.crypto.sessions import ServerSessions
 from flglm.federation import protocol as P
+from flglm.federation.exactly_once import ReplyRecord
 from flglm.federation.messages import InvalidMessageError, RequestHeader, nbytes
 from flglm.federation.server import MiddleServer
 
@@ -60,6 +61,7 @@ class ServerEndpoint:
             "agg_upload": self._agg_upload,
             "leave": self._leave,
         }
+        self.record = ReplyRecord()
         self.wire_bytes_in = 0
         self.wire_bytes_out = 0
 
@@ -83,7 +85,7 @@ class ServerEndpoint:
             if not isinstance(tensors, list) or not all(isinstance(t, torch.Tensor) for t in tensors):
                 raise InvalidMessageError(f"client {client_id}: a message carries a list of tensors")
             self.wire_bytes_in += nbytes(*tensors)
-            return _as_future(self._dispatch(client_id, kind, round_index, step, tensors)).then(self._count_out)
+            return self._answer(client_id, kind, round_index, step, tensors).then(self._count_out)
         except Exception as exc:  # noqa: BLE001 - any failure becomes the caller's error, never a dead RPC thread
             return _failed(exc)
 
@@ -98,7 +100,7 @@ class ServerEndpoint:
             if isinstance(message, torch.Tensor):
                 self.wire_bytes_in += message.numel()
             header, tensors = self.sessions.open(client_id, message, expect_kind=kind)
-            reply = _as_future(self._dispatch(client_id, kind, header.round, header.step, tensors))
+            reply = self._answer(client_id, kind, header.round, header.step, tensors)
             sessions = self.sessions
 
             def seal(done: Future) -> torch.Tensor:
@@ -114,7 +116,13 @@ class ServerEndpoint:
 
     def summary(self) -> dict[str, Any]:
         """Encryption state and bytes that crossed the link (ciphertext when sealed)."""
-        out: dict[str, Any] = {"encrypted": self.sessions is not None, "wire_bytes_in": self.wire_bytes_in, "wire_bytes_out": self.wire_bytes_out}
+        out: dict[str, Any] = {
+            "encrypted": self.sessions is not None,
+            "wire_bytes_in": self.wire_bytes_in,
+            "wire_bytes_out": self.wire_bytes_out,
+            "duplicate_messages": self.record.stats.duplicates,
+            "stale_messages": self.record.stats.stale,
+        }
         if self.sessions is not None:
             out |= {"handshakes": self.sessions.handshakes, "rejected_messages": self.sessions.rejected}
         return out
@@ -125,6 +133,12 @@ class ServerEndpoint:
         return tensors
 
     # ----------------------------------------------------------------- dispatch
+    def _answer(self, client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Future:
+        """Handle a message once; a copy of it (resent or duplicated) is answered from the record."""
+        return self.record.answer(
+            client_id, (kind, round_index, step), lambda: _as_future(self._dispatch(client_id, kind, round_index, step, tensors))
+        )
+
     def _dispatch(self, client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         return self._handlers[kind](client_id, round_index, step, tensors)
 
@@ -133,7 +147,12 @@ class ServerEndpoint:
         facts = P.json_value(payload, f"client {client_id}: join")
         if not isinstance(facts, dict) or not isinstance(facts.get("config"), str) or not isinstance(facts.get("tokenizer"), str):
             raise InvalidMessageError(f"client {client_id}: join must carry the config and tokenizer fingerprints")
-        info = self.server.hello(client_id, facts["config"], facts["tokenizer"])
+        incarnation = facts.get("incarnation", 0)
+        if not isinstance(incarnation, int) or isinstance(incarnation, bool) or not 0 <= incarnation < 2**63:
+            raise InvalidMessageError(f"client {client_id}: join's incarnation must be an integer in [0, 2**63)")
+        info, fresh = self.server.hello(client_id, facts["config"], facts["tokenizer"], incarnation=incarnation)
+        if fresh:
+            self.record.forget(client_id)  # a new process: its message keys start over
         return [P.json_tensor(info)]
 
     def _forward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:

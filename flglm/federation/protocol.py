@@ -3,14 +3,16 @@
 Every call is one message of a *kind* carrying a few tensors plus two integers (``round``
 and ``step``), and is answered by one message. The same messages travel in the clear
 (``crypto.enabled=false``) or sealed (:mod:`flglm.crypto`), so encryption cannot change what
-is computed. Small values travel as tensors too: control numbers as an int64/float64 vector,
+is computed. A message's kind, round and step identify it among its client's messages, so a
+resent or duplicated one is answered from the server's record (:mod:`flglm.federation.exactly_once`).
+Small values travel as tensors too: control numbers as an int64/float64 vector,
 structured data (fingerprints, server facts, metrics) as UTF-8 JSON in a uint8 tensor, never
 pickled.
 
 ==========  =========================================  ===========  ==========================
 kind        request tensors (round, step)              reply kind   reply tensors
 ==========  =========================================  ===========  ==========================
-join        [json fingerprints]                        welcome      [json server facts]
+join        [json fingerprints, incarnation]           welcome      [json server facts]
 forward     [hidden, mask, positions, ctrl(, prefix)]  output       [hidden]
             (step=id; prefix: P-tuning v2 key/values of the server's blocks)
 infer       [hidden, mask, positions, ctrl(, prefix)]  output       [hidden]
@@ -21,6 +23,7 @@ decode_end  [] (round=session)                         ack          []
 backward    [grad of output] (step=id)                 grad_in      [grad of input(, grad of prefix)]
 grad_norms  []                                         norms        [per-parameter norms]
 step        [ctrl float64: step, total, scale, clip]   ack          []
+            (step=the client's optimizer step)
 agg_begin   [] (round)                                 agg_plan     [int64: attempt, ids...]
 agg_upload  [vector, weight] (round, step=attempt)     agg_result   [int64 status, vector]
 leave       [json metrics]                             ack          []

@@ -10,12 +10,17 @@ accumulation and precision plugins therefore work unchanged.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.distributed.rpc import PyRRef
 
+from flglm.crypto.channel import ReplayError, SessionError, TamperError
 from flglm.crypto.sessions import ClientSession
 from flglm.federation.messages import InvalidMessageError, RequestHeader, nbytes, wire
 from flglm.federation.protocol import (
@@ -28,7 +33,11 @@ from flglm.federation.protocol import (
     parse_result,
     step_control,
 )
+from flglm.federation.transport import RetryPolicy, Transport, TransportError, as_transport
 from flglm.models.split import Crossing
+
+log = logging.getLogger("flglm.client")
+T = TypeVar("T")
 
 
 class ServerLink:
@@ -36,15 +45,28 @@ class ServerLink:
 
     Each call is one message of the protocol (:mod:`flglm.federation.protocol`): in the clear,
     or sealed under this client's session when a :class:`ClientSession` is given. Every call
-    carries a timeout; a failed call raises with the server's message.
+    carries a timeout (``timeout_s``) and is resent after a loss (``retry``); a message the
+    server refuses raises with the server's message.
     """
 
-    def __init__(self, target: PyRRef | Any, *, client_id: int, timeout_s: float, session: ClientSession | None = None) -> None:
-        self._target = target
-        self._is_remote = isinstance(target, PyRRef)
+    def __init__(
+        self,
+        target: PyRRef | Transport | Any,
+        *,
+        client_id: int,
+        timeout_s: float,
+        session: ClientSession | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.transport = as_transport(target, timeout_s=timeout_s)
         self.client_id = client_id
         self.timeout_s = timeout_s
         self.session = session
+        self.retry = retry or RetryPolicy()
+        self.retries = 0
+        """Messages resent after a transport failure (the server answers a resent one from its record)."""
+        self.incarnation = secrets.randbits(61) | 1 << 61  # 19 digits: a join's size does not vary
+        """Tells the server a restarted client (a new process) from a resent join of this one."""
         self._request_ids = itertools.count()
         self._decode_sessions = itertools.count()
         self.messages = 0
@@ -58,19 +80,39 @@ class ServerLink:
         return self.session is not None
 
     def _rpc(self, name: str, *args: Any) -> Any:
-        if self._is_remote:
-            result = getattr(self._target.rpc_sync(timeout=self.timeout_s), name)(*args)
-        else:
-            result = getattr(self._target, name)(*args)
-            result = result.wait() if isinstance(result, torch._C.Future) else result  # .then() gives a _C.Future
+        result = self.transport.call(name, *args)
         if isinstance(result, BaseException):
-            # Measured: a future the server completes with an exception comes back through an RRef
-            # proxy as the exception object itself, not as a raised error.
             raise result
         return result
 
     def exchange(self, kind: str, tensors: list[torch.Tensor], *, round_index: int = 0, step: int = 0) -> list[torch.Tensor]:
-        """Send one message and return the tensors of the answer."""
+        """Send one message and return the tensors of the answer.
+
+        A message lost on the way, or whose answer was lost, is resent after a backoff (up to
+        ``retry.max_retries`` times) with the same kind, round and step: the server answers a
+        message it has already handled from its record, so nothing is applied twice. With
+        encryption a loss desynchronises the session's counters, so a resend starts with a new
+        handshake. The server's refusal of a message is not a loss and is raised at once.
+        """
+        return self._with_retries(kind, lambda: self._exchange_once(kind, tensors, round_index=round_index, step=step))
+
+    def _with_retries(self, what: str, call: Callable[[], T]) -> T:
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except (TransportError, ReplayError, SessionError, TamperError) as exc:
+                if attempt >= self.retry.max_retries:
+                    raise TransportError(f"client {self.client_id}: {what} failed after {attempt + 1} attempts: {exc}") from exc
+                delay = self.retry.delay(attempt)
+                log.warning("client %d: %s failed (%s); resending in %.2fs", self.client_id, what, exc, delay)
+                attempt += 1
+                self.retries += 1
+                if self.session is not None:
+                    self.session.close()  # both ends start over with fresh keys
+                time.sleep(delay)
+
+    def _exchange_once(self, kind: str, tensors: list[torch.Tensor], *, round_index: int, step: int) -> list[torch.Tensor]:
         tensors = [wire(t) for t in tensors]
         self.messages += 1
         if self.session is None:
@@ -80,7 +122,7 @@ class ServerLink:
             self.wire_bytes += crossed
             return reply
         if not self.session.connected:  # first call, or after the session was torn down
-            self.handshake()
+            self._handshake_once()
         sealed = self.session.seal(kind, tensors, round=round_index, step=step)
         answer = self._rpc("sealed", self.client_id, kind, sealed)
         _, reply = self.session.open(answer, expect_kind=REPLY_KIND[kind])
@@ -92,6 +134,10 @@ class ServerLink:
         """Run a (new) key exchange with the server: at start, and to re-key (fresh ephemeral keys)."""
         if self.session is None:
             raise RuntimeError("this link has no ClientSession: encryption is off")
+        self._with_retries("handshake", self._handshake_once)
+
+    def _handshake_once(self) -> None:
+        assert self.session is not None
         self.session.finish(self._rpc("handshake", self.client_id, self.session.hello()))
 
     def header(self) -> RequestHeader:
@@ -101,7 +147,8 @@ class ServerLink:
         return RequestHeader(client_id=self.client_id, request_id=next(self._request_ids), autocast=autocast)
 
     def hello(self, config_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
-        (info,) = self.exchange("join", [json_tensor({"config": config_fingerprint, "tokenizer": tokenizer_fingerprint})])
+        facts = {"config": config_fingerprint, "tokenizer": tokenizer_fingerprint, "incarnation": self.incarnation}
+        (info,) = self.exchange("join", [json_tensor(facts)])
         return json_value(info, "the server's welcome")
 
     def _crossing(self, header: RequestHeader, crossing: Crossing) -> list[torch.Tensor]:
@@ -145,7 +192,7 @@ class ServerLink:
         return norms
 
     def step(self, *, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None) -> None:
-        self.exchange("step", [step_control(client_step, total_steps, grad_scale, clip_value)])
+        self.exchange("step", [step_control(client_step, total_steps, grad_scale, clip_value)], step=client_step)
 
     def aggregation_begin(self, round_index: int) -> tuple[int, list[int]]:
         """Secure aggregation: wait until every active client has begun the round; its (attempt, participants)."""

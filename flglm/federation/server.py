@@ -138,6 +138,7 @@ class MiddleServer:
                 self._secure.join(client_id)
         self._joined: set[int] = set()
         self._left: set[int] = set()
+        self._incarnations: dict[int, int] = {}
         self._client_metrics: dict[int, dict[str, float]] = {}
         self._tokenizer_fingerprint: str | None = None
         self._done = threading.Event()
@@ -150,8 +151,17 @@ class MiddleServer:
         )
 
     # ----------------------------------------------------------------- membership
-    def hello(self, client_id: int, config_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
-        """Handshake: the client must run the same config and tokenizer as the federation."""
+    def hello(
+        self, client_id: int, config_fingerprint: str, tokenizer_fingerprint: str, *, incarnation: int = 0
+    ) -> tuple[dict[str, Any], bool]:
+        """Handshake: the client must run the same config and tokenizer as the federation.
+
+        ``incarnation`` is a random number each client process draws once. A join of the
+        incarnation already connected is a resent join and gets the same answer; a join of
+        another incarnation while one is connected is a restarted client: the dead process's
+        pending state is dropped and the new one takes its place. Returns the server's facts
+        and whether this was a new join (not a resent one).
+        """
         if config_fingerprint != self._fingerprint:
             raise ValueError(
                 f"client {client_id}: its configuration differs from the server's "
@@ -160,36 +170,50 @@ class MiddleServer:
             )
         if client_id not in self.clients:
             raise ValueError(f"client {client_id} is not served by this server (it serves clients {self.clients})")
+        connected = client_id in self._joined and client_id not in self._left
         with self._lock:
             if self._tokenizer_fingerprint is None:
                 self._tokenizer_fingerprint = tokenizer_fingerprint
             elif tokenizer_fingerprint != self._tokenizer_fingerprint:
                 raise ValueError(f"client {client_id}: its tokenizer differs from the other clients'")
-            if client_id in self._joined and client_id not in self._left:
-                raise ValueError(f"client {client_id} is already connected")
-            self._joined.add(client_id)
-            self._left.discard(client_id)
+        fresh = not connected or self._incarnations.get(client_id) != incarnation
+        if connected and fresh:
+            log.warning("client %d joined again as a new process: dropping the old process's pending state", client_id)
+            self._forget_client(client_id)
+        if fresh:
+            with self._lock:
+                self._incarnations[client_id] = incarnation
+                self._joined.add(client_id)
+                self._left.discard(client_id)
             self._rounds.join(client_id)
             if self._secure is not None:
                 self._secure.join(client_id)
-        log.info("client %d joined (%d/%d)", client_id, len(self._joined), len(self.clients))
-        return {
+            if self._batcher is not None:
+                self._batcher.join(client_id)
+            log.info("client %d joined (%d/%d)", client_id, len(self._joined), len(self.clients))
+        info = {
             "hidden_size": self.middle.hidden_size,
             "server_layers": list(self.middle.plan.middle),
             "trainable": bool(self.params),
             "parallelism": self.mode,
             "parameter_names": [n for n, _ in self.named_params],
         }
+        return info, fresh
 
-    def leave(self, client_id: int, metrics: dict[str, float]) -> None:
+    def _forget_client(self, client_id: int) -> None:
+        """Free what the server holds for a client's process: pending forwards, decoding caches, its turn."""
         with self._lock:
-            self._left.add(client_id)
-            self._client_metrics[client_id] = {k: float(v) for k, v in metrics.items()}
             self._drop_client_state(client_id)
             self._decoding.drop_client(client_id)
         self._release_turn(client_id, discard_grads=True)
         if self._batcher is not None:
             self._batcher.leave(client_id)
+
+    def leave(self, client_id: int, metrics: dict[str, float]) -> None:
+        with self._lock:
+            self._left.add(client_id)
+            self._client_metrics[client_id] = {k: float(v) for k, v in metrics.items()}
+        self._forget_client(client_id)
         self._rounds.leave(client_id)
         if self._secure is not None:
             self._secure.leave(client_id)
