@@ -2,5 +2,6 @@
 
 from flglm.callbacks.encryption import EncryptionCallback
 from flglm.callbacks.fedavg import FedAvgCallback
+from flglm.callbacks.training_state import TrainingStateCallback
 
-__all__ = ["EncryptionCallback", "FedAvgCallback"]
+__all__ = ["EncryptionCallback", "FedAvgCallback", "TrainingStateCallback"]

@@ -29,13 +29,16 @@ class FedAvgCallback(Callback):
         link: the client's ``ServerLink``.
         every_n_steps: aggregate after every this many optimizer steps; 0 = at each epoch end.
         masker: this client's ``PairwiseMasker`` for secure aggregation, or None for plain FedAvg.
+        checkpoints: a ``flglm.round_checkpoints.RoundCheckpoints``: the trainer's state is saved right
+            after each due round (the server saves its own at the same round).
     """
 
-    def __init__(self, link: Any, *, every_n_steps: int = 0, masker: Any = None) -> None:
+    def __init__(self, link: Any, *, every_n_steps: int = 0, masker: Any = None, checkpoints: Any = None) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         self._link = link
         self._masker = masker
+        self._checkpoints = checkpoints
         self.redone_rounds = 0
         self._every = every_n_steps
         self._round = 0
@@ -51,7 +54,16 @@ class FedAvgCallback(Callback):
         named = sorted(pl_module.lm.named_parameters(), key=lambda item: item[0])
         return [p for _, p in named if p.requires_grad]
 
-    def aggregate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self._round, "seen_before": self._seen_before, "last_step": self._last_step, "redone_rounds": self.redone_rounds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._round = int(state_dict["round"])
+        self._seen_before = int(state_dict["seen_before"])
+        self._last_step = int(state_dict["last_step"])
+        self.redone_rounds = int(state_dict.get("redone_rounds", 0))
+
+    def aggregate(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any = None, *, checkpoint: bool = True) -> None:
         params = self._params(pl_module)
         self._samples = pl_module.samples_seen - self._seen_before
         with torch.no_grad():
@@ -64,6 +76,10 @@ class FedAvgCallback(Callback):
         self._round += 1
         self._seen_before = pl_module.samples_seen
         self._last_step = trainer.global_step
+        if checkpoint and self._checkpoints is not None and self._checkpoints.due(self._round):
+            if outputs is not None:
+                pl_module.record_loss(outputs)  # its own batch-end hook runs after this one
+            self._checkpoints.save(trainer, self._round)
 
     def average(self, vector: torch.Tensor, weight: float) -> torch.Tensor:
         """This round's FedAvg of every participating client's ``vector`` (weighted by ``weight``)."""
@@ -85,7 +101,7 @@ class FedAvgCallback(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self._every and step > 0 and step % self._every == 0 and step != self._last_step:
-            self.aggregate(trainer, pl_module)
+            self.aggregate(trainer, pl_module, outputs)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -95,4 +111,4 @@ class FedAvgCallback(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
-            self.aggregate(trainer, pl_module)
+            self.aggregate(trainer, pl_module, checkpoint=False)  # training is over: nothing to resume

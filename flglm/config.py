@@ -124,6 +124,13 @@ class ServerConfig:
     """client_batching: at most this many clients share one batch."""
     batch_window_ms: float = 50.0
     """client_batching: a group closes when every active client has asked, or this long after the first."""
+    checkpoint_every: int = 0
+    """Save the server's state (trainable weights, optimizer, RNG, counters) every this many
+    FedAvg rounds, and each client its trainer's checkpoint at the same rounds; 0: never. Rounds,
+    not steps: only at a round are all parties at one consistent point (with
+    ``federation.aggregate_every=k`` a round is every k optimizer steps)."""
+    checkpoint_keep: int = 2
+    """Checkpoints each party keeps (at least 2: a party may be one round ahead when a crash comes)."""
     request_timeout_s: float = 60.0
     """client_batching: a member that sends no backward/step/next forward within this time is
     dropped from its group, so the others go on."""
@@ -159,6 +166,9 @@ class FaultsConfig:
     """Probability that the server receives a message twice."""
     seed: int = 0
     """Client ``i`` draws its faults from seed ``seed + i``."""
+    kill_server_at_step: int = 0
+    """The server kills itself (SIGKILL) right after its optimizer step number N, in the first
+    start only (not after a torchrun restart); 0: never. For crash-and-resume tests."""
 
 
 @dataclass(kw_only=True)
@@ -291,6 +301,10 @@ class RunConfig:
     seed: int = 0
     run_dir: str = "runs/default"
     """Everything a run writes goes under this directory."""
+    resume: bool = False
+    """Continue from the newest checkpoint round that the server and every client have (see
+    ``server.checkpoint_every``); start fresh when there is none. Set it from the first start to
+    let ``torchrun --max-restarts`` restart a failed federation where it left off."""
     model: ModelConfig = field(default_factory=ModelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -423,6 +437,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     _validate_sub_servers(cfg)
     _validate_link(cfg)
+    _validate_checkpoints(cfg)
     if cfg.crypto.client_public_keys and len(cfg.crypto.client_public_keys) != cfg.federation.num_clients:
         raise ConfigError(
             f"crypto.client_public_keys lists {len(cfg.crypto.client_public_keys)} keys for "
@@ -470,6 +485,16 @@ def _validate_task(cfg: RunConfig) -> None:
         raise ConfigError("data.partition=dirichlet splits by class label; task.kind=generation has none (use iid)")
 
 
+def _validate_checkpoints(cfg: RunConfig) -> None:
+    s = cfg.server
+    if s.checkpoint_every < 0:
+        raise ConfigError(f"server.checkpoint_every must be >= 0 (0: never), got {s.checkpoint_every}")
+    if s.checkpoint_keep < 2:
+        raise ConfigError(f"server.checkpoint_keep must be >= 2 (a party may be one round ahead at a crash), got {s.checkpoint_keep}")
+    if s.checkpoint_every and (s.parallelism == "hierarchical" or s.sub_servers > 1):
+        raise ConfigError("server.checkpoint_every is not supported with hierarchical sub-servers yet; use sequential or client_batching")
+
+
 def _validate_link(cfg: RunConfig) -> None:
     f, faults = cfg.federation, cfg.faults
     if f.max_retries < 0:
@@ -483,6 +508,8 @@ def _validate_link(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be a probability in [0, 1], got {value}")
     if sum(probabilities.values()) > 1.0:
         raise ConfigError(f"faults.drop_request + faults.drop_reply + faults.duplicate must not exceed 1, got {sum(probabilities.values())}")
+    if faults.kill_server_at_step < 0:
+        raise ConfigError(f"faults.kill_server_at_step must be >= 0 (0: never), got {faults.kill_server_at_step}")
     if (faults.drop_request or faults.drop_reply) and f.max_retries == 0:
         raise ConfigError("faults.drop_request/drop_reply lose messages; they need federation.max_retries >= 1")
 
@@ -519,6 +546,7 @@ def fingerprint(cfg: RunConfig) -> str:
     """
     shared = to_dict(cfg)
     shared.pop("run_dir")
+    shared.pop("resume")
     shared.pop("generation")
     shared.pop("faults")
     shared["crypto"].pop("key_dir")

@@ -29,6 +29,8 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
+    restart_count: int = 0
+    """How many times torchrun restarted the federation's processes (``--max-restarts``)."""
 
 
 def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -47,6 +49,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         local_world_size=int(environ["LOCAL_WORLD_SIZE"]),
         master_addr=environ["MASTER_ADDR"],
         master_port=int(environ["MASTER_PORT"]),
+        restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
     )
 
 

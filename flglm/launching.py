@@ -93,13 +93,19 @@ def run_torchrun(
     run_dir: Path | None = None,
     extra_env: dict[str, str] | None = None,
     stream: bool = False,
+    max_restarts: int = 0,
 ) -> FederationRun:
     """Run ``script`` in ``nproc`` processes under torchrun (free port); kill them all on timeout.
+
+    ``max_restarts``: torchrun restarts all processes this many times after one fails.
 
     Raises FederationFailed with the output (and the logs under ``run_dir/logs``) on timeout
     or a non-zero exit. ``stream`` echoes the output (progress bars, logs) while it runs.
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script), *args]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        str(script), *args,
+    ]  # fmt: skip
     env = dict(os.environ)
     env.update(extra_env or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -132,6 +138,7 @@ def run_federation(
     sub_servers: int = 1,
     extra_env: dict[str, str] | None = None,
     stream: bool = False,
+    max_restarts: int = 0,
 ) -> FederationRun:
     """Run a federation: ``sub_servers + num_clients`` processes of ``launch/train.py``, and wait.
 
@@ -145,5 +152,12 @@ def run_federation(
             args += ["server.parallelism=hierarchical"]
     args += list(overrides)
     return run_torchrun(
-        TRAIN_SCRIPT, args, nproc=num_clients + sub_servers, timeout_s=timeout_s, run_dir=run_dir, extra_env=extra_env, stream=stream
+        TRAIN_SCRIPT,
+        args,
+        nproc=num_clients + sub_servers,
+        timeout_s=timeout_s,
+        run_dir=run_dir,
+        extra_env=extra_env,
+        stream=stream,
+        max_restarts=max_restarts,
     )

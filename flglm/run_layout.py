@@ -21,3 +21,8 @@ def client_weights_path(run_dir: str | Path, client_index: int) -> Path:
 def tokenizer_dir(run_dir: str | Path) -> Path:
     """The tokenizer a random-init run trained and saved (client 0 writes it)."""
     return Path(run_dir) / "tokenizer"
+
+
+def checkpoint_dir(run_dir: str | Path, party: str) -> Path:
+    """Checkpoints of one party (``server`` or ``client{i}``), one file per FedAvg round."""
+    return Path(run_dir) / "checkpoints" / party

@@ -24,14 +24,16 @@ from lightning_fabric.utilities import rank_zero as fabric_rank_zero
 from torch.distributed import rpc
 from torch.utils.data import DataLoader
 
-from flglm.callbacks import EncryptionCallback, FedAvgCallback
+from flglm.callbacks import EncryptionCallback, FedAvgCallback, TrainingStateCallback
 from flglm.checkpoint import save_tensors, write_json
+from flglm.round_checkpoints import RoundCheckpoints
 from flglm.client.lm import FullCausalLM, SplitCausalLM
 from flglm.client.module import SplitClientModule
 from flglm.config import RunConfig, fingerprint, to_yaml
 from flglm.crypto.keyring import load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
 from flglm.data import Example, tokenizer_fingerprint
+from flglm.data.sampler import ResumableSampler
 from flglm.datasets import (
     all_train_examples,
     build_tokenizer,
@@ -49,7 +51,7 @@ from flglm.federation.server import MiddleServer
 from flglm.federation.transport import FaultyTransport, RetryPolicy, RpcTransport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.roles import Role, clients_of
-from flglm.run_layout import client_weights_path, middle_weights_path
+from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path
 from flglm.tasks import build_task
 
 log = logging.getLogger("flglm")
@@ -144,15 +146,16 @@ def make_trainer(cfg: RunConfig, out_dir: Path, callbacks: list[L.Callback]) -> 
 
 def _loaders(
     cfg: RunConfig, train: list[Example], dev: list[Example] | None, collate: Any, seed: int
-) -> tuple[DataLoader, DataLoader | None]:
+) -> tuple[DataLoader, DataLoader | None, TrainingStateCallback]:
+    """The training and dev loaders, and the callback that makes the training order resumable."""
+    sampler = ResumableSampler(len(train), seed=seed, shuffle=cfg.data.shuffle)
+    # The loader's own generator: each iter() draws a seed from it (from the global RNG without one).
     generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(
-        train, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, collate_fn=collate, generator=generator
-    )
+    train_loader = DataLoader(train, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate, generator=generator)
     dev_loader = (
         DataLoader(dev, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate) if dev else None
     )
-    return train_loader, dev_loader
+    return train_loader, dev_loader, TrainingStateCallback(sampler, batch_size=cfg.data.batch_size)
 
 
 def _final_metrics(trainer: L.Trainer, module: SplitClientModule, dev_loader: DataLoader | None) -> dict[str, float]:
@@ -249,7 +252,8 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
             timeout_s=cfg.server.sync_timeout_s,
         )
     clients = clients_of(role.server_index, num_clients=cfg.federation.num_clients, sub_servers=role.sub_servers)
-    server = MiddleServer(cfg, middle=middle, clients=clients, mode=choice.mode)
+    kill_at = cfg.faults.kill_server_at_step if env.restart_count == 0 else 0
+    server = MiddleServer(cfg, middle=middle, clients=clients, mode=choice.mode, kill_at_step=kill_at)
     endpoint = ServerEndpoint(server, sessions)
     endpoint_mod.install(endpoint)
     log.info("%s: encryption %s", role.worker_name, "on (AES-256-GCM per client)" if sessions else "OFF (crypto.enabled=false)")
@@ -347,14 +351,23 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         blocks = ClientBlocks(cfg.model, plan, cfg.peft)
         check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
         log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))
-        info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
+        checkpoints = RoundCheckpoints(
+            checkpoint_dir(cfg.run_dir, role.worker_name), every=cfg.server.checkpoint_every, keep=cfg.server.checkpoint_keep
+        )
+        offered = checkpoints.rounds() if cfg.resume else None
+        info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer), checkpoints=offered)
+        resume_from = checkpoints.path(info["resume_round"]) if info.get("resume_round") else None
+        if resume_from is not None:
+            log.info("%s: resuming from %s", role.worker_name, resume_from)
         lm = SplitCausalLM(blocks, RemoteMiddle(link, server_info=info))
         module, collate = build_task(cfg, lm, tokenizer)
-        train_loader, dev_loader = _loaders(cfg, train, dev, collate, seed=cfg.seed + index)
-        fedavg = FedAvgCallback(link, every_n_steps=cfg.federation.aggregate_every, masker=masker)
-        trainer = make_trainer(cfg, out_dir, [*callbacks, fedavg])
+        train_loader, dev_loader, training_state = _loaders(cfg, train, dev, collate, seed=cfg.seed + index)
+        fedavg = FedAvgCallback(
+            link, every_n_steps=cfg.federation.aggregate_every, masker=masker, checkpoints=checkpoints if checkpoints.every else None
+        )
+        trainer = make_trainer(cfg, out_dir, [*callbacks, training_state, fedavg])
         started = time.monotonic()
-        trainer.fit(module, train_loader, dev_loader)
+        trainer.fit(module, train_loader, dev_loader, ckpt_path=str(resume_from) if resume_from is not None else None)
         metrics = _final_metrics(trainer, module, dev_loader)
         metrics["train_time_s"] = round(time.monotonic() - started, 3)
         metrics["fedavg_rounds"] = float(fedavg.rounds)
@@ -374,8 +387,8 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     lm = FullCausalLM(build_full_model(cfg.model, cfg.peft))
     check_fits_model(cfg, tokenizer, vocab_size=lm.hf.config.vocab_size, max_positions=lm.max_positions)
     module, collate = build_task(cfg, lm, tokenizer)
-    train_loader, dev_loader = _loaders(cfg, train, dev, collate, seed=cfg.seed)
-    trainer = make_trainer(cfg, out_dir, [])
+    train_loader, dev_loader, training_state = _loaders(cfg, train, dev, collate, seed=cfg.seed)
+    trainer = make_trainer(cfg, out_dir, [training_state])
     started = time.monotonic()
     trainer.fit(module, train_loader, dev_loader)
     metrics = _final_metrics(trainer, module, dev_loader)

@@ -41,6 +41,7 @@ class SplitClientModule(L.LightningModule):
         self._total_steps = 1
         self._server_grad_scale = 1.0
         self._server_clip_value: float | None = None
+        self._loss_recorded_for: int | None = None
 
     @property
     def link(self):
@@ -152,9 +153,26 @@ class SplitClientModule(L.LightningModule):
         self.samples_seen += _batch_size(batch)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.record_loss(outputs)
+
+    def record_loss(self, outputs: Any) -> None:
+        """Append this batch's loss to ``loss_history`` once (a checkpoint taken by a callback,
+        whose batch-end hook runs before this module's, records it first)."""
+        batch = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else None
+        if batch is not None and batch == self._loss_recorded_for:
+            return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self.loss_history.append(float(loss.detach()))
+            self._loss_recorded_for = batch
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["flglm"] = {"loss_history": list(self.loss_history), "samples_seen": self.samples_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("flglm", {})
+        self.loss_history = list(saved.get("loss_history", []))
+        self.samples_seen = int(saved.get("samples_seen", 0))
 
     def client_state_dict(self) -> dict[str, torch.Tensor]:
         return self.lm.client_state_dict()

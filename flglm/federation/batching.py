@@ -184,6 +184,7 @@ class ClientBatcher:
         if len(self._forming) < wanted and waited < self._window_s:
             return
         first, self._forming = self._forming[: self._max_clients], self._forming[self._max_clients :]
+        first.sort(key=lambda f: f.header.client_id)  # rows in client order, not arrival order: reproducible sums
         group = _Group(members=[f.header.client_id for f in first])
         group.forwards = {f.header.client_id: f for f in first}
         self._group = group

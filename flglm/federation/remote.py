@@ -146,8 +146,11 @@ class ServerLink:
             autocast = str(torch.get_autocast_dtype("cpu")).removeprefix("torch.")
         return RequestHeader(client_id=self.client_id, request_id=next(self._request_ids), autocast=autocast)
 
-    def hello(self, config_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
+    def hello(self, config_fingerprint: str, tokenizer_fingerprint: str, *, checkpoints: list[int] | None = None) -> dict[str, Any]:
+        """Join the federation; ``checkpoints`` (resume) are the rounds this client has checkpoints of."""
         facts = {"config": config_fingerprint, "tokenizer": tokenizer_fingerprint, "incarnation": self.incarnation}
+        if checkpoints is not None:
+            facts["checkpoints"] = list(checkpoints)
         (info,) = self.exchange("join", [json_tensor(facts)])
         return json_value(info, "the server's welcome")
 

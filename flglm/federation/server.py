@@ -10,7 +10,10 @@ optimizer step) has the middle stack to itself; other clients wait for their tur
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +26,16 @@ from typing import Any, TypeVar
 import torch
 from torch.futures import Future
 
+from flglm.round_checkpoints import (
+    CheckpointError,
+    checkpoint_path,
+    consistent_round,
+    load_checkpoint,
+    model_fingerprint,
+    prune,
+    rounds_in,
+    save_atomically,
+)
 from flglm.config import RunConfig, fingerprint
 from flglm.federation.aggregation import AggregationRounds
 from flglm.federation.batching import ClientBatcher, batching_stats
@@ -44,6 +57,7 @@ from flglm.federation.secure_rounds import SecureRounds
 from flglm.models.prefix import kv_shape
 from flglm.models.split import MiddleStack, max_positions_of, plan_for
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
+from flglm.run_layout import checkpoint_dir
 
 log = logging.getLogger("flglm.server")
 T = TypeVar("T")
@@ -88,6 +102,8 @@ class MiddleServer:
         clients: the client ids this server serves (all of them unless it is a sub-server).
         mode: the resolved ``server.parallelism`` (never ``auto``); ``hierarchical`` needs the
             server ranks' process group to be initialised (``flglm.distributed.init_server_group``).
+        kill_at_step: fault injection (``faults.kill_server_at_step``): SIGKILL this process
+            right after that optimizer step; 0: never.
     """
 
     def __init__(
@@ -97,8 +113,10 @@ class MiddleServer:
         middle: MiddleStack | None = None,
         clients: Sequence[int] | None = None,
         mode: str | None = None,
+        kill_at_step: int = 0,
     ) -> None:
         self.cfg = cfg
+        self._kill_at_step = kill_at_step
         self.mode = mode or cfg.server.parallelism
         if self.mode == "auto":
             raise ValueError("MiddleServer needs a resolved parallelism mode (see flglm.federation.parallelism)")
@@ -139,6 +157,12 @@ class MiddleServer:
         self._joined: set[int] = set()
         self._left: set[int] = set()
         self._incarnations: dict[int, int] = {}
+        self._checkpoints = checkpoint_dir(cfg.run_dir, "server")
+        self._model_fingerprint = model_fingerprint(cfg, {n: list(p.shape) for n, p in self.named_params})
+        self._checkpointed: set[int] = set()
+        self._resume_offers: dict[int, list[int]] = {}
+        self._resume_round: int | None = None
+        self._resume_decided = threading.Event()
         self._client_metrics: dict[int, dict[str, float]] = {}
         self._tokenizer_fingerprint: str | None = None
         self._done = threading.Event()
@@ -152,7 +176,13 @@ class MiddleServer:
 
     # ----------------------------------------------------------------- membership
     def hello(
-        self, client_id: int, config_fingerprint: str, tokenizer_fingerprint: str, *, incarnation: int = 0
+        self,
+        client_id: int,
+        config_fingerprint: str,
+        tokenizer_fingerprint: str,
+        *,
+        incarnation: int = 0,
+        checkpoints: Sequence[int] = (),
     ) -> tuple[dict[str, Any], bool]:
         """Handshake: the client must run the same config and tokenizer as the federation.
 
@@ -161,6 +191,10 @@ class MiddleServer:
         another incarnation while one is connected is a restarted client: the dead process's
         pending state is dropped and the new one takes its place. Returns the server's facts
         and whether this was a new join (not a resent one).
+
+        With ``resume``, the first joins wait until every client has joined with the rounds of
+        its checkpoints (``checkpoints``); then the server loads the newest round all parties
+        have, and ``resume_round`` in every answer tells the clients which one to load (0: none).
         """
         if config_fingerprint != self._fingerprint:
             raise ValueError(
@@ -191,7 +225,9 @@ class MiddleServer:
             if self._batcher is not None:
                 self._batcher.join(client_id)
             log.info("client %d joined (%d/%d)", client_id, len(self._joined), len(self.clients))
+        resume_round = self._agree_on_resume(client_id, checkpoints) if self.cfg.resume else None
         info = {
+            "resume_round": resume_round or 0,
             "hidden_size": self.middle.hidden_size,
             "server_layers": list(self.middle.plan.middle),
             "trainable": bool(self.params),
@@ -199,6 +235,86 @@ class MiddleServer:
             "parameter_names": [n for n, _ in self.named_params],
         }
         return info, fresh
+
+    def _agree_on_resume(self, client_id: int, checkpoints: Sequence[int]) -> int | None:
+        """Wait for every client's checkpoint rounds; the newest round all parties share (loaded here)."""
+        with self._lock:
+            if self._resume_decided.is_set():
+                return self._resume_round  # a client rejoining later continues from the current state
+            self._resume_offers[client_id] = sorted({int(r) for r in checkpoints})
+            everyone = len(self._resume_offers) == len(self.clients)
+        if everyone:
+            try:
+                own = rounds_in(self._checkpoints, "pt")
+                chosen = consistent_round(own, self._resume_offers.values())
+                if chosen is not None:
+                    self.restore(load_checkpoint(checkpoint_path(self._checkpoints, chosen, "pt"), expect_model=self._model_fingerprint))
+                    log.info("resuming from round %d (server has %s, clients %s)", chosen, own, self._resume_offers)
+                else:
+                    log.info("resume: no checkpoint round common to all parties (server %s, clients %s); starting fresh", own, self._resume_offers)
+                self._resume_round = chosen
+            except BaseException as exc:
+                self._abort(exc)
+                raise
+            finally:
+                self._resume_decided.set()
+        elif not self._resume_decided.wait(timeout=self.cfg.server.startup_timeout_s):
+            raise TimeoutError(
+                f"client {client_id}: resume waits for every client's checkpoints; only {len(self._resume_offers)} of "
+                f"{len(self.clients)} joined within server.startup_timeout_s={self.cfg.server.startup_timeout_s}"
+            )
+        if self._error is not None:
+            raise RuntimeError(f"the server could not resume: {self._error}")
+        return self._resume_round
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_state(self, rounds: int) -> dict[str, Any]:
+        """Everything a restarted server needs to continue exactly: trainable weights, optimizer,
+        RNG, counters. Taken under the lock, at a round, when no client's step is in flight."""
+        with self._lock:
+            return {
+                "format": 1,
+                "rounds": rounds,
+                "model": self._model_fingerprint,
+                "parameters": {n: p.detach().clone() for n, p in self.named_params},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
+                "rng": torch.get_rng_state(),
+                "stats": {k: v for k, v in self.stats.__dict__.items() if k != "started"},
+                "aggregation_rounds": self._rounds.completed + (self._secure.completed if self._secure else 0),
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a :meth:`checkpoint_state` (already checked to fit this model and split)."""
+        with self._lock:
+            named = dict(self.named_params)
+            saved = state["parameters"]
+            if sorted(saved) != sorted(named):
+                raise CheckpointError(f"checkpoint of round {state['rounds']} holds parameters {sorted(saved)[:3]}..., expected {sorted(named)[:3]}...")
+            with torch.no_grad():
+                for name, value in saved.items():
+                    named[name].copy_(value)
+            if self.optimizer is not None and state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            for key, value in state["stats"].items():
+                if hasattr(self.stats, key):
+                    setattr(self.stats, key, value)
+            self._rounds.completed = int(state["aggregation_rounds"])
+            self._checkpointed.add(int(state["rounds"]))
+
+    def _round_done(self, round_index: int) -> None:
+        """A FedAvg round is complete (called before any client gets the average): checkpoint if due."""
+        every = self.cfg.server.checkpoint_every
+        rounds = round_index + 1
+        if not every or rounds % every:
+            return
+        with self._lock:
+            if rounds in self._checkpointed:
+                return
+            self._checkpointed.add(rounds)
+            save_atomically(self.checkpoint_state(rounds), checkpoint_path(self._checkpoints, rounds, "pt"))
+            prune(self._checkpoints, "pt", self.cfg.server.checkpoint_keep)
+        log.info("checkpoint of round %d written", rounds)
 
     def _forget_client(self, client_id: int) -> None:
         """Free what the server holds for a client's process: pending forwards, decoding caches, its turn."""
@@ -535,6 +651,9 @@ class MiddleServer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.stats.steps += 1
+            if self.stats.steps == self._kill_at_step:
+                log.warning("fault injection: killing the server (SIGKILL) after step %d", self.stats.steps)
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------- aggregation
     def aggregation_begin(self, client_id: int, round_index: int) -> Future:
@@ -552,8 +671,17 @@ class MiddleServer:
         """
         if self._secure is None:
             future = self._rounds.contribute(client_id, round_index, vector, weight)
-            return future.then(lambda done: plain_result_tensors(done.wait()))
-        return self._secure.upload(client_id, round_index, attempt, vector, weight).then(lambda done: result_tensors(done.wait()))
+            return future.then(lambda done: self._answer_round(round_index, done, plain_result_tensors))
+        upload = self._secure.upload(client_id, round_index, attempt, vector, weight)
+        return upload.then(lambda done: self._answer_round(round_index, done, result_tensors))
+
+    def _answer_round(self, round_index: int, done: Future, to_tensors: Callable[[Any], list[torch.Tensor]]) -> list[torch.Tensor]:
+        # Runs for each contributor as the round resolves, on one thread: the first one writes the
+        # checkpoint before any contributor's answer leaves.
+        result = done.wait()
+        if getattr(result, "status", "done") == "done":
+            self._round_done(round_index)
+        return to_tensors(result)
 
     # ---------------------------------------------------------------- bookkeeping
     def _sweep(self) -> None:
