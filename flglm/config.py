@@ -124,6 +124,10 @@ class ServerConfig:
     """client_batching: at most this many clients share one batch."""
     batch_window_ms: float = 50.0
     """client_batching: a group closes when every active client has asked, or this long after the first."""
+    client_timeout_s: float = 600.0
+    """A joined client that has sent nothing, and has nothing being handled, for this long is
+    dropped from the federation: its pending state is freed, FedAvg rounds and batch groups go on
+    without it, and the event is logged. It can join again (as a new process, or the same one)."""
     checkpoint_every: int = 0
     """Save the server's state (trainable weights, optimizer, RNG, counters) every this many
     FedAvg rounds, and each client its trainer's checkpoint at the same rounds; 0: never. Rounds,
@@ -489,6 +493,8 @@ def _validate_checkpoints(cfg: RunConfig) -> None:
     s = cfg.server
     if s.checkpoint_every < 0:
         raise ConfigError(f"server.checkpoint_every must be >= 0 (0: never), got {s.checkpoint_every}")
+    if not (s.client_timeout_s > 0 and math.isfinite(s.client_timeout_s)):
+        raise ConfigError(f"server.client_timeout_s must be finite and > 0, got {s.client_timeout_s}")
     if s.checkpoint_keep < 2:
         raise ConfigError(f"server.checkpoint_keep must be >= 2 (a party may be one round ahead at a crash), got {s.checkpoint_keep}")
     if s.checkpoint_every and (s.parallelism == "hierarchical" or s.sub_servers > 1):

@@ -134,10 +134,22 @@ class ServerEndpoint:
 
     # ----------------------------------------------------------------- dispatch
     def _answer(self, client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Future:
-        """Handle a message once; a copy of it (resent or duplicated) is answered from the record."""
-        return self.record.answer(
-            client_id, (kind, round_index, step), lambda: _as_future(self._dispatch(client_id, kind, round_index, step, tensors))
-        )
+        """Handle a message once; a copy of it (resent or duplicated) is answered from the record.
+
+        The server counts the client as alive while the message is handled (a client waiting
+        for its turn or for a FedAvg round is not silent)."""
+        self.server.check_not_dropped(client_id, kind)
+        server = self.server
+        server.message_begins(client_id)
+        try:
+            answer = self.record.answer(
+                client_id, (kind, round_index, step), lambda: _as_future(self._dispatch(client_id, kind, round_index, step, tensors))
+            )
+        except BaseException:
+            server.message_ends(client_id)
+            raise
+        answer.add_done_callback(lambda _: server.message_ends(client_id))
+        return answer
 
     def _dispatch(self, client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         return self._handlers[kind](client_id, round_index, step, tensors)

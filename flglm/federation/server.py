@@ -83,6 +83,8 @@ class ServerStats:
     steps: int = 0
     rejected: int = 0
     evicted: int = 0
+    dropped_clients: int = 0
+    """Clients dropped after ``server.client_timeout_s`` of silence."""
     bytes_in: int = 0
     bytes_out: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -157,6 +159,13 @@ class MiddleServer:
         self._joined: set[int] = set()
         self._left: set[int] = set()
         self._incarnations: dict[int, int] = {}
+        self._alive_lock = threading.Lock()
+        self._last_seen: dict[int, float] = {}
+        self._in_flight: dict[int, int] = {}
+        self._dropped: set[int] = set()
+        self._watchdog_stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch_silence, name="flglm-client-watchdog", daemon=True)
+        self._watchdog.start()
         self._checkpoints = checkpoint_dir(cfg.run_dir, "server")
         self._model_fingerprint = model_fingerprint(cfg, {n: list(p.shape) for n, p in self.named_params})
         self._checkpointed: set[int] = set()
@@ -215,8 +224,11 @@ class MiddleServer:
             log.warning("client %d joined again as a new process: dropping the old process's pending state", client_id)
             self._forget_client(client_id)
         if fresh:
+            with self._alive_lock:
+                self._last_seen[client_id] = time.monotonic()
             with self._lock:
                 self._incarnations[client_id] = incarnation
+                self._dropped.discard(client_id)
                 self._joined.add(client_id)
                 self._left.discard(client_id)
             self._rounds.join(client_id)
@@ -315,6 +327,55 @@ class MiddleServer:
             save_atomically(self.checkpoint_state(rounds), checkpoint_path(self._checkpoints, rounds, "pt"))
             prune(self._checkpoints, "pt", self.cfg.server.checkpoint_keep)
         log.info("checkpoint of round %d written", rounds)
+
+    # ------------------------------------------------------------------ liveness
+    def message_begins(self, client_id: int) -> None:
+        """A message of ``client_id`` arrived (called by the endpoint for every message)."""
+        with self._alive_lock:  # not the model's lock: intake must not wait for a computation
+            self._last_seen[client_id] = time.monotonic()
+            self._in_flight[client_id] = self._in_flight.get(client_id, 0) + 1
+
+    def message_ends(self, client_id: int) -> None:
+        with self._alive_lock:
+            self._last_seen[client_id] = time.monotonic()
+            self._in_flight[client_id] = max(0, self._in_flight.get(client_id, 0) - 1)
+
+    def check_not_dropped(self, client_id: int, kind: str) -> None:
+        if kind not in ("join", "leave") and client_id in self._dropped:
+            raise InvalidMessageError(
+                f"client {client_id} was dropped after server.client_timeout_s={self.cfg.server.client_timeout_s} "
+                "without a message; join again"
+            )
+
+    def _watch_silence(self) -> None:
+        timeout = self.cfg.server.client_timeout_s
+        while not self._watchdog_stop.wait(min(1.0, timeout / 4)):
+            now = time.monotonic()
+            members = set(self._joined) - set(self._left)
+            with self._alive_lock:
+                silent = [
+                    c
+                    for c in members
+                    if not self._in_flight.get(c) and now - self._last_seen.get(c, now) > timeout
+                ]
+            for client_id in silent:
+                self.drop_client(client_id, f"no message for {timeout:.0f}s (server.client_timeout_s)")
+
+    def drop_client(self, client_id: int, why: str) -> None:
+        """Take a client that stopped answering out of the federation; the others go on without it."""
+        with self._lock:
+            if client_id in self._left or client_id not in self._joined:
+                return
+            self._left.add(client_id)
+            self._dropped.add(client_id)
+            self.stats.dropped_clients += 1
+        log.warning("client %d dropped from the federation: %s; the others go on, it may join again", client_id, why)
+        self._forget_client(client_id)
+        self._rounds.leave(client_id)
+        if self._secure is not None:
+            self._secure.leave(client_id)
+        if len(self._joined) >= len(self.clients) and self._left >= self._joined:
+            self._done.set()
 
     def _forget_client(self, client_id: int) -> None:
         """Free what the server holds for a client's process: pending forwards, decoding caches, its turn."""
@@ -417,6 +478,7 @@ class MiddleServer:
         return self._executor.submit(fn, *args).result()
 
     def close(self) -> None:
+        self._watchdog_stop.set()
         if self._batcher is not None:
             self._batcher.close()
         self._executor.shutdown(wait=True)

@@ -1,0 +1,97 @@
+"""A client that dies mid-round is dropped after server.client_timeout_s; the others finish; it can rejoin."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from test_encrypted_link import _model
+
+from flglm.config import RunConfig
+from flglm.federation.endpoint import ServerEndpoint
+from flglm.federation.messages import InvalidMessageError
+from flglm.federation.remote import ServerLink
+from flglm.federation.server import MiddleServer
+
+
+@pytest.fixture
+def cfg(tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]) -> RunConfig:
+    return make_run_config(tiny_model_configs["llama"], "federation.num_clients=3", "server.client_timeout_s=1.0", "crypto.enabled=false")
+
+
+def _step_and_aggregate(lm: Any, link: ServerLink, round_index: int) -> torch.Tensor:
+    ids = torch.arange(3, 12).view(1, 9)
+    lm(ids, torch.ones_like(ids)).sum().backward()
+    link.step(client_step=round_index, total_steps=4)
+    return link.aggregate(round_index, torch.full((4,), float(link.client_id)), 1.0)
+
+
+def test_a_silent_client_is_dropped_and_the_others_finish_their_round(cfg: RunConfig, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: three clients; client 2 sends a forward (taking the server's turn and leaving
+    # autograd state behind) and then dies without a word
+    server = MiddleServer(cfg)
+    endpoint = ServerEndpoint(server)
+    links = [ServerLink(endpoint, client_id=i, timeout_s=30) for i in range(3)]
+    models = [_model(cfg, link) for link in links]
+    ids = torch.arange(3, 12).view(1, 9)
+    models[2](ids, torch.ones_like(ids))
+    assert server.pending_count() == 1
+    averages: dict[int, torch.Tensor] = {}
+
+    def survivor(i: int) -> None:
+        averages[i] = _step_and_aggregate(models[i], links[i], 0)
+
+    # Execute: clients 0 and 1 train a step and meet for FedAvg round 0
+    with caplog.at_level(logging.WARNING, logger="flglm.server"):
+        threads = [threading.Thread(target=survivor, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+
+    # Assert: they finished without client 2, whose state is freed; the event is logged
+    assert not any(t.is_alive() for t in threads), "the survivors are stuck"
+    assert torch.equal(averages[0], torch.full((4,), 0.5)) and torch.equal(averages[1], averages[0])
+    assert server.pending_count() == 0
+    assert server.stats.dropped_clients == 1 and server.stats.steps == 2
+    assert "client 2 dropped from the federation: no message for 1s" in caplog.text
+    # the dead process's late message is refused by name; a new process of client 2 joins and trains
+    with pytest.raises(InvalidMessageError, match="client 2 was dropped .* join again"):
+        links[2].step(client_step=0, total_steps=4)
+    restarted = ServerLink(endpoint, client_id=2, timeout_s=30)
+    lm = _model(cfg, restarted)
+    lm(ids, torch.ones_like(ids)).sum().backward()
+    restarted.step(client_step=0, total_steps=4)
+    assert server.stats.steps == 3
+    server.close()
+
+
+def test_a_client_waiting_for_its_turn_or_a_round_is_not_silent(cfg: RunConfig) -> None:
+    # Prepare: client 0 holds a FedAvg round open (waiting for the others) for longer than the timeout
+    server = MiddleServer(cfg)
+    endpoint = ServerEndpoint(server)
+    links = [ServerLink(endpoint, client_id=i, timeout_s=30) for i in range(3)]
+    for link in links:
+        _model(cfg, link)
+    done: dict[int, torch.Tensor] = {}
+    waiting = threading.Thread(target=lambda: done.setdefault(0, links[0].aggregate(0, torch.zeros(4), 1.0)))
+    waiting.start()
+
+    # Execute: the others keep talking and join the round after 2.5 timeouts
+    for _ in range(5):
+        threading.Event().wait(0.5)
+        for link in links[1:]:
+            link.grad_norms()
+    others = [threading.Thread(target=lambda i=i: done.setdefault(i, links[i].aggregate(0, torch.zeros(4), 1.0))) for i in (1, 2)]
+    for thread in others:
+        thread.start()
+    for thread in [waiting, *others]:
+        thread.join(timeout=10)
+
+    # Assert: the round completed for all three; nobody was dropped
+    assert sorted(done) == [0, 1, 2] and server.stats.dropped_clients == 0
+    server.close()
