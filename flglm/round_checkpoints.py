@@ -91,7 +91,7 @@ def load_checkpoint(path: str | Path, *, expect_model: str) -> dict[str, Any]:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
+    except Exception as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
     if not isinstance(state, dict) or state.get("format") != 1:
         raise CheckpointError(f"{path}: not a flglm server checkpoint (format 1)")

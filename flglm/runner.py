@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader
 
 from flglm.callbacks import EncryptionCallback, FedAvgCallback, TrainingStateCallback
 from flglm.checkpoint import save_tensors, write_json
-from flglm.round_checkpoints import RoundCheckpoints
 from flglm.client.lm import FullCausalLM, SplitCausalLM
 from flglm.client.module import SplitClientModule
 from flglm.config import RunConfig, fingerprint, to_yaml
@@ -51,6 +50,7 @@ from flglm.federation.server import MiddleServer
 from flglm.federation.transport import FaultyTransport, RetryPolicy, RpcTransport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.roles import Role, clients_of
+from flglm.round_checkpoints import RoundCheckpoints
 from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path
 from flglm.tasks import build_task
 

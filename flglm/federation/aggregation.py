@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.futures import Future
 
+from flglm.federation.messages import InvalidMessageError
+
 
 def fedavg(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean of equally shaped tensors; equal weights when all weights are zero."""
@@ -76,22 +78,24 @@ class AggregationRounds:
 
     def contribute(self, client_id: int, round_index: int, vector: torch.Tensor, weight: float) -> Future:
         if vector.dim() != 1 or not vector.is_floating_point():
-            raise ValueError(f"client {client_id}: aggregation vector must be a 1-D float tensor, got {vector.dtype} {list(vector.shape)}")
+            raise InvalidMessageError(f"client {client_id}: aggregation vector must be a 1-D float tensor, got {vector.dtype} {list(vector.shape)}")
+        if not torch.isfinite(vector).all():
+            raise InvalidMessageError(f"client {client_id}: aggregation vector holds NaN or Inf")
         if not math.isfinite(weight) or weight < 0:
             # Checked here, not only in fedavg: a failure while finishing a round would leave the
             # other contributors' futures unresolved.
-            raise ValueError(f"client {client_id}: aggregation weight must be finite and >= 0, got {weight}")
+            raise InvalidMessageError(f"client {client_id}: aggregation weight must be finite and >= 0, got {weight}")
         future: Future = Future()
         with self._lock:
             if client_id not in self._active:
-                raise ValueError(f"client {client_id} is not an active member of the federation")
+                raise InvalidMessageError(f"client {client_id} is not an active member of the federation")
             if self._size is None:
                 self._size = vector.numel()
             elif vector.numel() != self._size:
-                raise ValueError(f"client {client_id}: aggregation vector has {vector.numel()} entries, expected {self._size}")
+                raise InvalidMessageError(f"client {client_id}: aggregation vector has {vector.numel()} entries, expected {self._size}")
             state = self._rounds.setdefault(round_index, _Round())
             if client_id in state.vectors:
-                raise ValueError(f"client {client_id} already contributed to round {round_index}")
+                raise InvalidMessageError(f"client {client_id} already contributed to round {round_index}")
             state.vectors[client_id] = vector
             state.weights[client_id] = float(weight)
             state.futures[client_id] = future

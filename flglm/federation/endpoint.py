@@ -80,7 +80,7 @@ class ServerEndpoint:
                 raise ChannelError("this server requires encryption (crypto.enabled=true); clear messages are refused")
             client_id = _client_id(client_id)
             kind = _kind(kind)
-            if not isinstance(round_index, int) or not isinstance(step, int) or round_index < 0 or step < 0:
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in (round_index, step)):
                 raise InvalidMessageError(f"client {client_id}: round and step must be integers >= 0")
             if not isinstance(tensors, list) or not all(isinstance(t, torch.Tensor) for t in tensors):
                 raise InvalidMessageError(f"client {client_id}: a message carries a list of tensors")
@@ -138,7 +138,7 @@ class ServerEndpoint:
 
         The server counts the client as alive while the message is handled (a client waiting
         for its turn or for a FedAvg round is not silent)."""
-        self.server.check_not_dropped(client_id, kind)
+        self.server.check_member(client_id, kind)
         server = self.server
         server.message_begins(client_id)
         try:
@@ -234,7 +234,7 @@ def _client_id(value: object) -> int:
 
 
 def _kind(value: object) -> str:
-    if value not in P.REPLY_KIND:
+    if not isinstance(value, str) or value not in P.REPLY_KIND:
         raise InvalidMessageError(f"unknown message kind {value!r}; known: {sorted(P.REPLY_KIND)}")
     return value  # type: ignore[return-value]
 

@@ -76,15 +76,26 @@ class ReplyRecord:
                 )
             if latest is not None:
                 older[latest[0]] = None
-                while len(older) > self._remember:
-                    older.popitem(last=False)
             answer: Future = Future()
             self._latest[client_id] = (key, answer)
         try:
             result = handle()
         except Exception as exc:
-            answer.set_exception(exc)  # recorded: a copy gets the same refusal
+            # Refused before anything changed: not recorded, so the message before it stays the one
+            # a resend matches, and a corrected message with this key is handled normally. A copy
+            # already waiting on it gets the same refusal.
+            with self._lock:
+                if self._latest.get(client_id, (None, None))[1] is answer:
+                    if latest is None:
+                        self._latest.pop(client_id, None)
+                    else:
+                        self._latest[client_id] = latest
+                        older.pop(latest[0], None)
+            answer.set_exception(exc)
             raise
+        with self._lock:
+            while len(older) > self._remember:
+                older.popitem(last=False)
         result.add_done_callback(lambda done: _settle(answer, done))
         return answer
 

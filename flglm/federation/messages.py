@@ -141,5 +141,5 @@ def wire(tensor: torch.Tensor) -> torch.Tensor:
     """A detached, compact tensor to send: RPC sends a view's whole storage otherwise."""
     tensor = tensor.detach()
     if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.contiguous().clone()
+        tensor = tensor.clone(memory_format=torch.contiguous_format)  # a size-1 view may keep a stride != 1
     return tensor

@@ -75,8 +75,8 @@ def json_value(tensor: object, what: str) -> Any:
         raise InvalidMessageError(f"{what} is {tensor.numel()} bytes, at most {MAX_JSON_BYTES} allowed")
     try:
         return json.loads(tensor.numpy().tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidMessageError(f"{what} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, too deep, too many digits
+        raise InvalidMessageError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
 def autocast_code(autocast: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 import torch
 from torch.futures import Future
 
+from flglm.federation.messages import InvalidMessageError
 from flglm.federation.secure_aggregation import MAX_CLIENTS, unmask_average
 
 
@@ -100,7 +101,7 @@ class SecureRounds:
     def join(self, client_id: int) -> None:
         with self._lock:
             if client_id not in self._active and len(self._active) >= MAX_CLIENTS:
-                raise ValueError(f"client {client_id} cannot join: secure aggregation supports at most {MAX_CLIENTS} clients")
+                raise InvalidMessageError(f"client {client_id} cannot join: secure aggregation supports at most {MAX_CLIENTS} clients")
             self._active.add(client_id)
             self._served.add(client_id)
 
@@ -126,14 +127,14 @@ class SecureRounds:
         with self._lock:
             self._check_member(client_id)
             if round_index in self._finished:
-                raise ValueError(f"client {client_id}: round {round_index} is already finished")
+                raise InvalidMessageError(f"client {client_id}: round {round_index} is already finished")
             if round_index in self._attempts:
                 # Joined after the plan was made: this round goes on without the client.
                 future.set_result(self._attempts[round_index].plan)
                 return future
             state = self._pending.setdefault(round_index, _Pending())
             if client_id in state.futures:
-                raise ValueError(f"client {client_id} already began round {round_index}")
+                raise InvalidMessageError(f"client {client_id} already began round {round_index}")
             state.futures[client_id] = future
             deliveries = self._plan_if_ready(round_index)
         for deliver in deliveries:
@@ -146,21 +147,21 @@ class SecureRounds:
         with self._lock:
             self._check_member(client_id)
             if round_index in self._finished:
-                raise ValueError(f"client {client_id}: round {round_index} is already finished")
+                raise InvalidMessageError(f"client {client_id}: round {round_index} is already finished")
             state = self._attempts.get(round_index)
             if state is None:
-                raise ValueError(f"client {client_id}: round {round_index} has no plan yet; call begin first")
+                raise InvalidMessageError(f"client {client_id}: round {round_index} has no plan yet; call begin first")
             plan = state.plan
             if attempt < plan.attempt:
                 # Masked for a plan that no longer holds; the masks would not cancel, so ask for a redo.
                 future.set_result(RoundResult("redo", None, plan))
                 return future
             if attempt > plan.attempt:
-                raise ValueError(f"client {client_id}: round {round_index} is at attempt {plan.attempt}, not {attempt}")
+                raise InvalidMessageError(f"client {client_id}: round {round_index} is at attempt {plan.attempt}, not {attempt}")
             if client_id not in plan.participants:
-                raise ValueError(f"client {client_id} is not a participant of round {round_index} attempt {attempt}: {list(plan.participants)}")
+                raise InvalidMessageError(f"client {client_id} is not a participant of round {round_index} attempt {attempt}: {list(plan.participants)}")
             if client_id in state.uploads:
-                raise ValueError(f"client {client_id} already uploaded to round {round_index} attempt {attempt}")
+                raise InvalidMessageError(f"client {client_id} already uploaded to round {round_index} attempt {attempt}")
             size = self._check_upload(client_id, plan, vector, weight)
             self._size = size
             state.uploads[client_id] = vector.detach()
@@ -175,29 +176,31 @@ class SecureRounds:
 
     def _check_member(self, client_id: int) -> None:
         if client_id not in self._active:
-            raise ValueError(f"client {client_id} is not an active member of the federation")
+            raise InvalidMessageError(f"client {client_id} is not an active member of the federation")
 
     def _check_upload(self, client_id: int, plan: RoundPlan, vector: torch.Tensor, weight: float) -> int:
         """The plain vector length the upload implies; raises before anything is stored."""
         if len(plan.participants) == 1:
             if vector.dim() != 1 or not vector.is_floating_point():
-                raise ValueError(f"client {client_id}: a lone participant uploads its 1-D float vector, got {vector.dtype} {list(vector.shape)}")
+                raise InvalidMessageError(f"client {client_id}: a lone participant uploads its 1-D float vector, got {vector.dtype} {list(vector.shape)}")
+            if not torch.isfinite(vector).all():
+                raise InvalidMessageError(f"client {client_id}: aggregation vector holds NaN or Inf")
             if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"client {client_id}: aggregation weight must be finite and >= 0, got {weight}")
+                raise InvalidMessageError(f"client {client_id}: aggregation weight must be finite and >= 0, got {weight}")
             size = vector.numel()
         else:
             if vector.dim() != 1 or vector.dtype != torch.int64 or vector.numel() == 0:
-                raise ValueError(
+                raise InvalidMessageError(
                     f"client {client_id}: with {len(plan.participants)} participants the upload must be the non-empty 1-D int64 "
                     f"masked_upload, got {vector.dtype} {list(vector.shape)}"
                 )
             if weight != 0.0:
                 # The weight travels masked inside the upload; a clear copy would leak it.
-                raise ValueError(f"client {client_id}: the weight is inside the masked upload; pass weight 0.0, got {weight}")
+                raise InvalidMessageError(f"client {client_id}: the weight is inside the masked upload; pass weight 0.0, got {weight}")
             size = vector.numel() - 1
         if self._size is not None and size != self._size:
             expected = f"{self._size}" if len(plan.participants) == 1 else f"{self._size + 1} ({self._size} values and the weight)"
-            raise ValueError(f"client {client_id}: upload has {vector.numel()} entries, expected {expected}")
+            raise InvalidMessageError(f"client {client_id}: upload has {vector.numel()} entries, expected {expected}")
         return size
 
     def _plan_if_ready(self, round_index: int) -> list[_Delivery]:

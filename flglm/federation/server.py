@@ -26,16 +26,6 @@ from typing import Any, TypeVar
 import torch
 from torch.futures import Future
 
-from flglm.round_checkpoints import (
-    CheckpointError,
-    checkpoint_path,
-    consistent_round,
-    load_checkpoint,
-    model_fingerprint,
-    prune,
-    rounds_in,
-    save_atomically,
-)
 from flglm.config import RunConfig, fingerprint
 from flglm.federation.aggregation import AggregationRounds
 from flglm.federation.batching import ClientBatcher, batching_stats
@@ -57,6 +47,16 @@ from flglm.federation.secure_rounds import SecureRounds
 from flglm.models.prefix import kv_shape
 from flglm.models.split import MiddleStack, max_positions_of, plan_for
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
+from flglm.round_checkpoints import (
+    CheckpointError,
+    checkpoint_path,
+    consistent_round,
+    load_checkpoint,
+    model_fingerprint,
+    prune,
+    rounds_in,
+    save_atomically,
+)
 from flglm.run_layout import checkpoint_dir
 
 log = logging.getLogger("flglm.server")
@@ -206,19 +206,19 @@ class MiddleServer:
         have, and ``resume_round`` in every answer tells the clients which one to load (0: none).
         """
         if config_fingerprint != self._fingerprint:
-            raise ValueError(
+            raise InvalidMessageError(
                 f"client {client_id}: its configuration differs from the server's "
                 f"(fingerprint {config_fingerprint[:12]} != {self._fingerprint[:12]}); "
                 "start every process with the same config file and overrides"
             )
         if client_id not in self.clients:
-            raise ValueError(f"client {client_id} is not served by this server (it serves clients {self.clients})")
+            raise InvalidMessageError(f"client {client_id} is not served by this server (it serves clients {self.clients})")
         connected = client_id in self._joined and client_id not in self._left
         with self._lock:
             if self._tokenizer_fingerprint is None:
                 self._tokenizer_fingerprint = tokenizer_fingerprint
             elif tokenizer_fingerprint != self._tokenizer_fingerprint:
-                raise ValueError(f"client {client_id}: its tokenizer differs from the other clients'")
+                raise InvalidMessageError(f"client {client_id}: its tokenizer differs from the other clients'")
         fresh = not connected or self._incarnations.get(client_id) != incarnation
         if connected and fresh:
             log.warning("client %d joined again as a new process: dropping the old process's pending state", client_id)
@@ -326,7 +326,7 @@ class MiddleServer:
             self._checkpointed.add(rounds)
             save_atomically(self.checkpoint_state(rounds), checkpoint_path(self._checkpoints, rounds, "pt"))
             prune(self._checkpoints, "pt", self.cfg.server.checkpoint_keep)
-        log.info("checkpoint of round %d written", rounds)
+        log.info("checkpoint of round %d written (server steps %d, rss %.1f MB)", rounds, self.stats.steps, resident_mb())
 
     # ------------------------------------------------------------------ liveness
     def message_begins(self, client_id: int) -> None:
@@ -340,12 +340,17 @@ class MiddleServer:
             self._last_seen[client_id] = time.monotonic()
             self._in_flight[client_id] = max(0, self._in_flight.get(client_id, 0) - 1)
 
-    def check_not_dropped(self, client_id: int, kind: str) -> None:
-        if kind not in ("join", "leave") and client_id in self._dropped:
+    def check_member(self, client_id: int, kind: str) -> None:
+        """Only a joined client's messages are handled (a resent ``leave`` too, after it left)."""
+        if kind == "join":
+            return
+        if client_id in self._dropped and kind != "leave":
             raise InvalidMessageError(
                 f"client {client_id} was dropped after server.client_timeout_s={self.cfg.server.client_timeout_s} "
                 "without a message; join again"
             )
+        if client_id not in self._joined or (client_id in self._left and kind != "leave"):
+            raise InvalidMessageError(f"client {client_id} has not joined the federation (or has left): a {kind!r} message needs a join first")
 
     def _watch_silence(self) -> None:
         timeout = self.cfg.server.client_timeout_s
@@ -786,3 +791,13 @@ class MiddleServer:
         }
 
 
+def resident_mb() -> float:
+    """This process's resident memory in MB (Linux; NaN elsewhere), for the logs and the soak benchmark."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
