@@ -16,7 +16,7 @@ checkpoints across restarts); lost steps = steps the clients made minus steps th
 applied (goal 0: none lost, none applied twice), and forwards vs backwards; the server's
 resident memory at its first and last checkpoint of each run (the server process lives from
 one restart to the next) and the largest growth within one run (goal <= 10%); whether the run
-finished within the time bound. Last line: one JSON object.
+finished within the time bound (the deadline + 10 minutes). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def client_pids(torchrun: subprocess.Popen) -> list[int]:
     return pids
 
 
-def run_once(config: Path, clients: int, *, kill_after: float | None, log: Path, rng: random.Random) -> tuple[int, bool]:
-    """One start of the federation; SIGKILL a random client after ``kill_after`` s. (exit code, killed)."""
+def run_once(config: Path, clients: int, *, kill_after: float | None, log: Path, rng: random.Random, give_up_at: float) -> tuple[int, bool]:
+    """One start of the federation; SIGKILL a random client after ``kill_after`` s. (exit code, killed);
+    past ``give_up_at`` (monotonic) the federation is stopped and reported unfinished."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={clients + 1}", str(TRAIN_SCRIPT), "--config", str(config)]
     with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -102,6 +103,10 @@ def run_once(config: Path, clients: int, *, kill_after: float | None, log: Path,
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
+                if time.monotonic() > give_up_at:
+                    print("  time bound reached: stopping the federation", flush=True)
+                    kill_tree(proc.pid)
+                    return proc.wait(), False
                 if kill_after is not None and not killed and time.monotonic() - started > kill_after:
                     pids = client_pids(proc)
                     if pids:
@@ -131,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps per client (the run ends early at the deadline)")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per client (sized to end near 10 minutes here)")
     parser.add_argument("--kill-every", default="60,120", help="seconds between kills: MIN,MAX")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default=str(REPO / "runs" / "soak"))
@@ -146,15 +151,19 @@ def main() -> None:
     deadline = time.monotonic() + args.minutes * 60
     restarts, runs, finished = 0, 0, False
     started = time.monotonic()
-    while time.monotonic() < deadline + 300:  # kills stop at the deadline; the last run may finish after it
+    while True:  # kills stop before the deadline; the last run finishes after it (at most 10 more minutes)
         remaining = deadline - time.monotonic()
         kill_after = rng.uniform(low, high) if remaining > high else None
         runs += 1
         plan = f"kill after {kill_after:.0f}s" if kill_after else "no kill (deadline near)"
         print(f"run {runs}: {plan}", flush=True)
-        code, killed = run_once(config, args.clients, kill_after=kill_after, log=root / "torchrun.log", rng=rng)
+        code, killed = run_once(
+            config, args.clients, kill_after=kill_after, log=root / "torchrun.log", rng=rng, give_up_at=deadline + 600
+        )
         if code == 0:
             finished = True
+            break
+        if time.monotonic() > deadline + 600:
             break
         if not killed:
             raise SystemExit(f"the federation failed without a kill (exit {code}); see {root / 'torchrun.log'} and {root / 'run' / 'logs'}")

@@ -164,7 +164,8 @@ def _final_metrics(trainer: L.Trainer, module: SplitClientModule, dev_loader: Da
     if module.loss_history:
         metrics["train_loss"] = module.loss_history[-1]
     if dev_loader is not None:
-        for key, value in trainer.validate(module, dev_loader, verbose=False)[0].items():
+        results = trainer.validate(module, dev_loader, verbose=False)  # empty with trainer.limit_val_batches=0
+        for key, value in (results[0] if results else {}).items():
             metrics[key] = float(value)
     metrics["steps"] = float(trainer.global_step)
     metrics["samples"] = float(module.samples_seen)
