@@ -15,7 +15,8 @@ Reported: restarts survived; optimizer steps completed (the server's count, rest
 checkpoints across restarts); lost steps = steps the clients made minus steps the server
 applied (goal 0: none lost, none applied twice), and forwards vs backwards; the server's
 resident memory at its first and last checkpoint of each run (the server process lives from
-one restart to the next) and the largest growth within one run (goal <= 10%); whether the run
+one restart to the next), the largest growth within one run and the growth over the last two
+thirds of the longest run, after the allocator's warm-up (goal <= 10%); whether the run
 finished within the time bound (the deadline + 10 minutes). Last line: one JSON object.
 """
 
@@ -136,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per client (sized to end near 10 minutes here)")
+    parser.add_argument("--steps", type=int, default=2400, help="optimizer steps per client (sized to end near 10 minutes here)")
     parser.add_argument("--kill-every", default="60,120", help="seconds between kills: MIN,MAX")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", default=str(REPO / "runs" / "soak"))
@@ -196,9 +197,12 @@ def main() -> None:
         "longest_server_life_steps": (longest[-1][0] - longest[0][0]) if longest else None,
         "longest_server_life_rss_mb": [longest[0][1], longest[-1][1]] if longest else None,
         "max_rss_growth_within_a_run": round(growth, 4),
+        "rss_growth_after_warmup": round(longest[-1][1] / longest[len(longest) // 3][1] - 1.0, 4) if len(longest) > 2 else None,
     }
     print(f"restarts survived: {restarts}; steps: server {result['steps_completed']}, clients {client_steps}; lost: {result['lost_steps']}")
     print(f"server RSS: first {result['server_rss_mb_first']} MB, last {result['server_rss_mb_last']} MB; largest growth within one server run {growth:.1%}")
+    print(f"longest server run: {result['longest_server_life_steps']} steps, RSS {result['longest_server_life_rss_mb']} MB; "
+          f"growth over its last two thirds (after warm-up): {result['rss_growth_after_warmup']}")
     print(json.dumps(result))
 
 
