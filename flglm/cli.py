@@ -1,7 +1,8 @@
 """Command line: ``flglm train`` (one federation process, under torchrun), ``flglm centralized``
 (the whole model in one process), ``flglm generate`` (text through the trained split model),
 ``flglm export`` (merge a run's parts into one HF directory), ``flglm keygen`` (identity keys
-for encrypted federations).
+for encrypted federations), ``flglm attack`` (what a curious server or peer recovers of a
+client's text, on a finished run).
 
     torchrun --standalone --nproc-per-node=3 launch/train.py --config configs/demo.yaml
     flglm centralized --config configs/demo.yaml run_dir=runs/central
@@ -193,12 +194,58 @@ def keygen_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def attack_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flglm attack",
+        description="run the privacy attacks (curious server, curious peer, FedAvg uploads) on a finished run's client",
+    )
+    parser.add_argument("--config", required=True, help="the run's saved config (RUN/config.yaml)")
+    parser.add_argument("--text", required=True, help="the victim's text: a TSV/JSONL file the run's data.format reads")
+    parser.add_argument("--public", required=True, help="text the attacker has (same format; must not overlap --text)")
+    parser.add_argument("--rows", type=int, default=32, help="victim sentences attacked")
+    parser.add_argument("--public-rows", type=int, default=4000, help="public sentences for the inversion network")
+    parser.add_argument("--client", type=int, default=0, help="which client's saved blocks to attack")
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--out", help="write the figures as JSON here (default RUN/privacy/attack.json)")
+    args = parser.parse_args(argv)
+    import json
+
+    import torch
+
+    from flglm.data.readers import DataFormatError, read_examples
+    from flglm.privacy.evaluation import attack_saved_run
+
+    torch.set_num_threads(1)
+    run_dir = Path(args.config).resolve().parent
+    try:
+        cfg = load_config(args.config)
+        victims = [e.text for e in read_examples(args.text, fmt=cfg.data.format, text_field=cfg.data.text_field, label_field=None)][: args.rows]
+        public = [e.text for e in read_examples(args.public, fmt=cfg.data.format, text_field=cfg.data.text_field, label_field=None)][: args.public_rows]
+        result = attack_saved_run(run_dir, victims, public, max_length=args.max_length, client_index=args.client)
+    except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as err:
+        print(f"flglm: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else run_dir / "privacy" / "attack.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    server = result["server"]
+    for name, figures in server.items():
+        print(f"curious server, {name}: token accuracy {figures['token_accuracy']:.3f}, exact sequences {figures['exact_match']:.3f}")
+    print(f"peer, clear link: {result['peer_clear']['token_accuracy']:.3f}; encrypted link: {result['peer_encrypted']['token_accuracy']:.3f} (opened: {result['peer_encrypted']['opened']})")
+    if "aggregation_plain" in result:
+        print(f"FedAvg upload reveals the client's tokens with precision {result['aggregation_plain']['precision']:.2f}; secure aggregation: {result['aggregation_secure']['precision']:.2f}")
+    print(f"controls: positive {result['positive_control']:.3f}, negative {result['negative_control']['token_accuracy']:.3f} (chance {result['negative_control']['chance']:.3f})")
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS = {
     "train": train_main,
     "centralized": centralized_main,
     "generate": generate_main,
     "export": export_main,
     "keygen": keygen_main,
+    "attack": attack_main,
 }
 
 
