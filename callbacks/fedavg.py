@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import lightning as L
@@ -17,8 +18,8 @@ class FedAvgCallback(Callback):
     Each round sends the flattened trainable client-block parameters and the number of
     samples trained on since the last round (the FedAvg weight); the server answers with the
     weighted average once every active client has contributed, and the client loads it. After
-    a round all clients hold identical client blocks. A last round runs at the end of
-    training so the federation ends with one model.
+    a round all clients hold identical client blocks (except the ``exclude``d parameters). A
+    last round runs at the end of training so the federation ends with one model.
 
     With a ``masker`` (secure aggregation) the server never sees this client's blocks: the
     round starts by learning who takes part, the upload is masked with pairwise masks that
@@ -31,11 +32,22 @@ class FedAvgCallback(Callback):
         masker: this client's ``PairwiseMasker`` for secure aggregation, or None for plain FedAvg.
         checkpoints: a ``flglm.round_checkpoints.RoundCheckpoints``: the trainer's state is saved right
             after each due round (the server saves its own at the same round).
+        exclude: names of parameters that never leave this client (``privacy.private_blocks``):
+            they are left out of the averaged vector and keep this client's values. Hugging Face
+            names (``model.embed_tokens.weight``, as ``flglm.privacy.private_parameter_names``
+            gives them) match the module's names at a dot boundary (``blocks.hf.model.embed_tokens.weight``),
+            so they need not know where the model sits in the task module; a name that matches no
+            parameter, or several, is an error at the first round.
     """
 
-    def __init__(self, link: Any, *, every_n_steps: int = 0, masker: Any = None, checkpoints: Any = None) -> None:
+    def __init__(
+        self, link: Any, *, every_n_steps: int = 0, masker: Any = None, checkpoints: Any = None, exclude: Collection[str] = ()
+    ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        if isinstance(exclude, str):
+            raise TypeError(f"exclude must be a collection of parameter names, got the string {exclude!r}")
+        self._exclude = frozenset(exclude)
         self._link = link
         self._masker = masker
         self._checkpoints = checkpoints
@@ -52,7 +64,8 @@ class FedAvgCallback(Callback):
 
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
         named = sorted(pl_module.lm.named_parameters(), key=lambda item: item[0])
-        return [p for _, p in named if p.requires_grad]
+        excluded = excluded_names([name for name, _ in named], self._exclude)
+        return [p for name, p in named if p.requires_grad and name not in excluded]
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self._round, "seen_before": self._seen_before, "last_step": self._last_step, "redone_rounds": self.redone_rounds}
@@ -67,7 +80,9 @@ class FedAvgCallback(Callback):
         params = self._params(pl_module)
         self._samples = pl_module.samples_seen - self._seen_before
         with torch.no_grad():
-            vector = parameters_to_vector(params).detach().float()
+            # Nothing shared (every trainable parameter private): the round still runs, it is
+            # the federation's sync and checkpoint point.
+            vector = parameters_to_vector(params).detach().float() if params else torch.zeros(0)
             average = self.average(vector, float(self._samples))
             offset = 0
             for param in params:  # copy in place: parameters keep their own storage
@@ -112,3 +127,25 @@ class FedAvgCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self.aggregate(trainer, pl_module, checkpoint=False)  # training is over: nothing to resume
+
+
+def excluded_names(names: Iterable[str], exclude: Collection[str]) -> set[str]:
+    """The ``names`` that ``exclude`` picks: equal, or ending in ``"." + excluded name``.
+
+    Raises:
+        ValueError: an excluded name matches no name, or more than one.
+    """
+    if not exclude:
+        return set()
+    matches: dict[str, list[str]] = {e: [] for e in exclude}
+    for name in names:
+        for e in exclude:
+            if name == e or name.endswith("." + e):
+                matches[e].append(name)
+    missing = sorted(e for e, found in matches.items() if not found)
+    if missing:
+        raise ValueError(f"FedAvg exclude names no parameter of the model: {missing[:5]}")
+    ambiguous = {e: found for e, found in matches.items() if len(found) > 1}
+    if ambiguous:
+        raise ValueError(f"FedAvg exclude names match several parameters: {ambiguous}")
+    return {found[0] for found in matches.values()}

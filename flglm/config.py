@@ -201,6 +201,47 @@ class CryptoConfig:
     """Larger sealed messages are refused before anything is decrypted or allocated."""
 
 
+PRIVATE_BLOCKS: tuple[str, ...] = ("input", "output")
+"""The client's parts that ``privacy.private_blocks`` may keep private."""
+
+
+@dataclass(kw_only=True)
+class PrivacyConfig:
+    """Defenses against a curious server (``flglm.privacy.defenses``); all off by default.
+
+    The server sees the hidden states each client sends and the gradient each client returns for
+    the middle stack's output; knowing the client blocks' weights, it can invert both into the
+    client's text. Noise and clipping blur what crosses the link; private blocks keep the weights
+    it would invert with away from the server."""
+
+    hidden_clip: float = 0.0
+    """Per-token L2 bound of the hidden states the client sends (0: no clipping)."""
+    hidden_noise: float = 0.0
+    """Gaussian noise added to each sent token vector x after clipping: N(0, (hidden_noise * s)^2 / H * I)
+    with s = ``hidden_clip`` if set, else ||x||, and H the hidden size, so the noise's norm is about
+    ``hidden_noise * s``. Applied in training, validation and generation alike."""
+    grad_clip: float = 0.0
+    """Per-token L2 bound of the gradient the client returns for the server's output (0: none)."""
+    grad_noise: float = 0.0
+    """Gaussian noise on each returned gradient token vector, as ``hidden_noise`` (s = ``grad_clip`` or ||g||)."""
+    noise_seed: int | None = None
+    """None (the secure choice): each client process draws its noise (and its ``secret_init``
+    weights) from a secret random state, since the server knows this config and could regenerate
+    anything seeded. An int only for reproducible tests: client ``i`` uses ``noise_seed + i``, and
+    its secrets are then known to whoever knows the config."""
+    private_blocks: list[str] = field(default_factory=list)
+    """Client parts whose parameters never leave the client: ``input`` (token [+ position]
+    embedding and the head blocks) and/or ``output`` (tail blocks, final norm, LM head; with tied
+    embeddings the shared matrix is private if either part is). FedAvg leaves them out, so each
+    client fine-tunes them privately and the server never learns them."""
+    secret_init: bool = False
+    """Each client re-draws its private blocks' weights at start from a secret random state (the
+    distribution of a random initialisation: norms 1, biases 0, matrices N(0, initializer_range)),
+    so they never equal the public weights the server knows. Needs ``private_blocks`` and
+    ``peft.method=none`` (they must train). On a pretrained model (``model.path``) this throws
+    the pretrained private blocks away."""
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     train_path: str = MISSING
@@ -321,6 +362,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # The task formats of ``flglm.data.read_task_file``, listed here so that loading a config does
@@ -442,6 +484,12 @@ def validate(cfg: RunConfig) -> None:
     _validate_sub_servers(cfg)
     _validate_link(cfg)
     _validate_checkpoints(cfg)
+    _validate_privacy(cfg.privacy)
+    if cfg.privacy.secret_init and cfg.peft.method != "none":
+        raise ConfigError(
+            f"privacy.secret_init needs peft.method=none, got {cfg.peft.method!r}: with frozen base weights the re-drawn "
+            "private blocks would never train, and a run saves only the adapters, so the secret weights would be lost"
+        )
     if cfg.crypto.client_public_keys and len(cfg.crypto.client_public_keys) != cfg.federation.num_clients:
         raise ConfigError(
             f"crypto.client_public_keys lists {len(cfg.crypto.client_public_keys)} keys for "
@@ -487,6 +535,22 @@ def _validate_task(cfg: RunConfig) -> None:
         raise ConfigError(f"task.max_eval_generations must be >= 0 (0: none), got {task.max_eval_generations}")
     if data.partition == "dirichlet":
         raise ConfigError("data.partition=dirichlet splits by class label; task.kind=generation has none (use iid)")
+
+
+def _validate_privacy(p: PrivacyConfig) -> None:
+    for key in ("hidden_clip", "hidden_noise", "grad_clip", "grad_noise"):
+        value = getattr(p, key)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"privacy.{key} must be finite and >= 0 (0: off), got {value}")
+    unknown = [name for name in p.private_blocks if name not in PRIVATE_BLOCKS]
+    if unknown:
+        raise ConfigError(f"privacy.private_blocks may name only {list(PRIVATE_BLOCKS)}, got {unknown}")
+    if len(set(p.private_blocks)) != len(p.private_blocks):
+        raise ConfigError(f"privacy.private_blocks names a part twice: {p.private_blocks}")
+    if p.secret_init and not p.private_blocks:
+        raise ConfigError("privacy.secret_init re-draws the private blocks: set privacy.private_blocks (input and/or output)")
+    if p.noise_seed is not None and p.noise_seed < 0:
+        raise ConfigError(f"privacy.noise_seed must be >= 0 or null (a secret seed), got {p.noise_seed}")
 
 
 def _validate_checkpoints(cfg: RunConfig) -> None:
@@ -548,7 +612,8 @@ def fingerprint(cfg: RunConfig) -> str:
 
     ``run_dir`` and ``crypto.key_dir`` are left out (each machine keeps its files elsewhere);
     so is the trainer's display setting, the client's decoding settings and the test-only fault
-    injection: none changes what the server computes.
+    injection: none changes what the server computes. ``privacy`` stays in: its private blocks
+    set the length of the FedAvg vector, which every client must agree on.
     """
     shared = to_dict(cfg)
     shared.pop("run_dir")

@@ -49,6 +49,7 @@ from flglm.federation.secure_aggregation import PairwiseMasker
 from flglm.federation.server import MiddleServer
 from flglm.federation.transport import FaultyTransport, RetryPolicy, RpcTransport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
+from flglm.privacy.defenses import client_defenses
 from flglm.roles import Role, clients_of
 from flglm.round_checkpoints import RoundCheckpoints
 from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path
@@ -350,6 +351,8 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         tokenizer = build_tokenizer(cfg, save=index == 0)
         plan = plan_for(cfg.model, cfg.split)
         blocks = ClientBlocks(cfg.model, plan, cfg.peft)
+        defenses = client_defenses(cfg.privacy, blocks, client_index=index)
+        log.info("%s: privacy defenses: %s", role.worker_name, defenses.summary)
         check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
         log.info("%s: %d training examples, client blocks %s", role.worker_name, len(train), plan.layers_of("client"))
         checkpoints = RoundCheckpoints(
@@ -360,11 +363,15 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         resume_from = checkpoints.path(info["resume_round"]) if info.get("resume_round") else None
         if resume_from is not None:
             log.info("%s: resuming from %s", role.worker_name, resume_from)
-        lm = SplitCausalLM(blocks, RemoteMiddle(link, server_info=info))
+        lm = SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard)
         module, collate = build_task(cfg, lm, tokenizer)
         train_loader, dev_loader, training_state = _loaders(cfg, train, dev, collate, seed=cfg.seed + index)
         fedavg = FedAvgCallback(
-            link, every_n_steps=cfg.federation.aggregate_every, masker=masker, checkpoints=checkpoints if checkpoints.every else None
+            link,
+            every_n_steps=cfg.federation.aggregate_every,
+            masker=masker,
+            checkpoints=checkpoints if checkpoints.every else None,
+            exclude=defenses.private_names,
         )
         trainer = make_trainer(cfg, out_dir, [*callbacks, training_state, fedavg])
         started = time.monotonic()

@@ -92,6 +92,7 @@ def generate_as_client(
     run_dir = Path(cfg.run_dir) if weights is None else weights
     tokenizer = generation_tokenizer(cfg, run_dir)
     blocks = ClientBlocks(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    defenses = client_defenses(cfg.privacy, blocks, client_index=role.client_index)  # before the trained weights replace secret ones
     if weights is not None:
         load_trained(blocks.hf, client_weights_path(weights, role.client_index))
     options = rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s)
@@ -101,7 +102,7 @@ def generate_as_client(
         if session is not None:
             link.handshake()
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
-        module = SplitClientModule(SplitCausalLM(blocks, RemoteMiddle(link, server_info=info)), optim=cfg.optim, generation=cfg.generation)
+        module = SplitClientModule(SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard), optim=cfg.optim, generation=cfg.generation)
         results = module.generate_with_ids(prompts, tokenizer)
         rows = [{"prompt": p, "generated": text, "token_ids": ids} for p, (text, ids) in zip(prompts, results)]
         write_json(rows, out)

@@ -9,6 +9,7 @@ Both also decode incrementally with key/value caches (``open_decoding``/``decode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from transformers import DynamicCache, PretrainedConfig
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.models.prefix import prefilled_cache, prefix_length_of, prefix_of, with_prefix_mask
 from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of, saved_state_dict
+
+if TYPE_CHECKING:  # only an annotation here: flglm.privacy may import this module
+    from flglm.privacy.defenses import PrivacyGuard
 
 
 @dataclass
@@ -32,12 +36,23 @@ class SplitDecoding:
 
 
 class SplitCausalLM(nn.Module):
-    """Input block and output block here; the middle stack on the server."""
+    """Input block and output block here; the middle stack on the server.
 
-    def __init__(self, blocks: ClientBlocks, middle: RemoteMiddle) -> None:
+    With a ``guard`` (``privacy`` config), what the server sees is blurred: the hidden states
+    sent pass ``guard.hidden`` and the gradient returned for the middle's output passes
+    ``guard.gradient``. Without one, nothing is added to the computation."""
+
+    def __init__(self, blocks: ClientBlocks, middle: RemoteMiddle, guard: PrivacyGuard | None = None) -> None:
         super().__init__()
         self.blocks = blocks
         self.middle = middle
+        self.guard = guard
+
+    def _send(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.guard is None else self.guard.hidden(hidden)
+
+    def _received(self, output: torch.Tensor) -> torch.Tensor:
+        return output if self.guard is None else self.guard.gradient(output)
 
     @property
     def link(self) -> ServerLink:
@@ -57,8 +72,9 @@ class SplitCausalLM(nn.Module):
         prefixes = self.blocks.prefixes()  # P-tuning v2; None otherwise
         cache = self.blocks.prefix_cache(prefixes, input_ids.shape[0])
         crossing = self.blocks.input_block(input_ids, attention_mask, position_ids, cache)
+        crossing.hidden = self._send(crossing.hidden)
         crossing.prefix = self.blocks.server_prefixes(prefixes)
-        crossing.hidden = self.middle(crossing)
+        crossing.hidden = self._received(self.middle(crossing))
         return self.blocks.output_block(crossing, cache)
 
     def open_decoding(self) -> SplitDecoding:
@@ -77,8 +93,9 @@ class SplitCausalLM(nn.Module):
             state.cache = self.blocks.prefix_cache(prefixes, input_ids.shape[0]) or DynamicCache(config=self.hf_config)
             server_prefixes = self.blocks.server_prefixes(prefixes)  # sent once, with the prompt
         crossing = self.blocks.input_block(input_ids, attention_mask, position_ids, cache=state.cache)
+        crossing.hidden = self._send(crossing.hidden)
         crossing.prefix = server_prefixes
-        crossing.hidden = self.link.decode(state.session, state.past, crossing)
+        crossing.hidden = self._received(self.link.decode(state.session, state.past, crossing))
         logits = self.blocks.output_block(crossing, cache=state.cache)
         state.past += input_ids.shape[1]
         return logits

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -169,17 +169,27 @@ def init_random(model: nn.Module, *, seed: int) -> None:
     centralized copy of the model draw identical weights without building each other's parts.
     Norm weights start at 1, biases at 0, everything else N(0, initializer_range).
     """
+    redraw(model, [name for name, _ in model.named_parameters()], lambda name: torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode())))
+
+
+def redraw(model: nn.Module, names: Iterable[str], generator_for: Callable[[str], torch.Generator]) -> None:
+    """Draw the named parameters as :func:`init_random` does, each matrix from ``generator_for(name)``.
+
+    Shared by the public initialisation (a name-keyed seed) and the client's secret one
+    (:func:`flglm.privacy.defenses.apply_secret_init`), so both draw from one distribution.
+    """
     std = float(getattr(model.config, "initializer_range", 0.02))
     norms = _norm_parameter_names(model)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name in names:
+            param = params[name]
             if name in norms:
                 param.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("bias"):
                 param.zero_()
             else:
-                gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+                param.copy_(torch.randn(param.shape, generator=generator_for(name), dtype=torch.float32) * std)
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
