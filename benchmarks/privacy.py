@@ -51,9 +51,9 @@ CONFIGURATIONS: dict[str, tuple[str, list[str]]] = {
     "public_2blocks": ("2 client blocks, public", ["split.client_head_layers=2"]),
     "private_blocks": ("private blocks (fine-tuned, not averaged)", ["privacy.private_blocks=[input,output]"]),
     "private_secret_init": ("private blocks, secret init", ["privacy.private_blocks=[input,output]", "privacy.secret_init=true"]),
-    "noise_0.1": ("noise 0.1 (hidden + gradient)", ["privacy.hidden_noise=0.1", "privacy.grad_noise=0.1"]),
     "noise_0.5": ("noise 0.5 (hidden + gradient)", ["privacy.hidden_noise=0.5", "privacy.grad_noise=0.5"]),
-    "noise_1.0": ("noise 1.0 (hidden + gradient)", ["privacy.hidden_noise=1.0", "privacy.grad_noise=1.0"]),
+    "noise_2": ("noise 2 (hidden + gradient)", ["privacy.hidden_noise=2.0", "privacy.grad_noise=2.0"]),
+    "noise_8": ("noise 8 (hidden + gradient)", ["privacy.hidden_noise=8.0", "privacy.grad_noise=8.0"]),
 }
 """name -> (label, overrides). Noise rows clip each sent hidden state at the median norm of the
 public input block's output on public text (``privacy.hidden_clip``, measured at start) and scale
@@ -166,13 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/sst2", help="directory with train.tsv and dev.tsv")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--rows", type=int, default=8000, help="SST-2 training phrases each federation trains on")
+    parser.add_argument("--rows", type=int, default=6000, help="SST-2 training phrases each federation trains on")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--victims", type=int, default=32, help="held-out dev sentences attacked")
-    parser.add_argument("--public", type=int, default=4000, help="public sentences the attacker trains its inversion network on")
+    parser.add_argument("--public", type=int, default=2000, help="public sentences the attacker trains its inversion network on")
     parser.add_argument("--public-from", type=int, default=40000, help="first training row of the attacker's public text (outside --rows)")
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--inversion-steps", type=int, default=1000)
+    parser.add_argument("--inversion-steps", type=int, default=600)
     parser.add_argument("--only", default="", help="comma-separated configuration names (default: all): " + ",".join(CONFIGURATIONS))
     parser.add_argument("--run-dir", default="runs/privacy")
     parser.add_argument("--plot", default=str(REPO_ROOT / "benchmarks" / "figures" / "privacy.png"))

@@ -27,7 +27,7 @@ from flglm.models import ClientBlocks
 from flglm.models.split import plan_for
 from flglm.privacy import PrivacyGuard, apply_secret_init, client_defenses, private_parameter_names, secret_generator
 from flglm.privacy import defenses as defenses_mod
-from tests.test_split import _padded_batch, train_steps
+from test_split import _padded_batch, train_steps
 
 NOISE_TOLERANCE = 0.10
 """Measured noise-to-scale ratios must be within 10% of the configured multiplier."""
