@@ -206,6 +206,7 @@ def attack_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--public-rows", type=int, default=4000, help="public sentences for the inversion network")
     parser.add_argument("--client", type=int, default=0, help="which client's saved blocks to attack")
     parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--inversion-steps", type=int, default=1000, help="training steps of the attacker's inversion network")
     parser.add_argument("--out", help="write the figures as JSON here (default RUN/privacy/attack.json)")
     args = parser.parse_args(argv)
     import json
@@ -221,7 +222,9 @@ def attack_main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         victims = [e.text for e in read_examples(args.text, fmt=cfg.data.format, text_field=cfg.data.text_field, label_field=None)][: args.rows]
         public = [e.text for e in read_examples(args.public, fmt=cfg.data.format, text_field=cfg.data.text_field, label_field=None)][: args.public_rows]
-        result = attack_saved_run(run_dir, victims, public, max_length=args.max_length, client_index=args.client)
+        result = attack_saved_run(
+            run_dir, victims, public, max_length=args.max_length, inversion_steps=args.inversion_steps, client_index=args.client
+        )
     except (ConfigError, DataFormatError, FileNotFoundError, ValueError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ learns from FedAvg). None of them looks at the client's text; the scorers compar
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -149,10 +149,22 @@ class LearnedInversion(nn.Module):
 
 
 def train_inversion(
-    blocks: ClientBlocks, public_ids: torch.Tensor, public_mask: torch.Tensor, *, steps: int = 1500, seed: int = 0
+    blocks: ClientBlocks,
+    public_ids: torch.Tensor,
+    public_mask: torch.Tensor,
+    *,
+    steps: int = 1500,
+    seed: int = 0,
+    blur: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LearnedInversion:
-    """A :class:`LearnedInversion` trained on public text through the attacker's ``blocks``."""
+    """A :class:`LearnedInversion` trained on public text through the attacker's ``blocks``.
+
+    ``blur``: what the client's defenses do to the hidden states it sends (the attacker knows
+    the config), applied to the training states so the network learns to see through it."""
     hidden = input_hidden(blocks, public_ids, public_mask)
+    if blur is not None:
+        with torch.no_grad():
+            hidden = blur(hidden)
     valid = public_mask.bool()
     model = LearnedInversion(blocks.hidden_size, int(blocks.hf.config.vocab_size))
     return model.fit(hidden[valid], public_ids[valid], steps=steps, seed=seed)

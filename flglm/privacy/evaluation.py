@@ -228,7 +228,13 @@ def evaluate_configuration(
     """Every attack on one configuration: the curious server (forward and backward channels,
     with the weights it knows), a peer without and with encryption, and both controls."""
     attacker = attacker_view(cfg, victim)
-    inversion = A.train_inversion(attacker, public.input_ids, public.attention_mask, steps=inversion_steps, seed=cfg.seed)
+    # The attacker knows the config, so it trains its inversion network on hidden states blurred
+    # the same way (its own noise draws: the client's are secret).
+    blur = dataclasses.replace(cfg.privacy, noise_seed=cfg.seed + 1000)
+    guard = PrivacyGuard.from_config(blur, client_index=0, hidden_size=attacker.hidden_size)
+    inversion = A.train_inversion(
+        attacker, public.input_ids, public.attention_mask, steps=inversion_steps, seed=cfg.seed, blur=guard.hidden if guard else None
+    )
     clear = observe_training_step(cfg, victim, middle, text, encrypted=False)
     sealed = observe_training_step(cfg, victim, middle, text, encrypted=True)
     peer_blocks = attacker  # a peer holds the same shared blocks as the server knows them, plus its own private ones
