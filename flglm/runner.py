@@ -379,7 +379,10 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         )
         offered = checkpoints.rounds() if cfg.resume else None
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer), checkpoints=offered)
-        resume_from = checkpoints.path(info["resume_round"]) if info.get("resume_round") else None
+        # A process joining a federation already past the agreed round (a restarted client) does
+        # not load that old checkpoint: its rounds would lag behind the others' for good.
+        late = info.get("next_round", 0) > info.get("resume_round", 0)
+        resume_from = checkpoints.path(info["resume_round"]) if info.get("resume_round") and not late else None
         if resume_from is not None:
             log.info("%s: resuming from %s", role.worker_name, resume_from)
         lm = SplitCausalLM(blocks, RemoteMiddle(link, server_info=info))
