@@ -30,7 +30,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """Entry of every torchrun process: read config and environment, take the rank's role."""
+    """Entry of every federation process (under torchrun, or started on its own with
+    ``federation.membership=dynamic``): read config and environment, take the rank's role."""
     args = _parser("flglm train", "run one process of a federation (use under torchrun)").parse_args(argv)
     from flglm.distributed import configure_threads, read_env
     from flglm.roles import role_for_rank
@@ -38,7 +39,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        env = read_env()
+        env = read_env(dynamic=cfg.federation.membership == "dynamic")
         role = role_for_rank(
             env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers
         )

@@ -128,6 +128,10 @@ class ServerConfig:
     """A joined client that has sent nothing, and has nothing being handled, for this long is
     dropped from the federation: its pending state is freed, FedAvg rounds and batch groups go on
     without it, and the event is logged. It can join again (as a new process, or the same one)."""
+    rejoin_timeout_s: float = 0.0
+    """How long the server keeps the federation open for a dropped client to join again (counted
+    from its drop): without it the server finishes as soon as every other client has left, before
+    a restarted process of the dropped client could come back. 0: do not wait."""
     checkpoint_every: int = 0
     """Save the server's state (trainable weights, optimizer, RNG, counters) every this many
     FedAvg rounds, and each client its trainer's checkpoint at the same rounds; 0: never. Rounds,
@@ -155,6 +159,12 @@ class FederationConfig:
     """Wait before the first resend; doubled before each further one."""
     retry_backoff_max_s: float = 10.0
     """Longest wait between two resends."""
+    membership: str = "static"
+    """``static``: torchrun starts every process and RPC runs with a fixed world, so one process
+    that dies stops the federation (torchrun ends every worker). ``dynamic``: each process is
+    started on its own (server first: rank 0 hosts the rendezvous store) and joins RPC's dynamic
+    group, so a client process can die and be started again while the others go on (see the
+    README, "When things fail"). Needs one server process (``server.sub_servers=1``)."""
 
 
 @dataclass(kw_only=True)
@@ -173,6 +183,13 @@ class FaultsConfig:
     kill_server_at_step: int = 0
     """The server kills itself (SIGKILL) right after its optimizer step number N, in the first
     start only (not after a torchrun restart); 0: never. For crash-and-resume tests."""
+    kill_client_at_step: int = 0
+    """Client ``kill_client`` kills itself (SIGKILL) in the middle of its step N + 1: after N
+    optimizer steps, once its forward has reached the server and before its backward, so the
+    server holds its pending state (and, sequential, its turn); 0: never. For restart tests
+    (start the restarted process without this key: faults are not part of the config fingerprint)."""
+    kill_client: int = 0
+    """Which client ``kill_client_at_step`` kills."""
 
 
 @dataclass(kw_only=True)
@@ -559,6 +576,8 @@ def _validate_checkpoints(cfg: RunConfig) -> None:
         raise ConfigError(f"server.checkpoint_every must be >= 0 (0: never), got {s.checkpoint_every}")
     if not (s.client_timeout_s > 0 and math.isfinite(s.client_timeout_s)):
         raise ConfigError(f"server.client_timeout_s must be finite and > 0, got {s.client_timeout_s}")
+    if not (s.rejoin_timeout_s >= 0 and math.isfinite(s.rejoin_timeout_s)):
+        raise ConfigError(f"server.rejoin_timeout_s must be finite and >= 0 (0: do not wait), got {s.rejoin_timeout_s}")
     if s.checkpoint_keep < 2:
         raise ConfigError(f"server.checkpoint_keep must be >= 2 (a party may be one round ahead at a crash), got {s.checkpoint_keep}")
     if s.checkpoint_every and (s.parallelism == "hierarchical" or s.sub_servers > 1):
@@ -580,6 +599,14 @@ def _validate_link(cfg: RunConfig) -> None:
         raise ConfigError(f"faults.drop_request + faults.drop_reply + faults.duplicate must not exceed 1, got {sum(probabilities.values())}")
     if faults.kill_server_at_step < 0:
         raise ConfigError(f"faults.kill_server_at_step must be >= 0 (0: never), got {faults.kill_server_at_step}")
+    if faults.kill_client_at_step < 0:
+        raise ConfigError(f"faults.kill_client_at_step must be >= 0 (0: never), got {faults.kill_client_at_step}")
+    if not 0 <= faults.kill_client < f.num_clients:
+        raise ConfigError(f"faults.kill_client must be one of the clients 0..{f.num_clients - 1}, got {faults.kill_client}")
+    if f.membership not in ("static", "dynamic"):
+        raise ConfigError(f"federation.membership={f.membership!r} is not one of ['static', 'dynamic']")
+    if f.membership == "dynamic" and (cfg.server.sub_servers > 1 or cfg.server.parallelism == "hierarchical"):
+        raise ConfigError("federation.membership=dynamic runs one server process; hierarchical sub-servers need torchrun (static)")
     if (faults.drop_request or faults.drop_reply) and f.max_retries == 0:
         raise ConfigError("faults.drop_request/drop_reply lose messages; they need federation.max_retries >= 1")
 

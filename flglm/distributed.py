@@ -1,14 +1,23 @@
-"""The one place that reads the distributed environment torchrun sets, and sets threads.
+"""The one place that reads the distributed environment (torchrun's, or set by hand), starts
+RPC, and sets threads.
 
-Everything else takes a ``DistEnv`` argument. Measured on a 2-core machine: two processes
-that each use every core run 30-60x slower than with one thread each (OpenMP spin-waits on a
-busy core), so each process of a federation takes its share of the cores.
+Everything else takes a ``DistEnv`` argument. Two ways to start a federation: torchrun starts
+every process and RPC has a fixed world (``federation.membership=static``), or each process is
+started on its own with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by hand and joins
+RPC's dynamic group (``dynamic``), so a client process can die and come back while the others
+go on.
+
+Measured on a 2-core machine: two processes that each use every core run 30-60x slower than
+with one thread each (OpenMP spin-waits on a busy core), so each process of a federation takes
+its share of the cores.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +28,7 @@ from torch.distributed import rpc
 log = logging.getLogger("flglm")
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_DYNAMIC_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -31,25 +41,41 @@ class DistEnv:
     master_port: int
     restart_count: int = 0
     """How many times torchrun restarted the federation's processes (``--max-restarts``)."""
+    dynamic: bool = False
+    """Joins RPC's dynamic group (``federation.membership=dynamic``): started on its own, not by torchrun."""
 
 
-def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Read torchrun's variables; raises naming the missing ones when not under torchrun."""
+def read_env(environ: Mapping[str, str] | None = None, *, dynamic: bool = False) -> DistEnv:
+    """Read the distributed variables; raises naming the missing ones.
+
+    Under torchrun (``dynamic=False``) all of torchrun's variables must be set. A process of a
+    dynamic federation needs RANK (its role), WORLD_SIZE (the federation's size, to check the
+    roles), MASTER_ADDR and MASTER_PORT (the server's rendezvous store; the server may give 0:
+    a free port, written to ``run_dir/rendezvous.json``); LOCAL_WORLD_SIZE, the federation's
+    processes on this machine, defaults to WORLD_SIZE (all of them: the safe guess for threads).
+    """
     environ = os.environ if environ is None else environ
-    missing = [k for k in _TORCHRUN_KEYS if k not in environ]
+    missing = [k for k in (_DYNAMIC_KEYS if dynamic else _TORCHRUN_KEYS) if k not in environ]
+    if missing and dynamic:
+        raise RuntimeError(
+            f"federation.membership=dynamic: set {', '.join(missing)} for this process, e.g. "
+            "`RANK=1 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=29400 python launch/train.py ...`"
+        )
     if missing:
         raise RuntimeError(
             f"not started by torchrun (missing {', '.join(missing)}); run e.g. "
             "`torchrun --nproc-per-node=3 launch/train.py --config configs/demo.yaml`"
         )
+    world_size = int(environ["WORLD_SIZE"])
     return DistEnv(
         rank=int(environ["RANK"]),
-        world_size=int(environ["WORLD_SIZE"]),
-        local_rank=int(environ["LOCAL_RANK"]),
-        local_world_size=int(environ["LOCAL_WORLD_SIZE"]),
+        world_size=world_size,
+        local_rank=int(environ.get("LOCAL_RANK", environ["RANK"])),
+        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", world_size)),
         master_addr=environ["MASTER_ADDR"],
         master_port=int(environ["MASTER_PORT"]),
         restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        dynamic=dynamic,
     )
 
 
@@ -85,18 +111,92 @@ def rpc_options(*, num_worker_threads: int, timeout_s: float) -> rpc.TensorPipeR
 def rpc_worker(name: str, env: DistEnv, options: rpc.TensorPipeRpcBackendOptions, *, what: str) -> Iterator[None]:
     """This process is RPC worker ``name`` for the block's duration.
 
-    On success RPC shuts down gracefully (waiting for every worker). On failure the error is
-    logged (as ``what`` failed), RPC shuts down at once — a graceful shutdown would wait for the
-    other workers, which torchrun stops instead — and the error propagates.
+    Static (torchrun): on success RPC shuts down gracefully (waiting for every worker). On
+    failure the error is logged (as ``what`` failed), RPC shuts down at once — a graceful
+    shutdown would wait for the other workers, which torchrun stops instead — and the error
+    propagates.
+
+    Dynamic: rank 0 (the server) hosts the rendezvous store and stays in the group's member
+    list; a client takes itself off that list as soon as it has joined (see
+    :func:`_leave_member_list`), and every process shuts down locally (``graceful=False``): a
+    graceful leave of a dynamic group calls every member, and one dead member makes it fail
+    with the group's lock held, which blocks every later join. The server only shuts down once
+    it has answered every message (:func:`wait_until_answered`). The store is found at
+    ``tcp://MASTER_ADDR:MASTER_PORT`` (port 0 on the server: a free one, see :func:`store_port`).
     """
-    rpc.init_rpc(name, rank=env.rank, world_size=env.world_size, rpc_backend_options=options)
+    if env.dynamic:
+        # tcp://, not env://: env:// reads WORLD_SIZE, and a store started for a known world size
+        # waits for that many processes to connect before it answers anyone.
+        options.init_method = f"tcp://{env.master_addr}:{env.master_port}"
+    rpc.init_rpc(name, rank=env.rank, world_size=None if env.dynamic else env.world_size, rpc_backend_options=options)
     try:
+        if env.dynamic and env.rank != 0:
+            _leave_member_list(name, env.rank, timeout_s=options.rpc_timeout)
         yield
     except BaseException:
         log.exception("%s failed", what)
         rpc.shutdown(graceful=False)
         raise
-    rpc.shutdown()
+    rpc.shutdown(graceful=not env.dynamic)
+
+
+# Keys of torch's dynamic RPC group (torch/distributed/rpc/_utils.py and agent_utils.cpp, torch 2.x).
+_GROUP_TOKEN_KEY = "RpcGroupManagementToken"
+_MEMBER_LIST_KEY = "names/_ALL_WORKER_INFOS"
+
+
+def _leave_member_list(name: str, rank: int, *, timeout_s: float) -> None:
+    """Take this client off the dynamic group's member list, keeping its RPC agent running.
+
+    A process joining a dynamic group calls every listed member (to exchange device maps), with
+    the group's lock held; measured with torch 2.13: a listed member that was SIGKILLed (or shut
+    down) makes that call fail, the joiner's error path then waits for the lock it holds
+    itself, and the lock is never released, so no process can join again. Clients never call
+    each other, so each one unlists itself right after joining: a joiner calls only the server
+    (and any client still between its join and this call, which is alive). A restarted client
+    can then join under its old name and rank. Done under the group's lock, like torch's own
+    joins, so a joiner never calls a client that has left the list.
+    """
+    store = rpc.api._get_current_rpc_agent().store
+    token = f"Token_for_{name}_{uuid.uuid4().hex}_unlist"
+    deadline = time.monotonic() + timeout_s
+    while (holder := store.compare_set(_GROUP_TOKEN_KEY, "", token).decode()) != token:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: the RPC group's lock stayed held by {holder!r} for {timeout_s:.0f}s")
+        # Poll, never store.wait(): this process's store client serves one call at a time, and
+        # the joiner holding the lock calls this process's agent, which reads the same store to
+        # learn the joiner's address; a wait here would hold that read up (measured: a deadlock
+        # until the RPC timeout).
+        time.sleep(0.05)
+    try:
+        members = store.get(_MEMBER_LIST_KEY).decode()
+        store.set(_MEMBER_LIST_KEY, members.replace(f"{name}-{rank},", ""))
+    finally:
+        store.set(_GROUP_TOKEN_KEY, "")
+        store.set(token, "Done")
+
+
+def store_port() -> int:
+    """The port of the rendezvous store this process's RPC agent uses (the server's, dynamic)."""
+    return int(rpc.api._get_current_rpc_agent().store.underlying_store.port)
+
+
+def wait_until_answered(*, timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Wait (at most ``timeout_s``) until this RPC agent has no request in progress, so a local
+    shutdown does not cut off an answer still being sent; True if it got there.
+
+    A dynamic group's server shuts down without the graceful barrier, and the answer to a
+    client's last message (``leave``) is completed just before the server learns it is done.
+    """
+    agent = rpc.api._get_current_rpc_agent()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = agent.get_debug_info()
+        if int(info.get("agent.server_active_calls", 0)) == 0 and int(info.get("agent.server_active_async_calls", 0)) == 0:
+            time.sleep(poll_s)  # the answer's bytes are written after the count drops
+            return True
+        time.sleep(poll_s)
+    return False
 
 
 def init_server_group(env: DistEnv, *, index: int, size: int, startup_timeout_s: float, timeout_s: float) -> None:

@@ -3,17 +3,26 @@
 torchrun ``--standalone`` picks a free port itself, so runs never collide. The children run
 in their own process group with a hard timeout: on timeout or error every process of the
 group is killed and the error carries the tail of each process's log.
+
+:class:`DynamicFederation` starts the processes of a ``federation.membership=dynamic``
+federation one by one instead (no torchrun), so a test can kill one client and start it again
+while the others go on; the server's store takes a free port (``MASTER_PORT=0``) and says which.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+
+from flglm.run_layout import rendezvous_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
@@ -39,11 +48,18 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 
 def describe_logs(run_dir: Path | None, output: str) -> str:
-    parts = [f"--- torchrun output (tail) ---\n{output[-6000:]}"]
-    logs = sorted((run_dir / "logs").glob("*.log")) if run_dir is not None else []
+    parts = [f"--- torchrun output (tail) ---\n{output[-6000:]}"] if output else []
+    logs = sorted([*(run_dir / "logs").glob("*.log"), *(run_dir / "logs").glob("*.out")]) if run_dir is not None else []
     for log in logs:
         parts.append(f"--- {log.name} (tail) ---\n{_tail(log)}")
     return "\n".join(parts)
+
+
+def _this_checkout_first(pythonpath: str | None) -> str:
+    """PYTHONPATH with this checkout first: a script's own directory, not the repository root,
+    starts ``sys.path``, so without it the children would import whichever checkout is installed
+    (another git worktree, say) instead of the code that started them."""
+    return os.pathsep.join([str(REPO_ROOT), *([pythonpath] if pythonpath else [])])
 
 
 def kill_tree(pid: int) -> None:
@@ -109,6 +125,7 @@ def run_torchrun(
     env = dict(os.environ)
     env.update(extra_env or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONPATH"] = _this_checkout_first(env.get("PYTHONPATH"))
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -161,3 +178,113 @@ def run_federation(
         stream=stream,
         max_restarts=max_restarts,
     )
+
+
+@dataclass
+class FederationProcess:
+    """One process of a :class:`DynamicFederation`; its output goes to ``output``."""
+
+    name: str
+    popen: subprocess.Popen
+    output: Path
+
+
+class DynamicFederation:
+    """The processes of a dynamic federation (``federation.membership=dynamic``), each started
+    on its own: the server (rank 0, hosting the rendezvous store on a free port), then clients,
+    any of which may be killed and started again. Use as a context manager: on exit every
+    process still running is killed.
+
+    Args:
+        config: the federation's YAML file.
+        overrides: ``key=value`` overrides for every process.
+        num_clients: clients of the federation (ranks 1..num_clients).
+        run_dir: the run's directory (logs under ``run_dir/logs``).
+        extra_env: more environment variables for every process.
+    """
+
+    def __init__(
+        self,
+        config: str | Path,
+        overrides: Sequence[str] = (),
+        *,
+        num_clients: int,
+        run_dir: str | Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.num_clients = num_clients
+        self._args = [
+            "--config", str(config), f"run_dir={self.run_dir}", f"federation.num_clients={num_clients}",
+            "federation.membership=dynamic", *overrides,
+        ]  # fmt: skip
+        self._env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+        self._env.update(extra_env or {})
+        self._env.setdefault("PYTHONUNBUFFERED", "1")
+        self._env["PYTHONPATH"] = _this_checkout_first(self._env.get("PYTHONPATH"))
+        world = str(num_clients + 1)
+        self._env.update({"WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1"})
+        self._port: int | None = None
+        self.processes: list[FederationProcess] = []
+
+    def __enter__(self) -> DynamicFederation:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.kill_all()
+
+    def _start(self, name: str, rank: int, port: int, overrides: Sequence[str]) -> FederationProcess:
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        output = logs / f"{name}-{sum(p.name == name for p in self.processes)}.out"
+        env = dict(self._env, RANK=str(rank), LOCAL_RANK=str(rank), MASTER_PORT=str(port))
+        with output.open("w") as out:
+            popen = subprocess.Popen(
+                [sys.executable, str(TRAIN_SCRIPT), *self._args, *overrides],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )  # fmt: skip
+        process = FederationProcess(name, popen, output)
+        self.processes.append(process)
+        return process
+
+    def start_server(self, overrides: Sequence[str] = (), *, timeout_s: float) -> FederationProcess:
+        """Start the server and wait (at most ``timeout_s``) until its store's port is known."""
+        path = rendezvous_path(self.run_dir)
+        path.unlink(missing_ok=True)
+        server = self._start("server", 0, 0, overrides)
+        deadline = time.monotonic() + timeout_s
+        while not path.is_file():
+            if server.popen.poll() is not None or time.monotonic() > deadline:
+                self.kill_all()
+                raise FederationFailed(f"the server published no rendezvous address ({path}).\n{self.describe()}")
+            time.sleep(0.1)
+        self._port = int(json.loads(path.read_text())["master_port"])
+        return server
+
+    def start_client(self, index: int, overrides: Sequence[str] = ()) -> FederationProcess:
+        """Start (or start again) client ``index``; the server must be running."""
+        if self._port is None:
+            raise RuntimeError("start the server first")
+        if not 0 <= index < self.num_clients:
+            raise ValueError(f"client {index} is not one of the federation's clients 0..{self.num_clients - 1}")
+        return self._start(f"client{index}", index + 1, self._port, overrides)
+
+    def wait(self, process: FederationProcess, *, timeout_s: float) -> int:
+        """``process``'s exit code; on timeout every process is killed and FederationFailed carries the logs."""
+        try:
+            return process.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise FederationFailed(f"{process.name} did not finish within {timeout_s:.0f}s; killed.\n{self.describe()}") from None
+
+    def kill_all(self) -> None:
+        """SIGKILL every process (and its children) still running."""
+        for process in self.processes:
+            if process.popen.poll() is None:
+                kill_tree(process.popen.pid)
+                process.popen.wait(timeout=10)
+
+    def describe(self) -> str:
+        """Exit codes and the tail of every log, for a failure message."""
+        codes = ", ".join(f"{p.name} (pid {p.popen.pid}): {p.popen.poll()}" for p in self.processes)
+        return f"exit codes: {codes}\n" + describe_logs(self.run_dir, "")

@@ -26,3 +26,8 @@ def tokenizer_dir(run_dir: str | Path) -> Path:
 def checkpoint_dir(run_dir: str | Path, party: str) -> Path:
     """Checkpoints of one party (``server`` or ``client{i}``), one file per FedAvg round."""
     return Path(run_dir) / "checkpoints" / party
+
+
+def rendezvous_path(run_dir: str | Path) -> Path:
+    """Where the server of a dynamic federation writes its rendezvous store's address."""
+    return Path(run_dir) / "rendezvous.json"

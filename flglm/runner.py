@@ -40,19 +40,20 @@ from flglm.datasets import (
     client_train_examples,
     dev_examples,
 )
-from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker
+from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
+from flglm.fault_injection import KillAtStepCallback
 from flglm.federation import endpoint as endpoint_mod
 from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.parallelism import choose_parallelism, free_memory_bytes
 from flglm.federation.remote import RemoteMiddle, ServerLink
 from flglm.federation.secure_aggregation import PairwiseMasker
 from flglm.federation.server import MiddleServer
-from flglm.federation.transport import FaultyTransport, RetryPolicy, RpcTransport
+from flglm.federation.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.privacy.defenses import client_defenses
 from flglm.roles import Role, clients_of
 from flglm.round_checkpoints import RoundCheckpoints
-from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path
+from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path, rendezvous_path
 from flglm.tasks import build_task
 
 log = logging.getLogger("flglm")
@@ -204,11 +205,16 @@ def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, Pa
     return session, masker
 
 
-def client_link(cfg: RunConfig, rref: rpc.RRef, index: int, session: ClientSession | None) -> ServerLink:
-    """Client ``index``'s link to the server, with the configured timeout and resends (and, for
+def client_link(cfg: RunConfig, server: rpc.RRef | str, index: int, session: ClientSession | None) -> ServerLink:
+    """Client ``index``'s link to the server (an RRef to its endpoint, or, in a dynamic
+    federation, the server's worker name), with the configured timeout and resends (and, for
     testing, the configured fault injection)."""
     f, faults = cfg.federation, cfg.faults
-    transport = RpcTransport(rref, timeout_s=cfg.server.rpc_timeout_s)
+    transport: Transport = (
+        RpcFunctionTransport(server, timeout_s=cfg.server.rpc_timeout_s)
+        if isinstance(server, str)
+        else RpcTransport(server, timeout_s=cfg.server.rpc_timeout_s)
+    )
     if faults.drop_request or faults.drop_reply or faults.duplicate:
         transport = FaultyTransport(
             transport,
@@ -268,6 +274,8 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     )
     try:
         with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name):
+            if env.dynamic:
+                publish_rendezvous(run_dir, env)
             server.wait_until_done(timeout=cfg.server.startup_timeout_s)
             own = server.summary()
             own["link"] = endpoint.summary()
@@ -280,9 +288,20 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
                 save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
                 write_json(summary, run_dir / "summary.json")
                 log.info("federation done: %s", summary["federation"])
+            if env.dynamic and not wait_until_answered(timeout_s=cfg.server.rpc_timeout_s):
+                log.warning("%s: shutting down with answers still in progress", role.worker_name)
     finally:
         server.close()
     return summary
+
+
+def publish_rendezvous(run_dir: Path, env: DistEnv) -> Path:
+    """Write where the server's rendezvous store listens (``run_dir/rendezvous.json``), so
+    clients of a dynamic federation started with ``MASTER_PORT=0`` on the server find it."""
+    path = rendezvous_path(run_dir)
+    write_json({"master_addr": env.master_addr, "master_port": store_port()}, path)
+    log.info("rendezvous store at %s:%d (written to %s)", env.master_addr, store_port(), path)
+    return path
 
 
 def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -336,8 +355,11 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     out_dir = Path(cfg.run_dir) / role.worker_name
     session, masker = client_session(cfg, index)  # a missing key file fails here
     with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name):
-        rref = rpc.remote(role.server_name, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
-        link = client_link(cfg, rref, index, session)
+        if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
+            link = client_link(cfg, role.server_name, index, session)
+        else:
+            rref = rpc.remote(role.server_name, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
+            link = client_link(cfg, rref, index, session)
         callbacks: list[L.Callback] = []
         if session is not None:
             encryption = EncryptionCallback(link, rekey_each_epoch=cfg.crypto.rekey_each_epoch)
@@ -360,7 +382,10 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         )
         offered = checkpoints.rounds() if cfg.resume else None
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer), checkpoints=offered)
-        resume_from = checkpoints.path(info["resume_round"]) if info.get("resume_round") else None
+        # A process joining a federation already past the agreed round (a restarted client) does
+        # not load that old checkpoint: its rounds would lag behind the others' for good.
+        late = info.get("next_round", 0) > info.get("resume_round", 0)
+        resume_from = checkpoints.path(info["resume_round"]) if info.get("resume_round") and not late else None
         if resume_from is not None:
             log.info("%s: resuming from %s", role.worker_name, resume_from)
         lm = SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard)
@@ -373,6 +398,13 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
             checkpoints=checkpoints if checkpoints.every else None,
             exclude=defenses.private_names,
         )
+        if resume_from is None and info.get("next_round", 0) > 0:
+            # A restarted process trains again from the start, but takes part in the round the
+            # others are at (it gets their average there), not in the long-finished round 0.
+            log.info("%s: joining the federation at FedAvg round %d", role.worker_name, info["next_round"])
+            fedavg.load_state_dict({"round": info["next_round"], "seen_before": 0, "last_step": -1})
+        if cfg.faults.kill_client_at_step and cfg.faults.kill_client == index:
+            callbacks.append(KillAtStepCallback(cfg.faults.kill_client_at_step))
         trainer = make_trainer(cfg, out_dir, [*callbacks, training_state, fedavg])
         started = time.monotonic()
         trainer.fit(module, train_loader, dev_loader, ckpt_path=str(resume_from) if resume_from is not None else None)

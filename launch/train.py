@@ -1,4 +1,4 @@
-"""Start one process of a federation; torchrun starts them all.
+"""Start one process of a federation; torchrun starts them all (or you start each one).
 
 One machine (server + 2 clients):
     torchrun --standalone --nproc-per-node=3 launch/train.py --config configs/demo.yaml
@@ -6,6 +6,13 @@ One machine (server + 2 clients):
 Several machines (rank 0, on the first node, is the server):
     torchrun --nnodes=2 --nproc-per-node=2 --node-rank=0 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST:29400 launch/train.py --config configs/demo.yaml
+
+Without torchrun, each process on its own (federation.membership=dynamic: a client may die and
+be started again while the others go on); the server (rank 0) first, then client i as rank 1+i:
+    RANK=0 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=29400 python launch/train.py \\
+        --config configs/demo.yaml federation.membership=dynamic server.rejoin_timeout_s=600
+    RANK=1 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=29400 python launch/train.py \\
+        --config configs/demo.yaml federation.membership=dynamic server.rejoin_timeout_s=600
 """
 
 import sys

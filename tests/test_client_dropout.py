@@ -11,10 +11,12 @@ import pytest
 import torch
 from test_encrypted_link import _model
 
-from flglm.config import RunConfig
+from flglm.config import RunConfig, fingerprint
+from flglm.federation.aggregation import AggregationRounds
 from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.messages import InvalidMessageError
 from flglm.federation.remote import ServerLink
+from flglm.federation.secure_rounds import SecureRounds
 from flglm.federation.server import MiddleServer
 
 
@@ -95,3 +97,58 @@ def test_a_client_waiting_for_its_turn_or_a_round_is_not_silent(cfg: RunConfig) 
     # Assert: the round completed for all three; nobody was dropped
     assert sorted(done) == [0, 1, 2] and server.stats.dropped_clients == 0
     server.close()
+
+
+def test_a_restarted_client_joins_the_round_the_others_are_at(cfg: RunConfig) -> None:
+    # Prepare: client 2 dies before round 0; clients 0 and 1 finish round 0 without it after its drop
+    server = MiddleServer(cfg)
+    endpoint = ServerEndpoint(server)
+    links = [ServerLink(endpoint, client_id=i, timeout_s=30) for i in range(3)]
+    for link in links:
+        _model(cfg, link)
+    server.drop_client(2, "test")
+    finished = [threading.Thread(target=links[i].aggregate, args=(0, torch.zeros(4), 1.0)) for i in (0, 1)]
+    for thread in finished:
+        thread.start()
+    for thread in finished:
+        thread.join(timeout=30)
+
+    # Execute: a new process of client 2 joins; then all three take part in the next round
+    restarted = ServerLink(endpoint, client_id=2, timeout_s=30)
+    info = restarted.hello(fingerprint(cfg), "tok")
+    averages: dict[int, torch.Tensor] = {}
+    members = {0: links[0], 1: links[1], 2: restarted}
+    rounds = [
+        threading.Thread(target=lambda i=i: averages.setdefault(i, members[i].aggregate(info["next_round"], torch.full((4,), float(i)), 1.0)))
+        for i in members
+    ]
+    for thread in rounds:
+        thread.start()
+    for thread in rounds:
+        thread.join(timeout=30)
+
+    # Assert: it was told round 1 (not the finished round 0), and that round held all three
+    assert info["next_round"] == 1
+    assert sorted(averages) == [0, 1, 2] and torch.equal(averages[2], torch.full((4,), 1.0))
+    server.close()
+
+
+def test_next_round_is_the_oldest_open_round_or_the_one_after_the_last() -> None:
+    # Prepare: plain rounds with two members, and secure rounds with two members
+    plain, secure = AggregationRounds(), SecureRounds()
+    for rounds in (plain, secure):
+        rounds.join(0)
+        rounds.join(1)
+
+    # Execute / Assert: nothing open -> round 0; round 0 open (one contribution or one begin) -> 0;
+    # round 0 done -> 1; secure: round 1 planned without a late joiner -> 2
+    assert plain.next_round() == 0 and secure.next_round() == 0
+    plain.contribute(0, 0, torch.zeros(4), 1.0)
+    secure.begin(0, 0)
+    assert plain.next_round() == 0 and secure.next_round() == 0
+    plain.contribute(1, 0, torch.zeros(4), 1.0)
+    secure.begin(1, 0)
+    assert plain.next_round() == 1 and secure.next_round() == 1
+    secure.begin(0, 1)
+    secure.begin(1, 1)
+    assert secure.next_round() == 2

@@ -97,6 +97,10 @@ def test_choice_validation_names_the_key_and_the_choices(override: str) -> None:
         ("peft.target_modules=[]", "peft.target_modules"),
         ("server.sync_timeout_s=0", "server.sync_timeout_s"),
         ("server.num_threads=-1", "server.num_threads"),
+        ("server.rejoin_timeout_s=-1", "server.rejoin_timeout_s"),
+        ("faults.kill_client_at_step=-1", "faults.kill_client_at_step"),
+        ("faults.kill_client=1", "faults.kill_client"),
+        ("federation.membership=elastic", "federation.membership"),
     ],
 )
 def test_out_of_range_values_name_the_key(override: str, key: str) -> None:
@@ -168,3 +172,9 @@ def test_fingerprint_ignores_run_dir_and_display_but_not_what_is_computed() -> N
     assert all(fingerprint(other) == fingerprint(cfg) for other in same)
     assert len({fingerprint(cfg), *(fingerprint(other) for other in different)}) == 1 + len(different)
     assert fingerprint(dataclasses.replace(cfg)) == fingerprint(cfg)  # a copy hashes alike
+
+
+def test_dynamic_membership_refuses_hierarchical_sub_servers() -> None:
+    with pytest.raises(ConfigError, match=r"federation.membership=dynamic runs one server process"):
+        hierarchical = ["federation.num_clients=2", "server.sub_servers=2", "server.parallelism=hierarchical"]
+        load_config(None, [*REQUIRED, *hierarchical, "federation.membership=dynamic"])

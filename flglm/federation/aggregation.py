@@ -68,6 +68,12 @@ class AggregationRounds:
         with self._lock:
             self._active.add(client_id)
 
+    def next_round(self) -> int:
+        """The first round a client joining now takes part in: the oldest round still open
+        (it waits for every active client), else the one after the last completed."""
+        with self._lock:
+            return min(self._rounds) if self._rounds else self.completed
+
     def leave(self, client_id: int) -> None:
         with self._lock:
             self._active.discard(client_id)

@@ -264,3 +264,28 @@ def instance() -> ServerEndpoint:
     if _ENDPOINT is None:
         raise RuntimeError("no server endpoint is running in this process")
     return _ENDPOINT
+
+
+# The endpoint as plain functions, for clients of a dynamic federation (no RRef): an RRef's id
+# is (creating worker's rank, local counter), so a restarted client creating one under its old
+# rank repeats the dead process's id, and the server's RPC agent fails an internal assertion
+# ("fork notification twice"; measured with torch 2.13). A function call carries no such id.
+def handshake(client_id: int, hello: torch.Tensor) -> torch.Tensor:
+    """``ServerEndpoint.handshake`` of this process's endpoint."""
+    return instance().handshake(client_id, hello)
+
+
+@rpc.functions.async_execution
+def exchange(client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Future:
+    """``ServerEndpoint.exchange`` of this process's endpoint."""
+    return instance().exchange(client_id, kind, round_index, step, tensors)
+
+
+@rpc.functions.async_execution
+def sealed(client_id: int, kind: str, message: torch.Tensor) -> Future:
+    """``ServerEndpoint.sealed`` of this process's endpoint."""
+    return instance().sealed(client_id, kind, message)
+
+
+ENTRIES: dict[str, Callable[..., Any]] = {"handshake": handshake, "exchange": exchange, "sealed": sealed}
+"""What a client may call, by the method name its link uses."""

@@ -121,6 +121,15 @@ class SecureRounds:
         for deliver in deliveries:
             deliver()
 
+    def next_round(self) -> int:
+        """The first round a client joining now takes part in: the oldest round not yet planned
+        (planning waits for every active client), else the one after every planned or finished
+        round (a plan made without the client goes on without it)."""
+        with self._lock:
+            if self._pending:
+                return min(self._pending)
+            return max(self._finished | set(self._attempts), default=self.completed - 1) + 1
+
     def begin(self, client_id: int, round_index: int) -> Future:
         """A future of the round's :class:`RoundPlan`, resolved once every active client has begun it."""
         future: Future = Future()

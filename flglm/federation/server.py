@@ -85,6 +85,9 @@ class ServerStats:
     evicted: int = 0
     dropped_clients: int = 0
     """Clients dropped after ``server.client_timeout_s`` of silence."""
+    freed_pending: int = 0
+    """Pending forwards (autograd state awaiting a backward) freed because their client was
+    dropped, left, or joined again as a new process."""
     bytes_in: int = 0
     bytes_out: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -163,6 +166,7 @@ class MiddleServer:
         self._last_seen: dict[int, float] = {}
         self._in_flight: dict[int, int] = {}
         self._dropped: set[int] = set()
+        self._dropped_at: dict[int, float] = {}
         self._watchdog_stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch_silence, name="flglm-client-watchdog", daemon=True)
         self._watchdog.start()
@@ -229,6 +233,7 @@ class MiddleServer:
             with self._lock:
                 self._incarnations[client_id] = incarnation
                 self._dropped.discard(client_id)
+                self._dropped_at.pop(client_id, None)
                 self._joined.add(client_id)
                 self._left.discard(client_id)
             self._rounds.join(client_id)
@@ -240,6 +245,7 @@ class MiddleServer:
         resume_round = self._agree_on_resume(client_id, checkpoints) if self.cfg.resume else None
         info = {
             "resume_round": resume_round or 0,
+            "next_round": self.next_round(),
             "hidden_size": self.middle.hidden_size,
             "server_layers": list(self.middle.plan.middle),
             "trainable": bool(self.params),
@@ -247,6 +253,14 @@ class MiddleServer:
             "parameter_names": [n for n, _ in self.named_params],
         }
         return info, fresh
+
+    def next_round(self) -> int:
+        """The first FedAvg round a client joining now takes part in.
+
+        0 at a fresh start. A client joining later (a restarted process, which starts its
+        training again) would otherwise count its rounds from 0, contribute to a round the others
+        finished long ago and wait there forever, while they wait for it in theirs."""
+        return self._secure.next_round() if self._secure is not None else self._rounds.next_round()
 
     def _agree_on_resume(self, client_id: int, checkpoints: Sequence[int]) -> int | None:
         """Wait for every client's checkpoint rounds; the newest round all parties share (loaded here)."""
@@ -365,6 +379,7 @@ class MiddleServer:
                 ]
             for client_id in silent:
                 self.drop_client(client_id, f"no message for {timeout:.0f}s (server.client_timeout_s)")
+            self._finish_if_everyone_left()  # a dropped client's time to join again may have run out
 
     def drop_client(self, client_id: int, why: str) -> None:
         """Take a client that stopped answering out of the federation; the others go on without it."""
@@ -373,20 +388,33 @@ class MiddleServer:
                 return
             self._left.add(client_id)
             self._dropped.add(client_id)
+            self._dropped_at[client_id] = time.monotonic()
             self.stats.dropped_clients += 1
         log.warning("client %d dropped from the federation: %s; the others go on, it may join again", client_id, why)
         self._forget_client(client_id)
         self._rounds.leave(client_id)
         if self._secure is not None:
             self._secure.leave(client_id)
-        if len(self._joined) >= len(self.clients) and self._left >= self._joined:
-            self._done.set()
+        self._finish_if_everyone_left()
+
+    def _finish_if_everyone_left(self) -> None:
+        """Done once every expected client has joined and left (or was dropped), except that a
+        client dropped less than ``server.rejoin_timeout_s`` ago is still waited for."""
+        with self._lock:
+            now = time.monotonic()
+            rejoin = self.cfg.server.rejoin_timeout_s
+            awaited = [c for c in self._dropped if now - self._dropped_at.get(c, now) < rejoin]
+            if len(self._joined) >= len(self.clients) and self._left >= self._joined and not awaited:
+                self._done.set()
 
     def _forget_client(self, client_id: int) -> None:
         """Free what the server holds for a client's process: pending forwards, decoding caches, its turn."""
         with self._lock:
-            self._drop_client_state(client_id)
+            freed = self._drop_client_state(client_id)
+            self.stats.freed_pending += freed
             self._decoding.drop_client(client_id)
+        if freed:
+            log.warning("client %d: freed %d pending forward(s) (autograd state awaiting a backward)", client_id, freed)
         self._release_turn(client_id, discard_grads=True)
         if self._batcher is not None:
             self._batcher.leave(client_id)
@@ -400,8 +428,7 @@ class MiddleServer:
         if self._secure is not None:
             self._secure.leave(client_id)
         log.info("client %d left", client_id)
-        if len(self._joined) >= len(self.clients) and self._left >= self._joined:
-            self._done.set()
+        self._finish_if_everyone_left()
 
     def _abort(self, error: BaseException) -> None:
         self._error = error
@@ -767,9 +794,12 @@ class MiddleServer:
             self.stats.evicted += 1
             log.warning("client %d has too many forwards without backward; evicted request %d", *oldest)
 
-    def _drop_client_state(self, client_id: int | None) -> None:
-        for key in [k for k in self._pending if k[0] == client_id]:
+    def _drop_client_state(self, client_id: int | None) -> int:
+        """Free a client's pending forwards; how many there were."""
+        keys = [k for k in self._pending if k[0] == client_id]
+        for key in keys:
             del self._pending[key]
+        return len(keys)
 
     def _zero_grads(self) -> None:
         """Discard a half-done step's gradients (its client left or timed out)."""

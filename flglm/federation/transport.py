@@ -69,6 +69,26 @@ class RpcTransport:
             raise TransportError(f"{method} to the server failed: {exc}") from exc
 
 
+class RpcFunctionTransport:
+    """Calls the server's endpoint through module-level functions (``flglm.federation.endpoint.ENTRIES``),
+    each call bounded by ``timeout_s``: the transport of a dynamic federation, where a client
+    process may be restarted under its old rank (no RRef, whose id would repeat the old process's)."""
+
+    def __init__(self, server_name: str, *, timeout_s: float) -> None:
+        self.server_name = server_name
+        self.timeout_s = timeout_s
+
+    def call(self, method: str, *args: Any) -> Any:
+        from torch.distributed import rpc
+
+        from flglm.federation.endpoint import ENTRIES
+
+        try:
+            return rpc.rpc_sync(self.server_name, ENTRIES[method], args=args, timeout=self.timeout_s)
+        except RuntimeError as exc:
+            raise TransportError(f"{method} to the server failed: {exc}") from exc
+
+
 def as_transport(target: Any, *, timeout_s: float) -> Transport:
     """An RRef, an endpoint object or a transport, as a transport."""
     if isinstance(target, PyRRef):
