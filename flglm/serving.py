@@ -31,6 +31,7 @@ from flglm.federation.endpoint import ServerEndpoint
 from flglm.federation.remote import RemoteMiddle
 from flglm.federation.server import MiddleServer
 from flglm.models.split import ClientBlocks, MiddleStack, plan_for, saved_state_dict
+from flglm.privacy.defenses import client_defenses
 from flglm.roles import Role
 from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
 from flglm.runner import client_link, client_session, server_sessions

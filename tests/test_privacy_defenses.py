@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from flglm.callbacks import FedAvgCallback
 from flglm.callbacks.fedavg import excluded_names
+from test_split import _padded_batch, train_steps
+from torch import nn
+
 from flglm.client.lm import SplitCausalLM
 from flglm.config import ConfigError, PrivacyConfig, RunConfig, fingerprint
 from flglm.federation.endpoint import ServerEndpoint
@@ -27,7 +28,6 @@ from flglm.models import ClientBlocks
 from flglm.models.split import plan_for
 from flglm.privacy import PrivacyGuard, apply_secret_init, client_defenses, private_parameter_names, secret_generator
 from flglm.privacy import defenses as defenses_mod
-from test_split import _padded_batch, train_steps
 
 NOISE_TOLERANCE = 0.10
 """Measured noise-to-scale ratios must be within 10% of the configured multiplier."""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from flglm.callbacks import FedAvgCallback
+
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import generate_key_set, load_client_keys
 from flglm.federation.aggregation import fedavg

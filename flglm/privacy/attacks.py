@@ -186,8 +186,7 @@ def candidate_search(
     out = torch.zeros(hidden.shape[:2], dtype=torch.long)
     for row in range(hidden.shape[0]):
         cache = DynamicCache(config=blocks.hf.config)
-        seen = 0
-        for t in attention_mask[row].nonzero().flatten().tolist():
+        for seen, t in enumerate(attention_mask[row].nonzero().flatten().tolist()):
             position = position_ids[row, t].view(1, 1)
             trial_cache = copy.deepcopy(cache)
             trial_cache.batch_repeat_interleave(vocab)
@@ -197,7 +196,6 @@ def candidate_search(
             best = int(((trial[:, 0].float() - hidden[row, t].float()) ** 2).sum(dim=-1).argmin())
             out[row, t] = best
             blocks.input_block(torch.tensor([[best]]), torch.ones(1, seen + 1, dtype=torch.long), position, cache)
-            seen += 1
     return out
 
 
@@ -221,11 +219,10 @@ def label_recovery(
     the number of positions that have a next token (language-model training).
     """
     mask = attention_mask.long()
-    crossing_of = lambda h: Crossing(h, mask, position_ids)  # noqa: E731 - one-line closure
     h = server_output.detach().float()
 
     def logits_of(h: torch.Tensor) -> torch.Tensor:
-        return blocks.output_block(crossing_of(h))
+        return blocks.output_block(Crossing(h, mask, position_ids))
 
     labelled = (mask[:, 1:] * mask[:, :-1]).sum().clamp_min(1).double()
     h_in = h.clone().requires_grad_(True)

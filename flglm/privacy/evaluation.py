@@ -316,7 +316,9 @@ def aggregation_leakage(
         guess_from = "masked upload"
     else:
         guess_from = "upload"
-    table = lambda v: v[offset : offset + rows * cols].view(rows, cols)  # noqa: E731
+    def table(vector: torch.Tensor) -> torch.Tensor:
+        return vector[offset : offset + rows * cols].view(rows, cols)
+
     # Secure aggregation's fixed-point encoding rounds every value by up to 2**-25 per client:
     # the attacker ignores changes within a few rounding steps.
     rounding = 4.0 * 2.0**-FIXED_POINT_BITS if secure else 0.0
@@ -348,7 +350,7 @@ def _embedding_slice_of(lm: SplitCausalLM, excluded: set[str]) -> tuple[int, int
     for name, param in sorted(lm.named_parameters(), key=lambda item: item[0]):
         if not param.requires_grad or _hf_name(name) in excluded:
             continue
-        if name.endswith("embed_tokens.weight") or name.endswith("wte.weight"):
+        if name.endswith(("embed_tokens.weight", "wte.weight")):
             return offset, param.shape[0], param.shape[1]
         offset += param.numel()
     raise ValueError("the FedAvg vector holds no token embedding")

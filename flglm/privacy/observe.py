@@ -97,8 +97,6 @@ class Wiretap:
         """The arguments of every captured message of ``kind`` (clear: ``exchange``, sealed: ``sealed``)."""
         out = []
         for method, args in self.captured:
-            if method == "exchange" and args[1] == kind:
-                out.append(args)
-            elif method == "sealed" and args[1] == kind:
+            if method in ("exchange", "sealed") and args[1] == kind:
                 out.append(args)
         return out
