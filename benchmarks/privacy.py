@@ -148,7 +148,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     labels = [r["name"] for r in rows]
     series = [("candidate search", "candidate_search"), ("learned inversion", "learned_inversion"), ("NN inversion", "nearest_embedding"), ("labels from gradient", "label_recovery"), ("SST-2 dev accuracy", "sst2_dev_accuracy")]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / len(series)
     for k, (title, key) in enumerate(series):
         ax.bar([i + k * width for i in range(len(rows))], [r[key] for r in rows], width, label=title)
@@ -156,7 +156,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("token accuracy of the attack / dev accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title("What a curious server recovers (token accuracy) vs. what the model still learns (SST-2)")
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -231,7 +231,10 @@ def main() -> None:
     positive = float(reference["positive_control"])
     negative = reference["negative_control"]
     print(f"positive control (raw embeddings, NN): {positive:.3f} (must be >= {POSITIVE_CONTROL_MIN})")
-    print(f"negative control (shuffled text, candidate search): {negative['token_accuracy']:.3f}, chance {negative['chance']:.3f}")
+    print(
+        f"negative control (shuffled text, candidate search): {negative['token_accuracy']:.3f}, chance {negative['chance']:.3f} "
+        f"(always the most frequent token: {negative['majority']:.3f})"
+    )
     if args.plot:
         _plot(rows, Path(args.plot))
     summary = {
@@ -239,6 +242,7 @@ def main() -> None:
         "positive_control": positive,
         "negative_control": negative["token_accuracy"],
         "chance": negative["chance"],
+        "majority": negative["majority"],
         "clip": clip,
         "details": results,
         "elapsed_s": round(time.monotonic() - started, 1),

@@ -60,6 +60,7 @@ def test_score_and_chance_are_computed_on_the_masked_tokens() -> None:
     assert result.tokens == 7 and result.token_accuracy == pytest.approx(6 / 7) and result.exact_match == 0.5
     # tokens 5 (3x), 6, 7, 9 (2x) of 7: sum of squared frequencies
     assert A.chance_level(truth, mask) == pytest.approx((9 + 1 + 1 + 4) / 49)
+    assert A.majority_level(truth, mask) == pytest.approx(3 / 7)
     with pytest.raises(ValueError, match="shapes differ"):
         A.score(predicted[:, :2], truth, mask)
 

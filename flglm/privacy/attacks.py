@@ -76,6 +76,13 @@ def chance_level(truth: torch.Tensor, mask: torch.Tensor) -> float:
     return float((p * p).sum())
 
 
+def majority_level(truth: torch.Tensor, mask: torch.Tensor) -> float:
+    """Accuracy of always guessing the data's most frequent token (an attack that learned only the
+    token frequencies, e.g. a network that falls back to its prior, scores about this)."""
+    tokens = truth[mask.bool()]
+    return float(torch.bincount(tokens).max()) / tokens.numel() if tokens.numel() else 0.0
+
+
 # ----------------------------------------------------------------------------- forward channel
 def _cosine_argmax(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     keys = F.normalize(keys.float(), dim=-1)

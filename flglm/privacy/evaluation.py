@@ -213,7 +213,11 @@ def negative_control(attacker: ClientBlocks, victim: ClientBlocks, text: Text, *
     hidden = A.input_hidden(victim, shuffled.input_ids, shuffled.attention_mask)
     pos = torch.arange(text.input_ids.shape[1]).expand_as(text.input_ids).contiguous()
     predicted = A.candidate_search(attacker, hidden, text.attention_mask, pos)
-    return {"token_accuracy": A.score(predicted, text.input_ids, text.attention_mask).token_accuracy, "chance": A.chance_level(text.input_ids, text.attention_mask)}
+    return {
+        "token_accuracy": A.score(predicted, text.input_ids, text.attention_mask).token_accuracy,
+        "chance": A.chance_level(text.input_ids, text.attention_mask),
+        "majority": A.majority_level(text.input_ids, text.attention_mask),
+    }
 
 
 def evaluate_configuration(
