@@ -139,6 +139,11 @@ class ServerConfig:
     ``federation.aggregate_every=k`` a round is every k optimizer steps)."""
     checkpoint_keep: int = 2
     """Checkpoints each party keeps (at least 2: a party may be one round ahead when a crash comes)."""
+    nonfinite: str = "reject"
+    """What the server does with hidden states, prefixes or gradients holding NaN or Inf:
+    ``reject`` (refuse the message with an error naming it; nothing changes) or ``skip`` (log
+    it, leave the model untouched and answer with zeros, so the client's step goes on without
+    that contribution). Decoding steps are always refused; client batching only rejects."""
     request_timeout_s: float = 60.0
     """client_batching: a member that sends no backward/step/next forward within this time is
     dropped from its group, so the others go on."""
@@ -399,6 +404,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.gradient_clip_algorithm": ("norm", "value"),
     "model.attn_implementation": ("sdpa", "eager"),
     "server.parallelism": ("sequential", "client_batching", "hierarchical", "auto"),
+    "server.nonfinite": ("reject", "skip"),
 }
 
 
@@ -473,6 +479,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             "peft.method=ptuning_v2 does not work with server.parallelism=client_batching yet (each client's "
             "prefixes would have to ride along in the gathered batch); use sequential, hierarchical or auto"
+        )
+    if cfg.server.nonfinite == "skip" and cfg.server.parallelism == "client_batching":
+        raise ConfigError(
+            "server.nonfinite=skip does not work with server.parallelism=client_batching (one member's NaN would "
+            "be skipped for the whole gathered batch); use reject, or sequential, hierarchical or auto serving"
         )
     if not cfg.peft.target_modules:
         raise ConfigError("peft.target_modules must name at least one module (or [all-linear])")

@@ -46,6 +46,8 @@ def choose_parallelism(cfg: RunConfig, middle_config: Any, parameters: int, laye
         return ParallelismChoice("hierarchical", f"server.sub_servers={s.sub_servers} server processes, one replica each")
     if cfg.peft.method == "ptuning_v2":
         return ParallelismChoice("sequential", "one server process; client batching does not carry P-tuning v2 prefixes yet")
+    if s.nonfinite == "skip":
+        return ParallelismChoice("sequential", "one server process; server.nonfinite=skip skips one client's step, not a gathered batch's")
     hidden = int(getattr(middle_config, "hidden_size", getattr(middle_config, "n_embd", 0)))
     intermediate = int(getattr(middle_config, "intermediate_size", None) or getattr(middle_config, "n_inner", None) or 4 * hidden)
     heads = int(getattr(middle_config, "num_attention_heads", getattr(middle_config, "n_head", 1)))

@@ -72,6 +72,9 @@ class _Pending:
     created: float
     prefix: torch.Tensor | None = None
     """P-tuning v2: the prefixes the client sent (their gradient goes back with the inputs')."""
+    skipped: bool = False
+    """``server.nonfinite=skip``: the forward carried NaN/Inf and never touched the model; its
+    backward is answered with zeros."""
 
 
 @dataclass
@@ -88,6 +91,8 @@ class ServerStats:
     freed_pending: int = 0
     """Pending forwards (autograd state awaiting a backward) freed because their client was
     dropped, left, or joined again as a new process."""
+    skipped_nonfinite: int = 0
+    """Forwards and backwards carrying NaN/Inf that were skipped (``server.nonfinite=skip``)."""
     bytes_in: int = 0
     bytes_out: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -483,10 +488,11 @@ class MiddleServer:
             header = check_header(header)
             if prefix is not None:
                 kv_heads, head_dim = kv_shape(self.middle.hf.config)
-                check_prefix(header, prefix, layers=len(self.middle.plan.middle), kv_heads=kv_heads, head_dim=head_dim)
+                prefix_seen = _finite(prefix) if self._skips(prefix) else prefix
+                check_prefix(header, prefix_seen, layers=len(self.middle.plan.middle), kv_heads=kv_heads, head_dim=head_dim)
             check_forward(
                 header,
-                hidden,
+                _finite(hidden) if self._skips(hidden) else hidden,
                 mask,
                 pos,
                 hidden_size=self.middle.hidden_size,
@@ -552,6 +558,21 @@ class MiddleServer:
         with ctx:
             return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1), cache, prefix_length)
 
+    def _skips(self, tensor: object) -> bool:
+        """``server.nonfinite=skip`` and ``tensor`` is a float tensor holding NaN or Inf."""
+        return (
+            self.cfg.server.nonfinite == "skip"
+            and isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point()
+            and not bool(torch.isfinite(tensor).all())
+        )
+
+    def _skip(self, header: RequestHeader, what: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Answer a request whose ``what`` holds NaN/Inf with zeros; it never touches the model."""
+        self.stats.skipped_nonfinite += 1
+        log.warning("%s: %s contain NaN or Inf: skipped (server.nonfinite=skip), answered with zeros", header.describe(), what)
+        return torch.zeros(shape, dtype=dtype)
+
     def _answer(self, outputs: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The middle's output in the request's dtype, compact for the wire; both counted in the stats."""
         self.stats.bytes_in += nbytes(hidden, mask, pos)
@@ -583,6 +604,10 @@ class MiddleServer:
                 self.stats.rejected += 1
                 raise InvalidMessageError(f"{header.describe()}: a forward with this id is already pending")
             self._evict_over_limit(header.client_id)
+            if self._skips(hidden) or self._skips(prefix):
+                zeros = self._skip(header, "hidden states" if self._skips(hidden) else "prefixes", hidden.shape, hidden.dtype)
+                self._pending[key] = _Pending(torch.zeros_like(hidden), zeros, time.monotonic(), prefix, skipped=True)
+                return self._answer(zeros, hidden, mask, pos)
             self.middle.train()
             inputs = hidden.detach().requires_grad_(hidden.is_floating_point())
             prefix_in = prefix.detach().requires_grad_() if prefix is not None else None
@@ -605,6 +630,8 @@ class MiddleServer:
         self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
     ) -> torch.Tensor:
         with self._lock, torch.no_grad():
+            if self._skips(hidden) or self._skips(prefix):
+                return self._answer(self._skip(header, "hidden states or prefixes", hidden.shape, hidden.dtype), hidden, mask, pos)
             self.middle.eval()
             outputs = self._run(header, hidden, mask, pos, prefix=prefix)
             self.stats.inferences += 1
@@ -643,6 +670,9 @@ class MiddleServer:
     ) -> torch.Tensor:
         with self._lock, torch.no_grad():
             try:
+                if self._skips(hidden) or self._skips(prefix):
+                    # skipping would leave the session's cache a token short: refuse instead
+                    raise InvalidMessageError(f"{header.describe()}: hidden states or prefixes of a decoding step contain NaN or Inf")
                 entry = self._decoding.session_for(header.client_id, session, past=past, batch=hidden.shape[0])
                 if prefix is not None and past != 0:
                     raise InvalidMessageError(f"{header.describe()}: prefixes come with a session's first step only")
@@ -692,13 +722,20 @@ class MiddleServer:
                 raise InvalidMessageError(
                     f"{header.describe()}: no pending forward (never sent, already backpropagated, or timed out)"
                 )
+            skip = self._skips(grad)
             try:
-                check_gradient(header, grad, pending.outputs)
+                check_gradient(header, _finite(grad) if skip else grad, pending.outputs)
             except InvalidMessageError:
                 self.stats.rejected += 1
                 raise
             del self._pending[key]
             self.stats.bytes_in += nbytes(grad)
+            if pending.skipped or skip:
+                # a skipped forward has no graph; a non-finite gradient is not applied
+                zeros = self._skip(header, "gradient", pending.inputs.shape, pending.inputs.dtype) if skip else torch.zeros_like(pending.inputs)
+                if pending.prefix is None:
+                    return wire(zeros)
+                return wire(zeros), wire(torch.zeros_like(pending.prefix))
             pending.outputs.backward(grad.to(pending.outputs.dtype))
             self.stats.backwards += 1
             grad_in = pending.inputs.grad
@@ -831,3 +868,8 @@ def resident_mb() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def _finite(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with NaN/Inf replaced by 0: checked for everything but finiteness (``server.nonfinite=skip``)."""
+    return torch.nan_to_num(tensor, nan=0.0, posinf=0.0, neginf=0.0)
