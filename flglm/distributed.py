@@ -108,7 +108,9 @@ def rpc_options(*, num_worker_threads: int, timeout_s: float) -> rpc.TensorPipeR
 
 
 @contextmanager
-def rpc_worker(name: str, env: DistEnv, options: rpc.TensorPipeRpcBackendOptions, *, what: str) -> Iterator[None]:
+def rpc_worker(
+    name: str, env: DistEnv, options: rpc.TensorPipeRpcBackendOptions, *, what: str, startup_timeout_s: float | None = None
+) -> Iterator[None]:
     """This process is RPC worker ``name`` for the block's duration.
 
     Static (torchrun): on success RPC shuts down gracefully (waiting for every worker). On
@@ -128,6 +130,8 @@ def rpc_worker(name: str, env: DistEnv, options: rpc.TensorPipeRpcBackendOptions
         # tcp://, not env://: env:// reads WORLD_SIZE, and a store started for a known world size
         # waits for that many processes to connect before it answers anyone.
         options.init_method = f"tcp://{env.master_addr}:{env.master_port}"
+        if env.rank != 0:
+            wait_for_server_store(env, timeout_s=startup_timeout_s or options.rpc_timeout, what=what)
     rpc.init_rpc(name, rank=env.rank, world_size=None if env.dynamic else env.world_size, rpc_backend_options=options)
     try:
         if env.dynamic and env.rank != 0:
@@ -138,6 +142,25 @@ def rpc_worker(name: str, env: DistEnv, options: rpc.TensorPipeRpcBackendOptions
         rpc.shutdown(graceful=False)
         raise
     rpc.shutdown(graceful=not env.dynamic)
+
+
+def wait_for_server_store(env: DistEnv, *, timeout_s: float, what: str) -> None:
+    """Connect to the server's rendezvous store, or fail after ``timeout_s`` naming the address.
+
+    Measured with torch 2.13: ``init_rpc`` on an address where no server listens keeps
+    retrying for far longer than any configured timeout (over 2 minutes with
+    ``server.startup_timeout_s=5``), so a client started before — or without — its server hung."""
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, TimeoutError, OSError) as err:
+        raise ConnectionError(
+            f"{what}: the server is not reachable at {env.master_addr}:{env.master_port} "
+            f"within server.startup_timeout_s={timeout_s:g}s ({str(err).splitlines()[0]}); is the server running?"
+        ) from None
 
 
 # Keys of torch's dynamic RPC group (torch/distributed/rpc/_utils.py and agent_utils.cpp, torch 2.x).

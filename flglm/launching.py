@@ -261,13 +261,15 @@ class DynamicFederation:
         self._port = int(json.loads(path.read_text())["master_port"])
         return server
 
-    def start_client(self, index: int, overrides: Sequence[str] = ()) -> FederationProcess:
-        """Start (or start again) client ``index``; the server must be running."""
-        if self._port is None:
+    def start_client(self, index: int, overrides: Sequence[str] = (), *, server_port: int | None = None) -> FederationProcess:
+        """Start (or start again) client ``index``; the server must be running (or its store
+        named by ``server_port``)."""
+        port = server_port if server_port is not None else self._port
+        if port is None:
             raise RuntimeError("start the server first")
         if not 0 <= index < self.num_clients:
             raise ValueError(f"client {index} is not one of the federation's clients 0..{self.num_clients - 1}")
-        return self._start(f"client{index}", index + 1, self._port, overrides)
+        return self._start(f"client{index}", index + 1, port, overrides)
 
     def wait(self, process: FederationProcess, *, timeout_s: float) -> int:
         """``process``'s exit code; on timeout every process is killed and FederationFailed carries the logs."""

@@ -273,7 +273,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
         clients,
     )
     try:
-        with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name):
+        with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
             if env.dynamic:
                 publish_rendezvous(run_dir, env)
             server.wait_until_done(timeout=cfg.server.startup_timeout_s)
@@ -354,7 +354,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     index = role.client_index
     out_dir = Path(cfg.run_dir) / role.worker_name
     session, masker = client_session(cfg, index)  # a missing key file fails here
-    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name):
+    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
         if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
             link = client_link(cfg, role.server_name, index, session)
         else:

@@ -4,6 +4,7 @@ dead process left, and the client, started again, joins and finishes (real proce
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -72,3 +73,21 @@ def test_a_killed_client_is_dropped_the_others_finish_and_it_rejoins_and_finishe
         assert "joining the federation at FedAvg round" in (logs / "client2.log").read_text()
         for name in ("server", "client0", "client1", "client2"):
             assert "1 thread(s)" in (logs / f"{name}.log").read_text(), name
+
+
+def test_a_client_whose_server_is_not_reachable_fails_within_the_startup_timeout(tmp_path: Path) -> None:
+    # Prepare: nothing listens on the port the client is told to find the server at
+    config = write_config(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    with DynamicFederation(config, ["server.startup_timeout_s=3"], num_clients=1, run_dir=tmp_path / "run") as federation:
+        # Execute
+        client = federation.start_client(0, server_port=port)
+        code = federation.wait(client, timeout_s=90)
+
+        # Assert: it gave up with an error naming the address and the setting, instead of hanging
+        assert code != 0, federation.describe()
+        log = client.output.read_text()
+        assert f"the server is not reachable at 127.0.0.1:{port} within server.startup_timeout_s=3s" in log, federation.describe()
