@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from flglm.run_layout import rendezvous_path
 
@@ -227,7 +228,7 @@ class DynamicFederation:
         self._port: int | None = None
         self.processes: list[FederationProcess] = []
 
-    def __enter__(self) -> DynamicFederation:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
