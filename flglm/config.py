@@ -117,6 +117,12 @@ class ServerConfig:
     """hierarchical: average the sub-servers' middle stacks (weighted by the samples each trained
     on) every this many FedAvg rounds; always at the end of training. The client blocks are
     averaged over all clients of all sub-servers at every FedAvg round."""
+    sync_step: float = 1.0
+    """hierarchical: at each synchronisation the middle stacks become ``anchor + sync_step *
+    (average - anchor)``, the anchor being the last synchronised weights. 1: the plain
+    sample-weighted average (FedAvg). ``sub_servers``: the replicas' changes add up, as if one
+    server had taken every replica's steps (each replica takes only its own clients' steps, so
+    plain averaging moves the middle stack 1/S as far per round as one server would)."""
     sync_timeout_s: float = 86400.0
     """hierarchical: how long a sub-server waits for the others at one synchronisation (a
     sub-server whose clients are done waits there while the others train on)."""
@@ -487,6 +493,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if not cfg.peft.target_modules:
         raise ConfigError("peft.target_modules must name at least one module (or [all-linear])")
+    if not cfg.server.sync_step > 0:
+        raise ConfigError(f"server.sync_step must be > 0, got {cfg.server.sync_step}")
     if not cfg.server.sync_timeout_s > 0:
         raise ConfigError(f"server.sync_timeout_s must be > 0, got {cfg.server.sync_timeout_s}")
     g = cfg.generation

@@ -89,6 +89,8 @@ class SubServerSync:
         lock: the server's lock; held while the parameters are read or written.
         num_clients: clients of the whole federation (the length of a plan's participant mask).
         sync_every: average the middle stacks every this many FedAvg rounds.
+        sync_step: each synchronisation moves the replicas from the last synchronised weights by
+            this multiple of the averaged change (1: plain averaging).
         on_error: called with the exception if a collective fails (the server aborts).
     """
 
@@ -99,10 +101,16 @@ class SubServerSync:
         *,
         num_clients: int,
         sync_every: int,
+        sync_step: float = 1.0,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        if not sync_step > 0:
+            raise ValueError(f"sync_step must be > 0, got {sync_step}")
+        self._sync_step = float(sync_step)
+        # The last synchronised weights (all replicas start equal); only needed for sync_step != 1.
+        self._anchor = torch.cat([p.detach().reshape(-1).double() for p in params]) if sync_step != 1.0 and params else None
         self._params = list(params)
         self._num_clients = num_clients
         self._lock = lock
@@ -305,6 +313,9 @@ class SubServerSync:
             self._samples = 0
             if total > 0:
                 average = payload[:-1] / total
+                if self._anchor is not None:
+                    average = self._anchor + self._sync_step * (average - self._anchor)
+                    self._anchor = average.clone()
                 offset = 0
                 with torch.no_grad():
                     for p in self._params:

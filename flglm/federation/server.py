@@ -151,7 +151,12 @@ class MiddleServer:
         self._error: BaseException | None = None
         self.sync = (
             SubServerSync(
-                self.params, self._lock, num_clients=cfg.federation.num_clients, sync_every=cfg.server.sync_every, on_error=self._abort
+                self.params,
+                self._lock,
+                num_clients=cfg.federation.num_clients,
+                sync_every=cfg.server.sync_every,
+                sync_step=cfg.server.sync_step,
+                on_error=self._abort,
             )
             if self.mode == "hierarchical"
             else None
