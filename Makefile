@@ -23,6 +23,7 @@ bench: install
 	$(PYTHON) benchmarks/crypto_overhead.py
 	$(PYTHON) benchmarks/parallel.py
 	$(PYTHON) benchmarks/soak.py
+	$(PYTHON) benchmarks/privacy.py --data ../shared/data/sst2
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2 --run-dir runs/parity-hierarchical
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --run-dir runs/parity-lora peft.method=lora
