@@ -66,15 +66,25 @@ def read_env(environ: Mapping[str, str] | None = None, *, dynamic: bool = False)
             f"not started by torchrun (missing {', '.join(missing)}); run e.g. "
             "`torchrun --nproc-per-node=3 launch/train.py --config configs/demo.yaml`"
         )
-    world_size = int(environ["WORLD_SIZE"])
+    def number(key: str, default: str | None = None) -> int:
+        raw = environ.get(key, default)
+        try:
+            value = int(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise RuntimeError(f"environment variable {key}={raw!r} is not an integer") from None
+        if value < 0:
+            raise RuntimeError(f"environment variable {key}={value} must be >= 0")
+        return value
+
+    world_size = number("WORLD_SIZE")
     return DistEnv(
-        rank=int(environ["RANK"]),
+        rank=number("RANK"),
         world_size=world_size,
-        local_rank=int(environ.get("LOCAL_RANK", environ["RANK"])),
-        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", world_size)),
+        local_rank=number("LOCAL_RANK", environ.get("RANK")),
+        local_world_size=number("LOCAL_WORLD_SIZE", str(world_size)),
         master_addr=environ["MASTER_ADDR"],
-        master_port=int(environ["MASTER_PORT"]),
-        restart_count=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        master_port=number("MASTER_PORT"),
+        restart_count=number("TORCHELASTIC_RESTART_COUNT", "0"),
         dynamic=dynamic,
     )
 

@@ -29,3 +29,9 @@ def test_a_dynamic_process_needs_rank_world_and_the_store_and_guesses_the_rest()
     assert (env.master_addr, env.master_port, env.dynamic) == ("10.0.0.1", 0, True)
     with pytest.raises(RuntimeError, match="federation.membership=dynamic: set MASTER_PORT"):
         read_env({k: v for k, v in given.items() if k != "MASTER_PORT"}, dynamic=True)
+
+
+def test_a_variable_that_is_not_a_number_is_named() -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": ""}
+    with pytest.raises(RuntimeError, match="MASTER_PORT=''"):
+        read_env(env, dynamic=True)
