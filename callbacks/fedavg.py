@@ -63,9 +63,7 @@ class FedAvgCallback(Callback):
         return self._round
 
     def _params(self, pl_module: L.LightningModule) -> list[torch.nn.Parameter]:
-        named = sorted(pl_module.lm.named_parameters(), key=lambda item: item[0])
-        excluded = excluded_names([name for name, _ in named], self._exclude)
-        return [p for name, p in named if p.requires_grad and name not in excluded]
+        return [p for _, p in shared_parameters(pl_module.lm, self._exclude)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self._round, "seen_before": self._seen_before, "last_step": self._last_step, "redone_rounds": self.redone_rounds}
@@ -127,6 +125,14 @@ class FedAvgCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self.aggregate(trainer, pl_module, checkpoint=False)  # training is over: nothing to resume
+
+
+def shared_parameters(model: torch.nn.Module, exclude: Collection[str] = ()) -> list[tuple[str, torch.nn.Parameter]]:
+    """What FedAvg averages, in the order of its vector: the trainable parameters not in
+    ``exclude`` (matched as :func:`excluded_names` does), sorted by name."""
+    named = sorted(model.named_parameters(), key=lambda item: item[0])
+    excluded = excluded_names([name for name, _ in named], exclude)
+    return [(name, p) for name, p in named if p.requires_grad and name not in excluded]
 
 
 def excluded_names(names: Iterable[str], exclude: Collection[str]) -> set[str]:

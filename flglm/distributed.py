@@ -59,7 +59,8 @@ def read_env(environ: Mapping[str, str] | None = None, *, dynamic: bool = False)
     if missing and dynamic:
         raise RuntimeError(
             f"federation.membership=dynamic: set {', '.join(missing)} for this process, e.g. "
-            "`RANK=1 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=29400 python launch/train.py ...`"
+            "`RANK=1 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=<the port in run_dir/rendezvous.json> python launch/train.py ...` "
+            "(the server, RANK=0, takes MASTER_PORT=0: a free port, written there)"
         )
     if missing:
         raise RuntimeError(

@@ -609,8 +609,9 @@ class MiddleServer:
                 self.stats.rejected += 1
                 raise InvalidMessageError(f"{header.describe()}: a forward with this id is already pending")
             self._evict_over_limit(header.client_id)
-            if self._skips(hidden) or self._skips(prefix):
-                zeros = self._skip(header, "hidden states" if self._skips(hidden) else "prefixes", hidden.shape, hidden.dtype)
+            bad_hidden = self._skips(hidden)
+            if bad_hidden or self._skips(prefix):
+                zeros = self._skip(header, "hidden states" if bad_hidden else "prefixes", hidden.shape, hidden.dtype)
                 self._pending[key] = _Pending(torch.zeros_like(hidden), zeros, time.monotonic(), prefix, skipped=True)
                 return self._answer(zeros, hidden, mask, pos)
             self.middle.train()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
+from flglm.callbacks.fedavg import shared_parameters
 from flglm.client.lm import SplitCausalLM
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.channel import ChannelError
@@ -262,8 +263,8 @@ def aggregation_leakage(
     and the average (secure). Scored by precision and recall against client 0's real tokens."""
     n = len(texts)
     truth = set(texts[0].input_ids[texts[0].attention_mask.bool()].tolist())
-    private = private_parameter_names(client_blocks(cfg), cfg.privacy.private_blocks)
-    if any(name.endswith(("embed_tokens.weight", "wte.weight")) for name in private):
+    probe = client_blocks(cfg)
+    if f"{probe.adapter.token_embedding}.weight" in private_parameter_names(probe, cfg.privacy.private_blocks):
         # a private input block keeps the embedding on the client: the uploads carry no token rows
         return {"embedding_uploaded": False, "precision": 0.0, "recall": 0.0, "true_tokens": len(truth)}
     with tempfile.TemporaryDirectory() as keys_dir:
@@ -340,21 +341,17 @@ def aggregation_leakage(
     }
 
 
-def _shared_vector(lm: SplitCausalLM, excluded: set[str]) -> torch.Tensor:
-    params = [p for name, p in sorted(lm.named_parameters(), key=lambda item: item[0]) if p.requires_grad and _hf_name(name) not in excluded]
-    return parameters_to_vector(params).detach().float()
+def _shared_vector(lm: SplitCausalLM, private: Collection[str]) -> torch.Tensor:
+    """The vector this client's FedAvg upload carries (the callback's own order and exclusions)."""
+    return parameters_to_vector([p for _, p in shared_parameters(lm, private)]).detach().float()
 
 
-def _hf_name(name: str) -> str:
-    return name.removeprefix("blocks.hf.")
-
-
-def _embedding_slice_of(lm: SplitCausalLM, excluded: set[str]) -> tuple[int, int, int]:
+def _embedding_slice_of(lm: SplitCausalLM, private: Collection[str]) -> tuple[int, int, int]:
+    """(offset, rows, cols) of the token embedding in that vector."""
+    embedding = f"{lm.blocks.adapter.token_embedding}.weight"
     offset = 0
-    for name, param in sorted(lm.named_parameters(), key=lambda item: item[0]):
-        if not param.requires_grad or _hf_name(name) in excluded:
-            continue
-        if name.endswith(("embed_tokens.weight", "wte.weight")):
+    for name, param in shared_parameters(lm, private):
+        if name.endswith("." + embedding):
             return offset, param.shape[0], param.shape[1]
         offset += param.numel()
     raise ValueError("the FedAvg vector holds no token embedding")
