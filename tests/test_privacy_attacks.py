@@ -69,7 +69,7 @@ def test_positive_control_recovers_raw_embeddings(model_config: dict[str, Any], 
     cfg = make_run_config(model_config, "split.client_head_layers=0", "crypto.enabled=false")
     victim, middle = _parties(cfg)
     text = _text()
-    assert positive_control(cfg, victim, text) >= POSITIVE_CONTROL_MIN
+    assert positive_control(victim, text) >= POSITIVE_CONTROL_MIN
     # what the server receives of an embeddings-only split is the raw embeddings: same result on real traffic
     seen = observe_training_step(cfg, victim, middle, text)
     embedding = victim.hf.model.embed_tokens.weight

@@ -158,9 +158,8 @@ def server_attacks(
 ) -> dict[str, dict[str, float]]:
     """Every attack of the curious server on one observed step, scored against ``text``."""
     view = observation.view
-    embedding = attacker.adapter.get(attacker.hf, attacker.adapter.token_embedding).weight
     out = {
-        "nearest_embedding": _scored(A.nearest_embedding_inversion(view.hidden, embedding), text),
+        "nearest_embedding": _scored(A.nearest_embedding_inversion(view.hidden, _embedding(attacker)), text),
         "learned_inversion": _scored(inversion.predict(view.hidden), text),
         "candidate_search": _scored(A.candidate_search(attacker, view.hidden, view.attention_mask, view.position_ids), text),
     }
@@ -185,27 +184,30 @@ def peer_attack(observation: Observation, peer_blocks: ClientBlocks, text: Text)
     sealed: torch.Tensor = captured[2]
     assert observation.peer_session is not None
     try:
-        observation.peer_session.open(sealed, expect_kind="forward")
-        opened = True
+        _, opened = observation.peer_session.open(sealed, expect_kind="forward")
     except (ChannelError, ValueError):
-        opened = False
+        opened = None
     shape = (*text.input_ids.shape, peer_blocks.hidden_size)
-    floats = sealed[: (sealed.numel() // 4) * 4].view(torch.float32)
+    floats = torch.nan_to_num(sealed[: (sealed.numel() // 4) * 4].view(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
     as_hidden = torch.zeros(shape[0] * shape[1] * shape[2])
     n = min(as_hidden.numel(), floats.numel())
-    as_hidden[:n] = torch.nan_to_num(floats[:n], nan=0.0, posinf=0.0, neginf=0.0)
-    embedding = peer_blocks.adapter.get(peer_blocks.hf, peer_blocks.adapter.token_embedding).weight
-    nearest = A.nearest_embedding_inversion(as_hidden.view(shape), embedding)
-    recovered = _scored(nearest, text) if opened else {"token_accuracy": 0.0, "exact_match": 0.0, "tokens": float(text.attention_mask.sum())}
-    return {"opened": opened, **recovered, "ciphertext_as_floats": _scored(nearest, text)["token_accuracy"]}
+    as_hidden[:n] = floats[:n]
+    as_floats = _scored(A.nearest_embedding_inversion(as_hidden.view(shape), _embedding(peer_blocks)), text)["token_accuracy"]
+    if opened is None:
+        recovered = {"token_accuracy": 0.0, "exact_match": 0.0, "tokens": float(text.attention_mask.sum())}
+    else:  # never expected: the attack would then have the hidden states
+        recovered = _scored(A.candidate_search(peer_blocks, *opened[:3]), text)
+    return {"opened": opened is not None, **recovered, "ciphertext_as_floats": as_floats}
 
 
-def positive_control(cfg: RunConfig, victim: ClientBlocks, text: Text) -> float:
+def _embedding(blocks: ClientBlocks) -> torch.Tensor:
+    return blocks.adapter.get(blocks.hf, blocks.adapter.token_embedding).weight
+
+
+def positive_control(victim: ClientBlocks, text: Text) -> float:
     """Token accuracy of nearest-neighbour inversion of the raw embeddings of ``text``."""
-    emb_module = victim.adapter.get(victim.hf, victim.adapter.token_embedding)
-    with torch.no_grad():
-        raw = emb_module(text.input_ids)
-    return A.score(A.nearest_embedding_inversion(raw, emb_module.weight), text.input_ids, text.attention_mask).token_accuracy
+    embedding = _embedding(victim).detach()
+    return A.score(A.nearest_embedding_inversion(embedding[text.input_ids], embedding), text.input_ids, text.attention_mask).token_accuracy
 
 
 def negative_control(attacker: ClientBlocks, victim: ClientBlocks, text: Text, *, seed: int = 0) -> dict[str, float]:
@@ -248,7 +250,7 @@ def evaluate_configuration(
         "server_encrypted_link": server_attacks(sealed, attacker, text, inversion)["candidate_search"],
         "peer_clear": peer_attack(clear, peer_blocks, text),
         "peer_encrypted": peer_attack(sealed, peer_blocks, text),
-        "positive_control": positive_control(cfg, victim, text),
+        "positive_control": positive_control(victim, text),
         "negative_control": negative_control(attacker, victim, text, seed=cfg.seed),
     }
 
