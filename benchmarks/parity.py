@@ -36,6 +36,16 @@ first pretrains its own base: the same GLM, centralized, as a causal LM on the t
 file's sentences (labels unused; 1 epoch over every row by default, ``--pretrain-rows``),
 saved as a Hugging Face directory with its tokenizer. Every compared run then starts from
 it (``model.path``). The pretraining is shared by the runs and not part of the comparison.
+With a base (``--pretrain-base`` or ``--base``) the table also shows the base's dev accuracy
+before any fine-tuning (``untrained_acc``), so what the compared runs learned is visible.
+
+``--pretrain-verdicts NEG,POS`` (with ``--pretrain-base``): a small LM pretrained on a few
+hundred thousand words knows too little for prefixes alone to find sentiment in it (P-tuning
+v2 stayed at chance on such bases, BENCHMARKS.md), where a large pretrained LM has read
+countless reviews that say what their writer thought. This gives the base that knowledge in
+other words than the task's: the pretraining sentences of the rows the compared runs do not
+train on end in ``it was NEG`` or ``it was POS`` for their label; the runs' own rows stay bare
+sentences, and the task still asks ``sentiment :`` with its own label words.
 
 Runs go under ``runs/parity/`` (``--run-dir``); each run's output stays in its own directory
 (``logs/``), not on stdout. stdout is a table and, as its last line, one JSON object whose
@@ -99,15 +109,25 @@ def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Pa
     return metrics
 
 
-def _pretrain_base(config: Path, data: Path, root: Path, *, rows: int, timeout_s: float) -> Path:
+def _pretrain_base(
+    config: Path, data: Path, root: Path, *, rows: int, timeout_s: float, verdicts: tuple[str, str] | None = None, kept_rows: int = 0
+) -> Path:
     """Pretrain the config's model as a causal LM on the training sentences (centralized, full
-    training), save it as ``root/base``, and return a copy of the config that starts from it."""
+    training), save it as ``root/base``, and return a copy of the config that starts from it.
+
+    ``verdicts`` (negative word, positive word): the sentences of rows ``kept_rows`` onwards,
+    rows the compared runs never train on, end in ``it was <word>`` for their label, so the base
+    knows sentiment the way a large pretrained LM does, in words other than the task's own
+    prompt and label words (see :func:`_pretraining_corpus`)."""
     from flglm.benchmarking import save_pretrained_base
 
     run_dir = root / "pretrain"
     shutil.rmtree(run_dir, ignore_errors=True)
+    train_file = data / "train.tsv"
+    if verdicts is not None:
+        train_file = _pretraining_corpus(train_file, root / "pretrain_corpus.tsv", verdicts=verdicts, kept_rows=kept_rows)
     overrides = [
-        f"data.train_path={data / 'train.tsv'}",
+        f"data.train_path={train_file}",
         "data.dev_path=null",
         f"data.max_train_rows={rows if rows > 0 else 'null'}",
         "task.kind=language_modeling",
@@ -120,6 +140,23 @@ def _pretrain_base(config: Path, data: Path, root: Path, *, rows: int, timeout_s
     base = save_pretrained_base(run_dir, root / "base")
     print(f"[parity] base pretrained: train loss {metrics.get('train_loss', float('nan')):.3f}, saved in {base}", file=sys.stderr, flush=True)
     return _from_base(config, base, root)
+
+
+def _pretraining_corpus(train_file: Path, out: Path, *, verdicts: tuple[str, str], kept_rows: int) -> Path:
+    """The training file with ``it was <verdict>`` appended to the sentence of every row from
+    ``kept_rows`` on (label 0: ``verdicts[0]``, 1: ``verdicts[1]``); the first ``kept_rows``
+    rows, which the compared runs fine-tune on, keep their bare sentence, so the base never
+    sees those rows' labels."""
+    from flglm.data.readers import read_tsv
+
+    examples = read_tsv(train_file)
+    lines = ["label\tsentence"]
+    for index, example in enumerate(examples):
+        text = example.text if index < kept_rows else f"{example.text} it was {verdicts[int(example.label)]}"
+        lines.append(f"{example.label}\t{text}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def _from_base(config: Path, base: Path, root: Path) -> Path:
@@ -150,6 +187,11 @@ def main() -> None:
     )
     parser.add_argument("--pretrain-base", action="store_true", help="first pretrain the base model as a causal LM on the training text")
     parser.add_argument("--pretrain-rows", type=int, default=0, help="rows of the training file for pretraining (0: all)")
+    parser.add_argument(
+        "--pretrain-verdicts",
+        metavar="NEG,POS",
+        help="with --pretrain-base: rows the runs do not train on end in 'it was NEG' or 'it was POS' for their label",
+    )
     parser.add_argument("--base", help="start every run from this Hugging Face directory (e.g. an earlier run's base/)")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "parity"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run")
@@ -175,9 +217,16 @@ def main() -> None:
         raise SystemExit("parity: error: give --base or --pretrain-base, not both")
     if args.base:
         config = _from_base(config, Path(args.base).resolve(), root)
+    verdicts = None
+    if args.pretrain_verdicts is not None:
+        words = [w.strip() for w in args.pretrain_verdicts.split(",")]
+        if not args.pretrain_base or len(words) != 2 or not all(words):
+            raise SystemExit(f"parity: error: --pretrain-verdicts takes two words NEG,POS and needs --pretrain-base, got {args.pretrain_verdicts!r}")
+        verdicts = (words[0], words[1])
     if args.pretrain_base:
         t0 = time.monotonic()
-        config = _pretrain_base(config, data, root, rows=args.pretrain_rows, timeout_s=args.timeout)
+        kept = _shared_rows(config, [f"data.train_path={data / 'train.tsv'}", "data.dev_path=null", *args.overrides], clients)
+        config = _pretrain_base(config, data, root, rows=args.pretrain_rows, timeout_s=args.timeout, verdicts=verdicts, kept_rows=kept)
         pretrain_wall = round(time.monotonic() - t0, 1)
     base = [
         f"data.train_path={data / 'train.tsv'}",
@@ -196,6 +245,15 @@ def main() -> None:
     if cfg.task.kind != "classification":
         raise SystemExit(f"parity: error: compares dev accuracy, so task.kind must be classification, got {cfg.task.kind!r}")
 
+    untrained = None
+    if args.base or args.pretrain_base:
+        # What fine-tuning starts from: the base (and, with P-tuning, its untrained prefixes) on the dev set.
+        print("[parity] untrained base: evaluating ...", file=sys.stderr, flush=True)
+        run_dir = root / "untrained"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        untrained = _run_centralized(config, [*base, f"federation.num_clients={max(clients)}", "trainer.max_steps=0"], run_dir, args.timeout)
+        print(f"[parity] untrained base: val_acc {untrained['val_acc']:.4f}", file=sys.stderr, flush=True)
+
     results: dict[str, dict[str, float]] = {}
     walls: dict[str, float] = {}
     plan = [("centralized", None), *((f"federated_{n}", n) for n in clients)]
@@ -213,8 +271,10 @@ def main() -> None:
         walls[name] = time.monotonic() - t0
         print(f"[parity] {name}: val_acc {results[name]['val_acc']:.4f} in {walls[name]:.0f}s", file=sys.stderr, flush=True)
 
-    print("\n".join(_table(results, walls, rows=rows, cfg=cfg, dev=data / "dev.tsv")))
+    print("\n".join(_table(results, walls, rows=rows, cfg=cfg, dev=data / "dev.tsv", untrained=untrained)))
     result = _result(results, rows=rows, epochs=cfg.trainer.max_epochs, overrides=args.overrides)
+    if untrained is not None:
+        result["untrained_acc"] = round(untrained["val_acc"], 4)
     result["sub_servers"] = args.sub_servers
     if pretrain_wall is not None or args.base:
         result["base"] = str(Path(args.base).resolve() if args.base else root / "base")
@@ -229,7 +289,9 @@ def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
     return {name: m["val_acc"] / central for name, m in results.items() if name != "centralized"}
 
 
-def _table(results: dict[str, dict[str, float]], walls: dict[str, float], *, rows: int, cfg: Any, dev: Path) -> list[str]:
+def _table(
+    results: dict[str, dict[str, float]], walls: dict[str, float], *, rows: int, cfg: Any, dev: Path, untrained: dict[str, float] | None = None
+) -> list[str]:
     ratios = _ratios(results)
     header = f"{'run':<24}{'dev acc':>9}{'dev F1':>9}{'train s':>9}{'wall s':>9}{'ratio':>8}"
     setup = (
@@ -245,6 +307,8 @@ def _table(results: dict[str, dict[str, float]], walls: dict[str, float], *, row
         label = name.replace("federated_", "federated, ") + (" clients" if name in ratios else "")
         ratio = f"{ratios[name]:.4f}" if name in ratios else "1"
         lines.append(f"{label:<24}{m['val_acc']:>9.4f}{m['val_f1']:>9.4f}{m['train_time_s']:>9.1f}{walls[name]:>9.1f}{ratio:>8}")
+    if untrained is not None:
+        lines.append(f"{'(base, not fine-tuned)':<24}{untrained['val_acc']:>9.4f}{untrained['val_f1']:>9.4f}{'':>9}{'':>9}{'':>8}")
     return lines
 
 

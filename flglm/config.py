@@ -481,11 +481,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"peft.prefix_length and peft.prefix_hidden_size must be >= 1, got {cfg.peft.prefix_length}, {cfg.peft.prefix_hidden_size}"
         )
-    if cfg.peft.method == "ptuning_v2" and cfg.server.parallelism == "client_batching":
-        raise ConfigError(
-            "peft.method=ptuning_v2 does not work with server.parallelism=client_batching yet (each client's "
-            "prefixes would have to ride along in the gathered batch); use sequential, hierarchical or auto"
-        )
     if cfg.server.nonfinite == "skip" and cfg.server.parallelism == "client_batching":
         raise ConfigError(
             "server.nonfinite=skip does not work with server.parallelism=client_batching (one member's NaN would "

@@ -12,6 +12,7 @@ import torch
 from flglm.config import RunConfig, fingerprint
 from flglm.federation.messages import InvalidMessageError, RequestHeader
 from flglm.federation.server import MiddleServer
+from flglm.models.prefix import kv_shape
 
 HIDDEN = 64
 
@@ -91,6 +92,63 @@ def test_batched_outputs_and_input_gradients_equal_serving_each_client_alone(mak
     for name, g in expected_grads.items():
         torch.testing.assert_close(batched_grads[name], g, atol=1e-5, rtol=0, msg=name)
     assert batched.summary()["server"]["forwards"] == 3 and batched.pending_count() == 0
+
+
+def test_p_tuning_prefixes_ride_along_each_row_with_its_own_clients_prefixes(make: Callable[..., MiddleServer]) -> None:
+    # Prepare: P-tuning v2, three clients with their own prefixes, batch sizes and lengths
+    shapes = {0: (2, 5), 1: (3, 9), 2: (1, 7)}
+    requests = {c: _request(c, *shape) for c, shape in shapes.items()}
+    probe = make("peft.method=ptuning_v2", "peft.prefix_length=3")
+    kv_heads, head_dim = kv_shape(probe.middle.hf.config)
+    layers = len(probe.middle.plan.middle)
+    prefixes = {c: torch.randn(layers, 2, kv_heads, 3, head_dim, generator=torch.Generator().manual_seed(7 + c)) for c in shapes}
+    batched = make("peft.method=ptuning_v2", "peft.prefix_length=3", "server.parallelism=client_batching", "server.batch_window_ms=5000")
+
+    def client(c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, mask, pos, grad = requests[c]
+        header = RequestHeader(client_id=c, request_id=0)
+        out = batched.forward(header, hidden, mask, pos, prefixes[c]).wait()
+        grad_in, grad_prefix = batched.backward(header, grad).wait()
+        return out, grad_in, grad_prefix
+
+    # Execute
+    results = dict(enumerate(_threads([lambda c=c: client(c) for c in shapes])))
+
+    # Assert: outputs, input and prefix gradients equal serving each client alone
+    assert batched.summary()["server"]["groups"] == 0 and batched.summary()["server"]["mean_group_size"] == 3.0
+    for c, (hidden, mask, pos, grad) in requests.items():
+        assert not isinstance(results[c], BaseException), results[c]
+        alone = make("peft.method=ptuning_v2", "peft.prefix_length=3")
+        header = RequestHeader(client_id=c, request_id=0)
+        out = alone.forward(header, hidden, mask, pos, prefixes[c])
+        grad_in, grad_prefix = alone.backward(header, grad)
+        torch.testing.assert_close(results[c][0], out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(results[c][1], grad_in, atol=1e-5, rtol=0)
+        torch.testing.assert_close(results[c][2], grad_prefix, atol=1e-5, rtol=0)
+        assert grad_prefix.abs().sum() > 0
+    # the prefixes changed what the middle computed: without them the outputs differ
+    hidden, mask, pos, _ = requests[0]
+    plain = make().forward(RequestHeader(client_id=0, request_id=0), hidden, mask, pos)
+    assert not torch.allclose(plain, results[0][0], atol=1e-3)
+    batched.close()
+
+
+def test_a_batch_group_refuses_members_with_and_without_prefixes(make: Callable[..., MiddleServer]) -> None:
+    # Prepare
+    server = make("peft.method=ptuning_v2", "peft.prefix_length=3", "server.parallelism=client_batching", "server.batch_window_ms=5000")
+    kv_heads, head_dim = kv_shape(server.middle.hf.config)
+    layers = len(server.middle.plan.middle)
+
+    def client(c: int) -> object:
+        hidden, mask, pos, _ = _request(c, 2, 6)
+        prefix = torch.randn(layers, 2, kv_heads, 3, head_dim) if c != 1 else None
+        return server.forward(RequestHeader(client_id=c, request_id=0), hidden, mask, pos, prefix).wait()
+
+    # Execute
+    results = _threads([lambda c=c: client(c) for c in range(3)])
+    # Assert: every member hears why, naming the client without prefixes
+    assert all(isinstance(r, Exception) and "clients [1] sent no P-tuning prefixes" in str(r) for r in results), results
+    server.close()
 
 
 def test_one_optimizer_step_per_group(make: Callable[..., MiddleServer]) -> None:

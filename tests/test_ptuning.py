@@ -124,6 +124,42 @@ def test_one_client_ptuning_federation_equals_centralized_training(tmp_path) -> 
         export_run(tmp_path / "fed", tmp_path / "exported")
 
 
+@pytest.mark.multiprocess
+def test_client_batching_with_prefixes_trains_exactly_as_sequential_serving(tmp_path) -> None:
+    """Two P-tuning clients whose requests the server gathers into one batch (each row with its
+    own client's prefixes) train as when the server serves them one at a time: the server's
+    blocks are frozen, so each client's losses and prefix encoder depend only on its own rows."""
+    import json
+
+    from flglm.checkpoint import load_tensors
+    from flglm.launching import run_federation
+    from tests.test_federation import write_config
+
+    runs = {}
+    for mode in ("sequential", "client_batching"):
+        config = write_config(
+            tmp_path / mode,
+            peft={"method": "ptuning_v2", "prefix_length": 4},
+            optim={"lr": 0.02},
+            federation={"aggregate_every": 4},
+            server={"parallelism": mode, "batch_window_ms": 2000},
+            trainer={"max_steps": 8},
+        )
+        run_federation(config, num_clients=2, run_dir=tmp_path / mode / "run", timeout_s=240)
+        runs[mode] = tmp_path / mode / "run"
+
+    server = json.loads((runs["client_batching"] / "summary.json").read_text())["server"]
+    assert server["groups"] == 8 and server["mean_group_size"] == 2.0 and server["dropped_members"] == 0
+    for client in (0, 1):
+        losses = {m: json.loads((d / f"client{client}" / "metrics.json").read_text())["losses"] for m, d in runs.items()}
+        assert len(losses["sequential"]) == 8
+        assert losses["client_batching"] == pytest.approx(losses["sequential"], abs=1e-5)
+        weights = {m: load_tensors(d / f"client{client}" / "client_blocks.safetensors") for m, d in runs.items()}
+        assert sorted(weights["sequential"]) == sorted(weights["client_batching"])
+        for name, value in weights["sequential"].items():
+            torch.testing.assert_close(weights["client_batching"][name], value, atol=1e-5, rtol=0, msg=name)
+
+
 def test_saved_prefix_encoder_loaded_onto_the_base_reproduces_the_outputs(
     tmp_path, tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
 ) -> None:

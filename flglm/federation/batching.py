@@ -13,6 +13,11 @@ batch: member ``i``'s output gradient is scaled by ``B_i / sum(B)`` before the s
 backward, and its input gradient is scaled back before it is returned, so each client still
 receives exactly the gradient of its own loss.
 
+With P-tuning v2 each client sends its own prefixes for the middle blocks: row ``r`` of the
+gathered batch attends to the prefixes of the client it belongs to (one leaf tensor per
+client, expanded over its rows), so each client's prefix gradient comes back from its own
+rows only, scaled back like its input gradient.
+
 Every call returns a future: no RPC thread waits while a group fills. A member that does not
 send its next request within ``server.request_timeout_s`` (or leaves) is dropped from the
 group and the others go on without it.
@@ -44,6 +49,7 @@ class _Forward:
     hidden: torch.Tensor
     mask: torch.Tensor
     pos: torch.Tensor
+    prefix: torch.Tensor | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -67,6 +73,8 @@ class _Graph:
     lengths: dict[int, int]
     requests: dict[int, int]
     scales: dict[int, float]
+    prefixes: dict[int, torch.Tensor] = field(default_factory=dict)
+    """P-tuning v2: each member's prefixes (a leaf whose gradient is that member's alone)."""
 
 
 @dataclass
@@ -111,8 +119,10 @@ class ClientBatcher:
         self._stop.set()
 
     # ------------------------------------------------------------------- requests
-    def forward(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> Future:
-        request = _Forward(header, hidden, mask, pos)
+    def forward(
+        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> Future:
+        request = _Forward(header, hidden, mask, pos, prefix)
         with self._lock:
             group = self._group
             cid = header.client_id
@@ -272,9 +282,13 @@ class ClientBatcher:
                 start += b
             total = float(start)
             inputs = torch.cat(hidden).detach().requires_grad_(True)
+            prefixes = _member_prefixes(forwards)
             self._server.middle.train()
             with torch.enable_grad():
-                outputs = self._server.run_middle(forwards[0].header, inputs, torch.cat(mask), torch.cat(pos))
+                row_prefixes = None
+                if prefixes:
+                    row_prefixes = torch.cat([prefixes[f.header.client_id].unsqueeze(0).expand(f.hidden.shape[0], *prefixes[f.header.client_id].shape) for f in forwards])
+                outputs = self._server.run_middle(forwards[0].header, inputs, torch.cat(mask), torch.cat(pos), row_prefixes=row_prefixes)
             graph = _Graph(
                 inputs=inputs,
                 outputs=outputs,
@@ -282,8 +296,10 @@ class ClientBatcher:
                 lengths=lengths,
                 requests={f.header.client_id: f.header.request_id for f in forwards},
                 scales={cid: (r.stop - r.start) / total for cid, r in rows.items()},
+                prefixes=prefixes,
             )
-            self._server.count("forwards", len(forwards), *(t for f in forwards for t in (f.hidden, f.mask, f.pos)))
+            sent = [t for f in forwards for t in (f.hidden, f.mask, f.pos, f.prefix) if t is not None]
+            self._server.count("forwards", len(forwards), *sent)
         except BaseException as exc:  # noqa: BLE001 - every member learns why
             self._fail(group, [f.future for f in forwards], exc)
             return
@@ -310,8 +326,13 @@ class ClientBatcher:
             return
         self._enter(group, "after_backward", graph=None)
         for cid, (g, future) in backwards.items():
-            rows = grad_in[graph.rows[cid], : graph.lengths[cid]] / graph.scales[cid]
-            future.set_result(wire(rows.to(g.dtype)))
+            rows = wire((grad_in[graph.rows[cid], : graph.lengths[cid]] / graph.scales[cid]).to(g.dtype))
+            prefix = graph.prefixes.get(cid)
+            if prefix is None:
+                future.set_result(rows)
+            else:
+                grad_prefix = prefix.grad if prefix.grad is not None else torch.zeros_like(prefix)
+                future.set_result((rows, wire(grad_prefix / graph.scales[cid])))
         with self._lock:
             if self._group is group:
                 self._maybe_run_step()
@@ -361,6 +382,21 @@ class ClientBatcher:
         self._group = None
         self._free_since = time.monotonic()
         self._maybe_launch()
+
+
+def _member_prefixes(forwards: list[_Forward]) -> dict[int, torch.Tensor]:
+    """Each member's P-tuning prefixes as a leaf that collects its gradient; every member of a
+    group sends them or none does (one config), with the same shape (checked on arrival)."""
+    sent = [f.prefix is not None for f in forwards]
+    if not any(sent):
+        return {}
+    if not all(sent):
+        missing = [f.header.client_id for f in forwards if f.prefix is None]
+        raise InvalidMessageError(f"clients {missing} sent no P-tuning prefixes while others of their batch group did")
+    shapes = {tuple(f.prefix.shape) for f in forwards if f.prefix is not None}
+    if len(shapes) > 1:
+        raise InvalidMessageError(f"the clients of one batch group sent prefixes of different shapes {sorted(shapes)}")
+    return {f.header.client_id: f.prefix.detach().requires_grad_() for f in forwards if f.prefix is not None}
 
 
 def batching_stats(batcher: ClientBatcher | None) -> dict[str, Any]:

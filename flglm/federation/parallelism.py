@@ -44,8 +44,6 @@ def choose_parallelism(cfg: RunConfig, middle_config: Any, parameters: int, laye
         return ParallelismChoice(s.parallelism, "set in the config (server.parallelism)")
     if s.sub_servers > 1:
         return ParallelismChoice("hierarchical", f"server.sub_servers={s.sub_servers} server processes, one replica each")
-    if cfg.peft.method == "ptuning_v2":
-        return ParallelismChoice("sequential", "one server process; client batching does not carry P-tuning v2 prefixes yet")
     if s.nonfinite == "skip":
         return ParallelismChoice("sequential", "one server process; server.nonfinite=skip skips one client's step, not a gathered batch's")
     hidden = int(getattr(middle_config, "hidden_size", getattr(middle_config, "n_embd", 0)))

@@ -531,9 +531,16 @@ class MiddleServer:
         """Run ``fn`` on the compute thread without waiting for it."""
         self._executor.submit(fn)
 
-    def run_middle(self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def run_middle(
+        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, *, row_prefixes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The middle stack on a gathered batch; ``row_prefixes`` (P-tuning v2) holds each row's
+        prefixes, ``[rows, layers, 2, kv_heads, prefix_length, head_dim]``."""
         with self._lock:
-            return self._run(header, hidden, mask, pos)
+            if row_prefixes is None:
+                return self._run(header, hidden, mask, pos)
+            cache = self.middle.prefix_cache_rows(row_prefixes)
+            return self._run(header, hidden, mask, pos, cache=cache, prefix_length=row_prefixes.shape[-2])
 
     def count(self, kind: str, n: int, *tensors: torch.Tensor) -> None:
         with self._lock:
@@ -593,9 +600,7 @@ class MiddleServer:
         With client-batching the answer is a future, resolved when the client's group has run."""
         header = self._check(header, hidden, mask, pos, prefix=prefix)
         if self._batcher is not None:
-            if prefix is not None:
-                raise InvalidMessageError(f"{header.describe()}: client batching does not carry P-tuning prefixes")
-            return self._batcher.forward(header, hidden, mask, pos)
+            return self._batcher.forward(header, hidden, mask, pos, prefix)
         self._acquire_turn(header.client_id)
         return self._compute(self._forward_now, header, hidden, mask, pos, prefix)
 

@@ -88,6 +88,15 @@ def prefilled_cache(config: PretrainedConfig, prefixes: torch.Tensor, layer_ids:
     return cache
 
 
+def prefilled_rows_cache(config: PretrainedConfig, row_prefixes: torch.Tensor, layer_ids: list[int]) -> DynamicCache:
+    """A cache holding ``row_prefixes[r, j]`` as row ``r``'s past keys/values of block ``layer_ids[j]``
+    (``row_prefixes``: ``[rows, layers, 2, kv_heads, prefix_length, head_dim]``)."""
+    cache = DynamicCache(config=config)
+    for j, layer in enumerate(layer_ids):
+        cache.update(row_prefixes[:, j, 0], row_prefixes[:, j, 1], layer)
+    return cache
+
+
 def with_prefix_mask(attention_mask: torch.Tensor, prefix_length: int) -> torch.Tensor:
     """The attention mask with ``prefix_length`` leading ones: every token sees the prefix
     (the mask itself when there is no prefix)."""

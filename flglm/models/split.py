@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from flglm.config import ModelConfig, PeftConfig, SplitConfig
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
 from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
-from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefix_length_of, prefix_of, with_prefix_mask
+from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefilled_rows_cache, prefix_length_of, prefix_of, with_prefix_mask
 
 Side = Literal["client", "server", "full"]
 
@@ -417,6 +417,11 @@ class MiddleStack(nn.Module):
     def prefix_cache(self, prefixes: torch.Tensor, batch: int) -> Cache:
         """A cache holding the prefixes a client sent for the middle blocks, for ``batch`` rows."""
         return prefilled_cache(self.hf.config, prefixes, list(self.plan.middle), batch)
+
+    def prefix_cache_rows(self, row_prefixes: torch.Tensor) -> Cache:
+        """A cache holding each row's own prefixes for the middle blocks (client batching:
+        the rows of a gathered batch come from clients with different prefixes)."""
+        return prefilled_rows_cache(self.hf.config, row_prefixes, list(self.plan.middle))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return saved_state_dict(self.hf)
