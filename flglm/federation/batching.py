@@ -285,9 +285,7 @@ class ClientBatcher:
             prefixes = _member_prefixes(forwards)
             self._server.middle.train()
             with torch.enable_grad():
-                row_prefixes = None
-                if prefixes:
-                    row_prefixes = torch.cat([prefixes[f.header.client_id].unsqueeze(0).expand(f.hidden.shape[0], *prefixes[f.header.client_id].shape) for f in forwards])
+                row_prefixes = _row_prefixes(forwards, prefixes) if prefixes else None
                 outputs = self._server.run_middle(forwards[0].header, inputs, torch.cat(mask), torch.cat(pos), row_prefixes=row_prefixes)
             graph = _Graph(
                 inputs=inputs,
@@ -397,6 +395,15 @@ def _member_prefixes(forwards: list[_Forward]) -> dict[int, torch.Tensor]:
     if len(shapes) > 1:
         raise InvalidMessageError(f"the clients of one batch group sent prefixes of different shapes {sorted(shapes)}")
     return {f.header.client_id: f.prefix.detach().requires_grad_() for f in forwards if f.prefix is not None}
+
+
+def _row_prefixes(forwards: list[_Forward], prefixes: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Every row's prefixes, in the gathered batch's row order: each member's own, repeated over its rows."""
+    rows = []
+    for f in forwards:
+        prefix = prefixes[f.header.client_id]
+        rows.append(prefix.unsqueeze(0).expand(f.hidden.shape[0], *prefix.shape))
+    return torch.cat(rows)
 
 
 def batching_stats(batcher: ClientBatcher | None) -> dict[str, Any]:
