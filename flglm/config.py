@@ -351,6 +351,10 @@ class GenerationConfig:
     """Sample among the smallest set of tokens whose probability adds up to p (1: no limit)."""
     seed: int = 0
     """Seed of the sampling generator (same seed, same prompts: same text)."""
+    batch_size: int = 16
+    """Prompts decoded together by ``generate_text`` and ``flglm generate``: a longer list runs in
+    batches of this many, one after another, so memory does not grow with the list (batch ``k``
+    samples with ``seed + k``)."""
 
 
 @dataclass(kw_only=True)
@@ -468,6 +472,7 @@ def validate(cfg: RunConfig) -> None:
         "server.max_pending_per_client": cfg.server.max_pending_per_client,
         "server.max_decode_sessions_per_client": cfg.server.max_decode_sessions_per_client,
         "generation.max_new_tokens": cfg.generation.max_new_tokens,
+        "generation.batch_size": cfg.generation.batch_size,
         "server.max_batch_size": cfg.server.max_batch_size,
         "server.max_clients_per_batch": cfg.server.max_clients_per_batch,
         "server.sub_servers": cfg.server.sub_servers,

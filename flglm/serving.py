@@ -104,7 +104,7 @@ def generate_as_client(
             link.handshake()
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
         module = SplitClientModule(SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard), optim=cfg.optim, generation=cfg.generation)
-        results = module.generate_with_ids(prompts, tokenizer)
+        results = module.generate_with_ids(prompts, tokenizer, on_batch=lambda done, total: log.info("generated %d of %d prompts", done, total))
         rows = [{"prompt": p, "generated": text, "token_ids": ids} for p, (text, ids) in zip(prompts, results)]
         write_json(rows, out)
         link.leave({"prompts": float(len(prompts))})

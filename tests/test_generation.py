@@ -184,3 +184,29 @@ def test_bad_prompts_get_clear_errors(tiny_model_configs: dict[str, dict[str, An
         generate(lm, ids.float(), mask, cfg=GenerationConfig())
     assert server.decode_sessions() == 0
     server.close()
+
+
+def test_a_long_prompt_list_is_decoded_in_batches_with_the_same_greedy_tokens(
+    tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
+) -> None:
+    from flglm.data.tokenizer import train_word_tokenizer
+
+    # Prepare: seven prompts of different lengths
+    cfg = _config(tiny_model_configs["glm"], make_run_config, "generation.max_new_tokens=6")
+    lm, server = _split_lm(cfg)
+    words = "the film was good bad long short and very dull fun story actors".split()
+    tokenizer = train_word_tokenizer([" ".join(words)] * 3, vocab_size=100, required=[])
+    prompts = [" ".join(words[i : i + 1 + i % 4]) for i in range(7)]
+    module = SplitClientModule(lm, optim=OptimConfig(), generation=cfg.generation)
+    progress: list[tuple[int, int]] = []
+
+    # Execute: all at once, and three at a time
+    together = module.generate_with_ids(prompts, tokenizer, batch_size=16)
+    batched = module.generate_with_ids(prompts, tokenizer, batch_size=3, on_batch=lambda done, total: progress.append((done, total)))
+
+    # Assert: greedy tokens do not depend on which prompts share a batch
+    assert batched == together and len(batched) == 7
+    assert sum(len(ids) for _, ids in together) > 7  # not all stopped at once
+    assert progress == [(3, 7), (6, 7), (7, 7)]
+    assert server.decode_sessions() == 0
+    server.close()

@@ -75,15 +75,28 @@ class SplitClientModule(L.LightningModule):
         """Generate a continuation of each prompt; returns the new text only (special tokens dropped)."""
         return [text for text, _ in self.generate_with_ids(prompts, tokenizer, **settings)]
 
-    def generate_with_ids(self, prompts: Sequence[str], tokenizer: Any, **settings: Any) -> list[tuple[str, list[int]]]:
-        """Each prompt's continuation as (text, generated token ids up to the end-of-text token)."""
+    def generate_with_ids(
+        self, prompts: Sequence[str], tokenizer: Any, *, on_batch: Callable[[int, int], None] | None = None, **settings: Any
+    ) -> list[tuple[str, list[int]]]:
+        """Each prompt's continuation as (text, generated token ids up to the end-of-text token).
+
+        Prompts are decoded ``generation.batch_size`` at a time (batch ``k`` samples with
+        ``seed + k``); ``on_batch(done, total)`` is called after each batch."""
         rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         bos = tokenizer.bos_token_id
         rows = [([bos] if bos is not None else []) + r for r in rows]
-        if not all(rows):
-            raise ValueError("every prompt needs at least one token")
-        ids, mask = left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        return self.continuations(self.generate(ids, mask, **settings), ids.shape[1], tokenizer)
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"every prompt needs at least one token; prompts {empty[:5]} have none")
+        cfg = dataclasses.replace(self.generation_cfg, **settings)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        results: list[tuple[str, list[int]]] = []
+        for k, start in enumerate(range(0, len(rows), cfg.batch_size)):
+            ids, mask = left_pad(rows[start : start + cfg.batch_size], pad)
+            results += self.continuations(self.generate(ids, mask, **{**settings, "seed": cfg.seed + k}), ids.shape[1], tokenizer)
+            if on_batch is not None:
+                on_batch(len(results), len(rows))
+        return results
 
     def continuations(self, sequences: torch.Tensor, prompt_width: int, tokenizer: Any) -> list[tuple[str, list[int]]]:
         """What ``generate`` added after prompts ``prompt_width`` wide: each row's token ids up to
