@@ -29,4 +29,7 @@ bench: install
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --run-dir runs/parity-lora peft.method=lora
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --pretrain-base --run-dir runs/parity-lora-base peft.method=lora optim.lr=0.005
 	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --base runs/parity-lora-base/base --run-dir runs/parity-lora-base4 peft.method=lora optim.lr=0.005 trainer.max_epochs=4
-	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --base runs/parity-lora-base/base --run-dir runs/parity-ptuning peft.method=ptuning_v2 optim.lr=0.01
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --pretrain-base --pretrain-verdicts terrible,great --run-dir runs/parity-ptuning-verdicts \
+		peft.method=ptuning_v2 optim.lr=0.01
+	$(PYTHON) benchmarks/parity.py --data ../shared/data/sst2 --base runs/parity-ptuning-verdicts/base --global-batch --run-dir runs/parity-ptuning-sgd \
+		peft.method=ptuning_v2 optim.name=sgd optim.momentum=0.9 optim.lr=5 trainer.max_epochs=6

@@ -39,6 +39,13 @@ it (``model.path``). The pretraining is shared by the runs and not part of the c
 With a base (``--pretrain-base`` or ``--base``) the table also shows the base's dev accuracy
 before any fine-tuning (``untrained_acc``), so what the compared runs learned is visible.
 
+``--global-batch``: each of N clients steps on ``data.batch_size / N`` rows, so a federated
+step covers as many rows as a centralized one. When every trained parameter sits on the
+clients (P-tuning v2: the prefix encoder), the federation is plain data-parallel FedAvg, and
+with SGD, FedAvg after every step is exactly a step on the clients' mean gradient, i.e. the
+centralized step on their rows together; without this flag a C-client federation would take
+C times fewer, larger steps per epoch than the centralized run.
+
 ``--pretrain-verdicts NEG,POS`` (with ``--pretrain-base``): a small LM pretrained on a few
 hundred thousand words knows too little for prefixes alone to find sentiment in it (P-tuning
 v2 stayed at chance on such bases, BENCHMARKS.md), where a large pretrained LM has read
@@ -193,6 +200,11 @@ def main() -> None:
         help="with --pretrain-base: rows the runs do not train on end in 'it was NEG' or 'it was POS' for their label",
     )
     parser.add_argument("--base", help="start every run from this Hugging Face directory (e.g. an earlier run's base/)")
+    parser.add_argument(
+        "--global-batch",
+        action="store_true",
+        help="each of N clients steps on data.batch_size / N rows, so every run's step covers the same rows in all",
+    )
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "parity"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each run")
     parser.add_argument("--centralized-worker", action="store_true", help=argparse.SUPPRESS)
@@ -242,6 +254,10 @@ def main() -> None:
         cfg = load_config(config, base)
     except ConfigError as err:
         raise SystemExit(f"parity: error: {err}") from None
+    if args.global_batch and any(cfg.data.batch_size % n for n in clients):
+        raise SystemExit(
+            f"parity: error: --global-batch needs data.batch_size={cfg.data.batch_size} to be a multiple of every client count {clients}"
+        )
     if cfg.task.kind != "classification":
         raise SystemExit(f"parity: error: compares dev accuracy, so task.kind must be classification, got {cfg.task.kind!r}")
 
@@ -267,15 +283,17 @@ def main() -> None:
             overrides = [*base, f"federation.num_clients={max(clients)}"]
             results[name] = _run_centralized(config, overrides, run_dir, args.timeout)
         else:
-            results[name] = _run_federated(config, base, n, run_dir, args.timeout, args.sub_servers)
+            per_client = [f"data.batch_size={cfg.data.batch_size // n}"] if args.global_batch else []
+            results[name] = _run_federated(config, [*base, *per_client], n, run_dir, args.timeout, args.sub_servers)
         walls[name] = time.monotonic() - t0
         print(f"[parity] {name}: val_acc {results[name]['val_acc']:.4f} in {walls[name]:.0f}s", file=sys.stderr, flush=True)
 
-    print("\n".join(_table(results, walls, rows=rows, cfg=cfg, dev=data / "dev.tsv", untrained=untrained)))
+    print("\n".join(_table(results, walls, rows=rows, cfg=cfg, dev=data / "dev.tsv", untrained=untrained, global_batch=args.global_batch)))
     result = _result(results, rows=rows, epochs=cfg.trainer.max_epochs, overrides=args.overrides)
     if untrained is not None:
         result["untrained_acc"] = round(untrained["val_acc"], 4)
     result["sub_servers"] = args.sub_servers
+    result["global_batch"] = args.global_batch
     if pretrain_wall is not None or args.base:
         result["base"] = str(Path(args.base).resolve() if args.base else root / "base")
     if pretrain_wall is not None:
@@ -290,13 +308,21 @@ def _ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _table(
-    results: dict[str, dict[str, float]], walls: dict[str, float], *, rows: int, cfg: Any, dev: Path, untrained: dict[str, float] | None = None
+    results: dict[str, dict[str, float]],
+    walls: dict[str, float],
+    *,
+    rows: int,
+    cfg: Any,
+    dev: Path,
+    untrained: dict[str, float] | None = None,
+    global_batch: bool = False,
 ) -> list[str]:
     ratios = _ratios(results)
     header = f"{'run':<24}{'dev acc':>9}{'dev F1':>9}{'train s':>9}{'wall s':>9}{'ratio':>8}"
     setup = (
-        f"SST-2 parity: {rows} training rows (IID), {cfg.trainer.max_epochs} epoch(s), batch {cfg.data.batch_size} per "
-        f"client, FedAvg every {cfg.federation.aggregate_every} step(s); dev: {dev}"
+        f"SST-2 parity: {rows} training rows (IID), {cfg.trainer.max_epochs} epoch(s), batch {cfg.data.batch_size} "
+        f"{'in all (split among the clients)' if global_batch else 'per client'}, "
+        f"FedAvg every {cfg.federation.aggregate_every} step(s); dev: {dev}"
     )
     lines = [
         setup,
