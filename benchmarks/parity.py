@@ -5,6 +5,8 @@
     python benchmarks/parity.py --data ../shared/data/sst2 --clients 2 data.max_train_rows=2000
     python benchmarks/parity.py --data ../shared/data/sst2 --sub-servers 2
     python benchmarks/parity.py --data ../shared/data/sst2 --pretrain-base peft.method=lora
+    python benchmarks/parity.py --data ../shared/data/sst2 --pretrain-base --pretrain-verdicts terrible,great \
+        --global-batch peft.method=ptuning_v2 optim.name=sgd optim.momentum=0.9 optim.lr=5 trainer.max_epochs=6
 
 With ``configs/sst2.yaml`` (the first 12000 training phrases, 2 epochs) the three runs take
 about 6.5 minutes on a 2-core CPU machine; centralized dev accuracy is ~0.79.
