@@ -81,11 +81,7 @@ def prefix_length_of(model: nn.Module) -> int:
 
 def prefilled_cache(config: PretrainedConfig, prefixes: torch.Tensor, layer_ids: list[int], batch: int) -> DynamicCache:
     """A cache holding ``prefixes[j]`` as the past keys/values of block ``layer_ids[j]`` for each of ``batch`` rows."""
-    cache = DynamicCache(config=config)
-    for j, layer in enumerate(layer_ids):
-        keys, values = prefixes[j, 0], prefixes[j, 1]
-        cache.update(keys.unsqueeze(0).expand(batch, -1, -1, -1), values.unsqueeze(0).expand(batch, -1, -1, -1), layer)
-    return cache
+    return prefilled_rows_cache(config, prefixes.unsqueeze(0).expand(batch, *prefixes.shape), layer_ids)
 
 
 def prefilled_rows_cache(config: PretrainedConfig, row_prefixes: torch.Tensor, layer_ids: list[int]) -> DynamicCache:
