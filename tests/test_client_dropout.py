@@ -25,6 +25,14 @@ def cfg(tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable
     return make_run_config(tiny_model_configs["llama"], "federation.num_clients=3", "server.client_timeout_s=1.0", "crypto.enabled=false")
 
 
+def _three_clients(cfg: RunConfig) -> tuple[MiddleServer, ServerEndpoint, list[ServerLink], list[Any]]:
+    """A server, its endpoint, and three clients' links, each with its split model (said hello)."""
+    server = MiddleServer(cfg)
+    endpoint = ServerEndpoint(server)
+    links = [ServerLink(endpoint, client_id=i, timeout_s=30) for i in range(3)]
+    return server, endpoint, links, [_model(cfg, link) for link in links]
+
+
 def _step_and_aggregate(lm: Any, link: ServerLink, round_index: int) -> torch.Tensor:
     ids = torch.arange(3, 12).view(1, 9)
     lm(ids, torch.ones_like(ids)).sum().backward()
@@ -35,10 +43,7 @@ def _step_and_aggregate(lm: Any, link: ServerLink, round_index: int) -> torch.Te
 def test_a_silent_client_is_dropped_and_the_others_finish_their_round(cfg: RunConfig, caplog: pytest.LogCaptureFixture) -> None:
     # Prepare: three clients; client 2 sends a forward (taking the server's turn and leaving
     # autograd state behind) and then dies without a word
-    server = MiddleServer(cfg)
-    endpoint = ServerEndpoint(server)
-    links = [ServerLink(endpoint, client_id=i, timeout_s=30) for i in range(3)]
-    models = [_model(cfg, link) for link in links]
+    server, endpoint, links, models = _three_clients(cfg)
     ids = torch.arange(3, 12).view(1, 9)
     models[2](ids, torch.ones_like(ids))
     assert server.pending_count() == 1
@@ -74,11 +79,7 @@ def test_a_silent_client_is_dropped_and_the_others_finish_their_round(cfg: RunCo
 
 def test_a_client_waiting_for_its_turn_or_a_round_is_not_silent(cfg: RunConfig) -> None:
     # Prepare: client 0 holds a FedAvg round open (waiting for the others) for longer than the timeout
-    server = MiddleServer(cfg)
-    endpoint = ServerEndpoint(server)
-    links = [ServerLink(endpoint, client_id=i, timeout_s=30) for i in range(3)]
-    for link in links:
-        _model(cfg, link)
+    server, _, links, _ = _three_clients(cfg)
     done: dict[int, torch.Tensor] = {}
     waiting = threading.Thread(target=lambda: done.setdefault(0, links[0].aggregate(0, torch.zeros(4), 1.0)))
     waiting.start()
@@ -101,11 +102,7 @@ def test_a_client_waiting_for_its_turn_or_a_round_is_not_silent(cfg: RunConfig) 
 
 def test_a_restarted_client_joins_the_round_the_others_are_at(cfg: RunConfig) -> None:
     # Prepare: client 2 dies before round 0; clients 0 and 1 finish round 0 without it after its drop
-    server = MiddleServer(cfg)
-    endpoint = ServerEndpoint(server)
-    links = [ServerLink(endpoint, client_id=i, timeout_s=30) for i in range(3)]
-    for link in links:
-        _model(cfg, link)
+    server, endpoint, links, _ = _three_clients(cfg)
     server.drop_client(2, "test")
     finished = [threading.Thread(target=links[i].aggregate, args=(0, torch.zeros(4), 1.0)) for i in (0, 1)]
     for thread in finished:
