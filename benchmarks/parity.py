@@ -237,11 +237,6 @@ def main() -> None:
         if not args.pretrain_base or len(words) != 2 or not all(words):
             raise SystemExit(f"parity: error: --pretrain-verdicts takes two words NEG,POS and needs --pretrain-base, got {args.pretrain_verdicts!r}")
         verdicts = (words[0], words[1])
-    if args.pretrain_base:
-        t0 = time.monotonic()
-        kept = _shared_rows(config, [f"data.train_path={data / 'train.tsv'}", "data.dev_path=null", *args.overrides], clients)
-        config = _pretrain_base(config, data, root, rows=args.pretrain_rows, timeout_s=args.timeout, verdicts=verdicts, kept_rows=kept)
-        pretrain_wall = round(time.monotonic() - t0, 1)
     base = [
         f"data.train_path={data / 'train.tsv'}",
         f"data.dev_path={data / 'dev.tsv'}",
@@ -251,6 +246,7 @@ def main() -> None:
     from flglm.config import ConfigError, load_config
 
     try:
+        # The rows depend on the data settings only, so they are known before any pretraining.
         rows = _shared_rows(config, base, clients)
         base.append(f"data.max_train_rows={rows}")
         cfg = load_config(config, base)
@@ -262,6 +258,10 @@ def main() -> None:
         )
     if cfg.task.kind != "classification":
         raise SystemExit(f"parity: error: compares dev accuracy, so task.kind must be classification, got {cfg.task.kind!r}")
+    if args.pretrain_base:
+        t0 = time.monotonic()
+        config = _pretrain_base(config, data, root, rows=args.pretrain_rows, timeout_s=args.timeout, verdicts=verdicts, kept_rows=rows)
+        pretrain_wall = round(time.monotonic() - t0, 1)
 
     untrained = None
     if args.base or args.pretrain_base:

@@ -383,8 +383,9 @@ class ClientBatcher:
 
 
 def _member_prefixes(forwards: list[_Forward]) -> dict[int, torch.Tensor]:
-    """Each member's P-tuning prefixes as a leaf that collects its gradient; every member of a
-    group sends them or none does (one config), with the same shape (checked on arrival)."""
+    """Each member's P-tuning prefixes as a leaf that collects its gradient. Every member of a
+    group must send them or none; the checks on arrival fix every dimension but the prefix
+    length, so the members' shapes are compared here."""
     sent = [f.prefix is not None for f in forwards]
     if not any(sent):
         return {}
