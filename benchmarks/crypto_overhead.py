@@ -74,8 +74,8 @@ def _serve(key_dir: Path, opts) -> None:
 
     from flglm.crypto.keyring import load_server_keys
     from flglm.crypto.sessions import ServerSessions
-    from flglm.federation.endpoint import ServerEndpoint
-    from flglm.federation.server import MiddleServer
+    from flglm.server.endpoint import ServerEndpoint
+    from flglm.server.middle_server import MiddleServer
 
     cfg = _config()
     keys = load_server_keys(key_dir, 1)
@@ -97,10 +97,11 @@ def _train(args: argparse.Namespace, opts) -> dict:
     from torch.distributed import rpc
 
     from flglm.client.lm import SplitCausalLM
+    from flglm.client.remote import RemoteMiddle
+    from flglm.client.server_link import ServerLink
     from flglm.config import fingerprint
     from flglm.crypto.keyring import load_client_keys
     from flglm.crypto.sessions import ClientSession
-    from flglm.federation.remote import RemoteMiddle, ServerLink
     from flglm.models.split import ClientBlocks, plan_for
     from flglm.optim import build_optimizer
 
@@ -187,7 +188,7 @@ def _message_sizes(batch: int, seq: int) -> dict[str, dict[str, int]]:
     import torch
 
     from flglm.crypto.channel import MessageHeader, SessionKeys
-    from flglm.federation.protocol import autocast_code, step_control
+    from flglm.link.protocol import autocast_code, step_control
 
     hidden = MODEL["hidden_size"]
     keys = SessionKeys(os.urandom(32), os.urandom(32), os.urandom(16))
@@ -366,7 +367,7 @@ def main() -> None:
     import torch
 
     from flglm.crypto.keyring import generate_key_set
-    from flglm.launching import FederationFailed, run_torchrun
+    from flglm.jobs.subprocesses import FederationFailed, run_torchrun
 
     torch.set_num_threads(1)  # as in each process of the federation, where sealing runs
     sizes = _message_sizes(args.batch, args.seq)

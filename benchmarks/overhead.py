@@ -41,13 +41,14 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.distributed import rpc
 
     from flglm.client.lm import FullCausalLM, SplitCausalLM
+    from flglm.client.remote import RemoteMiddle
+    from flglm.client.server_link import ServerLink
     from flglm.config import fingerprint
     from flglm.distributed import configure_threads, read_env, rpc_options
-    from flglm.federation import endpoint as endpoint_mod
-    from flglm.federation import server as server_mod
-    from flglm.federation.remote import RemoteMiddle, ServerLink
+    from flglm.link import rpc_entries
     from flglm.models.split import ClientBlocks, build_full_model, plan_split
     from flglm.optim import build_optimizer
+    from flglm.server import middle_server as server_mod
 
     env = read_env()
     configure_threads(env.local_world_size)
@@ -55,7 +56,7 @@ def _worker(args: argparse.Namespace) -> None:
     opts = rpc_options(num_worker_threads=8, timeout_s=300)
     if env.rank == 0:
         server = server_mod.MiddleServer(cfg)
-        endpoint_mod.install(endpoint_mod.ServerEndpoint(server))
+        rpc_entries.install(ServerEndpoint(server))
         rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
         server.wait_until_done(timeout=600)
         rpc.shutdown()
@@ -63,7 +64,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     rpc.init_rpc("client0", rank=1, world_size=2, rpc_backend_options=opts)
     plan = plan_split(MODEL["num_hidden_layers"], client_head_layers=1, client_tail_layers=1)
-    link = ServerLink(rpc.remote("server", endpoint_mod.instance), client_id=0, timeout_s=300)
+    link = ServerLink(rpc.remote("server", rpc_entries.instance), client_id=0, timeout_s=300)
     info = link.hello(fingerprint(cfg), "bench")
     split = SplitCausalLM(ClientBlocks(cfg.model, plan), RemoteMiddle(link, server_info=info))
     full = FullCausalLM(build_full_model(cfg.model))

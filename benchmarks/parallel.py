@@ -23,15 +23,15 @@ How:
   ``max(clients) x steps x 16`` of ``--data``/train.tsv for every run (IID split), so the
   tokenizer is the same everywhere and the 4-client partitions hold exactly ``steps``
   batches each.
-* Federations: ``flglm.launching.run_federation`` (1 server + N clients under torchrun on
+* Federations: ``flglm.jobs.subprocesses.run_federation`` (1 server + N clients under torchrun on
   loopback, one thread per process as ``flglm.distributed.configure_threads`` gives on two
   cores), encryption ON (AES-256-GCM per client, keys from ``generate_key_set``), secure
   aggregation on, ``federation.aggregate_every=0``: the only FedAvg is one round at the end of
   training (the steps end mid-epoch or at the first epoch end), so aggregation is not what
   is measured. ``server.batch_window_ms`` is ``--batch-window-ms``.
-* Centralized: ``flglm.runner.run_centralized`` in a child process with one thread, on the
+* Centralized: ``flglm.jobs.train.run_centralized`` in a child process with one thread, on the
   same rows, ``max(clients) x steps`` steps of batch 16 (one pass over the rows).
-* Timing: each client's ``train_time_s`` (``flglm/runner.py``) is the wall time of its
+* Timing: each client's ``train_time_s`` (``flglm/jobs/train.py``) is the wall time of its
   ``trainer.fit`` (encryption handshake, every training step, the final FedAvg round) plus
   the final metrics pass; no dev file is given, so there is no validation anywhere
   (``trainer.limit_val_batches=0`` too). Process start-up, imports, tokenizer training and
@@ -117,7 +117,7 @@ def _run_federated(
     config: Path, overrides: list[str], *, mode: str, clients: int, sub_servers: int, run_dir: Path, timeout_s: float
 ) -> dict[str, Any]:
     from flglm.crypto.keyring import generate_key_set
-    from flglm.launching import FederationFailed, run_federation
+    from flglm.jobs.subprocesses import FederationFailed, run_federation
 
     generate_key_set(run_dir / "keys", clients)
     mode_overrides = [f"server.parallelism={mode}"]
@@ -201,7 +201,7 @@ def main() -> None:
         cfg = load_config(config, [*args.overrides, f"federation.num_clients={most}"])
     except ConfigError as err:
         raise SystemExit(f"parallel: error: {err}") from None
-    from flglm.datasets import all_train_examples
+    from flglm.data.loading import all_train_examples
 
     available = len(all_train_examples(cfg))
     if available < rows:

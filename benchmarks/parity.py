@@ -16,8 +16,8 @@ Every run uses ``configs/sst2.yaml`` (a GLM with random init; the word-level tok
 trained from the training text) with the same seed, epochs, batch size and optimizer, plus
 the ``key=value`` overrides given after the flags, which are passed to every run unchanged.
 
-* Centralized: ``flglm.runner.run_centralized`` in a child process with one thread.
-* Federated: ``flglm.launching.run_federation``, 1 server + N clients under torchrun on
+* Centralized: ``flglm.jobs.train.run_centralized`` in a child process with one thread.
+* Federated: ``flglm.jobs.subprocesses.run_federation``, 1 server + N clients under torchrun on
   loopback (one thread per process, as ``flglm.distributed.configure_threads`` gives on a
   2-core machine); IID split of the same rows. ``--sub-servers S``: a hierarchical server of
   S sub-server processes (S + N processes), client ``i`` served by sub-server ``i % S``.
@@ -81,7 +81,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "sst2.yaml"
 def _shared_rows(config: Path, overrides: list[str], clients: list[int]) -> int:
     """Rows every run trains on: the configured subset, rounded down to suit every client count."""
     from flglm.config import load_config
-    from flglm.datasets import all_train_examples
+    from flglm.data.loading import all_train_examples
 
     multiple = math.lcm(*clients)
     cfg = load_config(config, [*overrides, f"federation.num_clients={multiple}"])
@@ -97,7 +97,7 @@ def _run_centralized(config: Path, overrides: list[str], run_dir: Path, timeout_
 
 def _run_federated(config: Path, overrides: list[str], clients: int, run_dir: Path, timeout_s: float, sub_servers: int) -> dict[str, float]:
     from flglm.crypto.keyring import generate_key_set
-    from flglm.launching import FederationFailed, run_federation
+    from flglm.jobs.subprocesses import FederationFailed, run_federation
 
     generate_key_set(run_dir / "keys", clients)  # encryption is on unless overridden
     try:

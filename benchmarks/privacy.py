@@ -62,7 +62,7 @@ gradient noise to each gradient vector's own norm."""
 
 def _federate(config: Path, overrides: list[str], run_dir: Path, timeout_s: float) -> float:
     from flglm.crypto.keyring import generate_key_set
-    from flglm.launching import FederationFailed, run_federation
+    from flglm.jobs.subprocesses import FederationFailed, run_federation
 
     shutil.rmtree(run_dir, ignore_errors=True)
     generate_key_set(run_dir / "keys", 2)

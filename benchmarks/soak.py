@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from flglm.crypto.keyring import generate_key_set
 from flglm.data import write_demo_dataset
-from flglm.launching import TRAIN_SCRIPT, kill_tree
+from flglm.jobs.subprocesses import TRAIN_SCRIPT, kill_tree
 
 MODEL = {
     "model_type": "glm",

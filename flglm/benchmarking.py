@@ -40,7 +40,7 @@ def centralized_worker(config: str | Path, overrides: list[str]) -> None:
     import torch
 
     from flglm.config import load_config
-    from flglm.runner import run_centralized, save_run_config, setup_logging
+    from flglm.jobs.train import run_centralized, save_run_config, setup_logging
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides)
@@ -92,11 +92,11 @@ def save_pretrained_base(run_dir: str | Path, out_dir: str | Path) -> Path:
 
     Parameter-efficient methods adapt features a base model already has; with nothing to
     download here, a benchmark of them first pretrains its own small base this way."""
-    from flglm.checkpoint import load_tensors
     from flglm.config import load_config
     from flglm.data import load_tokenizer
     from flglm.models import build_full_model
     from flglm.run_layout import tokenizer_dir
+    from flglm.tensor_files import load_tensors
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(run_dir / "config.yaml")

@@ -34,8 +34,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     ``federation.membership=dynamic``): read config and environment, take the rank's role."""
     args = _parser("flglm train", "run one process of a federation (use under torchrun)").parse_args(argv)
     from flglm.distributed import configure_threads, read_env
+    from flglm.jobs.train import run_client, run_server, save_run_config, setup_logging
     from flglm.roles import role_for_rank
-    from flglm.runner import run_client, run_server, save_run_config, setup_logging
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -66,7 +66,7 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
     from flglm.distributed import configure_threads
-    from flglm.runner import run_centralized, setup_logging
+    from flglm.jobs.train import run_centralized, setup_logging
 
     setup_logging(Path(cfg.run_dir), "centralized")
     configure_threads(1)
@@ -118,7 +118,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if "RANK" in os.environ:
         return _generate_worker(cfg, args, prompts, weights, out)
-    from flglm.launching import GENERATE_SCRIPT, FederationFailed, run_torchrun
+    from flglm.jobs.subprocesses import GENERATE_SCRIPT, FederationFailed, run_torchrun
 
     try:
         run_torchrun(GENERATE_SCRIPT, argv, nproc=2, timeout_s=args.timeout, run_dir=Path(cfg.run_dir))
@@ -135,9 +135,9 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 
 def _generate_worker(cfg, args: argparse.Namespace, prompts: list[str], weights: Path | None, out: Path) -> int:
     from flglm.distributed import configure_threads, read_env
+    from flglm.jobs.generate import generate_as_client, serve_generation
+    from flglm.jobs.train import setup_logging
     from flglm.roles import generation_role
-    from flglm.runner import setup_logging
-    from flglm.serving import generate_as_client, serve_generation
 
     env = read_env()
     role = generation_role(env.rank, env.world_size, client_index=args.client, num_clients=cfg.federation.num_clients)

@@ -181,7 +181,7 @@ class FederationConfig:
 @dataclass(kw_only=True)
 class FaultsConfig:
     """Fault injection for testing (all 0 in real runs): each client's link loses and duplicates
-    messages at random, deterministically by ``seed`` (``flglm.federation.transport.FaultyTransport``)."""
+    messages at random, deterministically by ``seed`` (``flglm.link.transport.FaultyTransport``)."""
 
     drop_request: float = 0.0
     """Probability that a message is lost before the server sees it."""

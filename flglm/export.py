@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flglm.checkpoint import load_tensors
 from flglm.config import load_config
 from flglm.models.lora import merge_lora
 from flglm.models.split import build_full_model, saved_state_dict
 from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
+from flglm.tensor_files import load_tensors
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> Path:

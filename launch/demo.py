@@ -19,13 +19,13 @@ CONFIG = REPO / "configs" / "demo.yaml"
 
 
 def main(overrides: list[str]) -> int:
-    from flglm.checkpoint import write_json
     from flglm.config import load_config
     from flglm.crypto.keyring import generate_key_set
     from flglm.data import write_demo_dataset
     from flglm.distributed import configure_threads
-    from flglm.launching import run_federation
-    from flglm.runner import run_centralized
+    from flglm.jobs.subprocesses import run_federation
+    from flglm.jobs.train import run_centralized
+    from flglm.tensor_files import write_json
 
     cfg = load_config(CONFIG, overrides)
     run_dir = Path(cfg.run_dir)

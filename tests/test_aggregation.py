@@ -1,4 +1,4 @@
-"""Tests for flglm.federation.aggregation: the pure FedAvg and the server's rounds."""
+"""Tests for flglm.aggregation.fedavg: the pure FedAvg and the server's rounds."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.futures import Future
 
-from flglm.federation.aggregation import AggregationRounds, fedavg
+from flglm.aggregation.fedavg import AggregationRounds, fedavg
 
 FAST = settings(max_examples=100, deadline=None)
 

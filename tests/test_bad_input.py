@@ -10,7 +10,7 @@ from conftest import TINY_MODEL_CONFIGS
 
 from flglm.config import ConfigError, load_config
 from flglm.data import EmptyPartitionError, write_demo_dataset
-from flglm.datasets import build_tokenizer, check_fits_model, client_train_examples, task_prompt
+from flglm.data.loading import build_tokenizer, check_fits_model, client_train_examples, task_prompt
 from flglm.tasks import PromptCollator, PromptError
 
 

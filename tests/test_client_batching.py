@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from flglm.config import RunConfig, fingerprint
-from flglm.federation.messages import InvalidMessageError, RequestHeader
-from flglm.federation.server import MiddleServer
+from flglm.link.messages import InvalidMessageError, RequestHeader
 from flglm.models.prefix import kv_shape
+from flglm.server.middle_server import MiddleServer
 
 HIDDEN = 64
 

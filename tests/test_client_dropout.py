@@ -11,13 +11,13 @@ import pytest
 import torch
 from test_encrypted_link import _model
 
+from flglm.aggregation.fedavg import AggregationRounds
+from flglm.aggregation.secure_rounds import SecureRounds
+from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
-from flglm.federation.aggregation import AggregationRounds
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.messages import InvalidMessageError
-from flglm.federation.remote import ServerLink
-from flglm.federation.secure_rounds import SecureRounds
-from flglm.federation.server import MiddleServer
+from flglm.link.messages import InvalidMessageError
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_federation import write_config
 
-from flglm.launching import DynamicFederation, FederationFailed
+from flglm.jobs.subprocesses import DynamicFederation, FederationFailed
 
 pytestmark = pytest.mark.multiprocess
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from flglm.config import load_config
-from flglm.launching import run_federation
+from flglm.jobs.subprocesses import run_federation
 from tests.test_federation import write_config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -51,7 +51,7 @@ def test_readme_task_guide_runs_split_and_centralized(tmp_path: Path, monkeypatc
 
     run_federation(config, num_clients=1, run_dir=tmp_path / "fed", timeout_s=240, extra_env={"PYTHONPATH": str(tmp_path)})
     monkeypatch.syspath_prepend(str(tmp_path))
-    from flglm.runner import run_centralized
+    from flglm.jobs.train import run_centralized
 
     cfg = load_config(config, [f"run_dir={tmp_path / 'central'}", "federation.num_clients=1"])
     central = run_centralized(cfg)

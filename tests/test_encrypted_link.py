@@ -17,19 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flglm.client.lm import SplitCausalLM
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.config import ConfigError, RunConfig, fingerprint
 from flglm.crypto import ChannelError, HandshakeError, ReplayError
 from flglm.crypto.keyring import generate_key_set, load_client_keys, load_server_keys
 from flglm.crypto.keys import generate_identity, load_identity
 from flglm.crypto.sessions import ClientSession, ServerSessions
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.messages import InvalidMessageError
-from flglm.federation.protocol import json_tensor
-from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.federation.server import MiddleServer
+from flglm.link.messages import InvalidMessageError
+from flglm.link.protocol import json_tensor
 from flglm.models import ClientBlocks
 from flglm.models.split import plan_for
 from flglm.optim import build_optimizer
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 LIMIT = 1 << 20
 

@@ -16,14 +16,14 @@ import torch
 from test_encrypted_link import _client_session, _model, _sessions, _train
 from test_federation import merged_weights, write_config
 
+from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import generate_key_set
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.messages import InvalidMessageError
-from flglm.federation.remote import ServerLink
-from flglm.federation.server import MiddleServer
-from flglm.federation.transport import FaultyTransport, LocalTransport, RetryPolicy, TransportError
-from flglm.launching import run_federation
+from flglm.jobs.subprocesses import run_federation
+from flglm.link.messages import InvalidMessageError
+from flglm.link.transport import FaultyTransport, LocalTransport, RetryPolicy, TransportError
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 NO_WAIT = RetryPolicy(max_retries=12, backoff_s=0.0)
 

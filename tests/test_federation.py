@@ -13,14 +13,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from flglm.checkpoint import load_tensors
 from flglm.config import load_config
 from flglm.crypto.keyring import generate_key_set
 from flglm.data import write_demo_dataset
 from flglm.export import export_run
-from flglm.launching import FederationFailed, run_federation
+from flglm.jobs.subprocesses import FederationFailed, run_federation
+from flglm.jobs.train import run_centralized
 from flglm.models import build_full_model
-from flglm.runner import run_centralized
+from flglm.tensor_files import load_tensors
 
 pytestmark = pytest.mark.multiprocess
 

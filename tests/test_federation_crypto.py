@@ -10,7 +10,7 @@ import torch
 from test_federation import merged_weights, write_config
 
 from flglm.crypto.keys import generate_identity
-from flglm.launching import FederationFailed, run_federation
+from flglm.jobs.subprocesses import FederationFailed, run_federation
 
 pytestmark = pytest.mark.multiprocess
 

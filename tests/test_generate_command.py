@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flglm.checkpoint import save_tensors
 from flglm.config import load_config
-from flglm.datasets import build_tokenizer
+from flglm.data.loading import build_tokenizer
 from flglm.models import ClientBlocks, MiddleStack, build_full_model
 from flglm.models.split import plan_for
 from flglm.run_layout import client_weights_path, middle_weights_path
+from flglm.tensor_files import save_tensors
 from tests.conftest import TINY_MODEL_CONFIGS
 from tests.test_federation import write_config
 

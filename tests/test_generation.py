@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 
+from flglm.client.decoding import GenerationError, generate
 from flglm.client.lm import FullCausalLM
 from flglm.client.module import SplitClientModule
 from flglm.config import GenerationConfig, OptimConfig, RunConfig
-from flglm.federation.messages import InvalidMessageError
-from flglm.generation import GenerationError, generate
+from flglm.link.messages import InvalidMessageError
 from flglm.models import build_full_model
 from flglm.models.lora import LORA_MARK
 from flglm.models.split import Crossing

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from flglm.checkpoint import load_tensors
 from flglm.config import load_config
-from flglm.datasets import build_tokenizer
-from flglm.launching import REPO_ROOT, run_federation, run_torchrun
+from flglm.data.loading import build_tokenizer
+from flglm.jobs.subprocesses import REPO_ROOT, run_federation, run_torchrun
+from flglm.tensor_files import load_tensors
 from tests.test_federation import write_config
 
 pytestmark = pytest.mark.multiprocess

@@ -5,7 +5,7 @@ answered with a clear error: ``InvalidMessageError`` or ``ChannelError`` (both V
 subclasses) whose message names what is wrong.
 
 Every case goes through an *oracle* (``_classify``): an independent reading of the protocol's
-message table (:mod:`flglm.federation.protocol`) that says whether a message is malformed, valid
+message table (:mod:`flglm.link.protocol`) that says whether a message is malformed, valid
 and read-only (``infer``, ``grad_norms``, ``decode_end``, a resent ``join``: must succeed and
 change nothing), or valid and state-changing (a real ``forward``, ``step``, ``leave``...: not
 generated, ``assume``\\ d away). "State" is the middle stack's parameters (bitwise), gradients,
@@ -19,13 +19,13 @@ for CI; ``@example`` and the fixed tests keep the rare shapes that found bugs in
 
 Bugs this file found when it was written (all fixed since; the cases stay as regressions):
 
-* [record] flglm/federation/exactly_once.py, ``ReplyRecord.answer``: a *refused* message of a
+* [record] flglm/server/exactly_once.py, ``ReplyRecord.answer``: a *refused* message of a
   recorded kind becomes its client's latest entry. The next message under the same (kind,
   round, step) is answered with that refusal without being looked at, and the client's previous
   message is demoted, so its resend is refused as a late copy; ids of strangers fill the record
   too. Fix: when ``handle()`` raises, put the previous latest entry back (a refusal changed
   nothing, so a copy is simply refused again).
-* [member] flglm/federation/endpoint.py / server.py: only ``join`` checks the client id. A
+* [member] flglm/server/endpoint.py / server.py: only ``join`` checks the client id. A
   forward/infer/decode/decode_end/grad_norms/step/leave from a client id that never joined (2,
   2**64...) is served: a forward holds the turn (other clients wait up to state_timeout_s), a
   step runs the optimizer. Fix: refuse every kind but join from an id not joined (or left).
@@ -45,7 +45,7 @@ Bugs this file found when it was written (all fixed since; the cases stay as reg
 * [flat] flglm/crypto/channel.py ``_flat_bytes`` (client side): a 1-element view with a stride
   != 1 cannot be sealed (RuntimeError); see test_a_one_element_view_can_be_sent_sealed.
 
-No bug was found in flglm/federation/messages.py.
+No bug was found in flglm/link/messages.py.
 """
 
 from __future__ import annotations
@@ -70,16 +70,16 @@ from hypothesis import note as hypothesis_note
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
+from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto import ChannelError
 from flglm.crypto.keyring import generate_key_set, load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
-from flglm.federation import protocol as P
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.messages import FLOAT_DTYPES, MASK_DTYPES, MAX_PREFIX_LENGTH, InvalidMessageError
-from flglm.federation.remote import ServerLink
-from flglm.federation.server import MiddleServer
-from flglm.federation.transport import RetryPolicy
+from flglm.link import protocol as P
+from flglm.link.messages import FLOAT_DTYPES, MASK_DTYPES, MAX_PREFIX_LENGTH, InvalidMessageError
+from flglm.link.transport import RetryPolicy
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 HIDDEN = 64
 MAX_POSITIONS = 64
@@ -1061,7 +1061,7 @@ def test_a_rejected_message_does_not_change_how_the_next_one_is_answered(clear: 
         h.endpoint.exchange(0, "forward", 0, 1, bad).wait()
     # Assert: the refusal changed nothing: a resend of forward 0 (its answer lost) is still answered
     # from the record, and the well-formed forward 1 is then computed.
-    # BUG (flglm/federation/exactly_once.py, ReplyRecord.answer): a refused message is recorded
+    # BUG (flglm/server/exactly_once.py, ReplyRecord.answer): a refused message is recorded
     # as the client's latest, so forward 0 is now refused as a late copy, and forward 1 gets the
     # refusal of the NaN message without being looked at. Suggested fix: when ``handle()``
     # raises, put the previous latest entry back (a refusal changed nothing, so checking a copy

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flglm.launching import FederationFailed, run_torchrun
+from flglm.jobs.subprocesses import FederationFailed, run_torchrun
 
 pytestmark = pytest.mark.multiprocess
 

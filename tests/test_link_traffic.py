@@ -8,11 +8,12 @@ import torch
 from conftest import TINY_MODEL_CONFIGS
 
 from flglm.client.lm import SplitCausalLM
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.config import ModelConfig, RunConfig, fingerprint
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.federation.server import MiddleServer
 from flglm.models import ClientBlocks, plan_split
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 
 class RecordingLink(ServerLink):

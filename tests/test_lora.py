@@ -93,10 +93,10 @@ def test_training_steps_change_only_the_adapters(
 def test_one_client_lora_federation_equals_centralized_lora_training(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from flglm.checkpoint import load_tensors
     from flglm.config import load_config
     from flglm.export import export_run
     from flglm.models.lora import merge_lora
+    from flglm.tensor_files import load_tensors
     from tests.test_federation import federated_and_centralized, merged_weights, write_config
 
     config = write_config(tmp_path, peft={"method": "lora", "lora_r": 4}, optim={"lr": 0.02})

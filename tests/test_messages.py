@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from flglm.config import RunConfig
-from flglm.federation.messages import InvalidMessageError, RequestHeader
-from flglm.federation.server import MiddleServer
+from flglm.link.messages import InvalidMessageError, RequestHeader
+from flglm.server.middle_server import MiddleServer
 
 HIDDEN = 64
 MAX_POSITIONS = 64

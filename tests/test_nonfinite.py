@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from flglm.config import ConfigError, RunConfig
-from flglm.federation.messages import InvalidMessageError, RequestHeader
-from flglm.federation.server import MiddleServer
+from flglm.link.messages import InvalidMessageError, RequestHeader
+from flglm.server.middle_server import MiddleServer
 
 BATCH, LENGTH, HIDDEN = 2, 5, 64
 

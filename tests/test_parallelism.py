@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig
 
 from flglm.config import ConfigError, load_config
-from flglm.federation.parallelism import choose_parallelism, training_bytes
+from flglm.server.serving.parallelism import choose_parallelism, training_bytes
 
 REQUIRED = ("data.train_path=train.tsv", "model.config={model_type: llama, vocab_size: 128}", "federation.num_clients=4")
 MIDDLE = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_attention_heads=4)
@@ -64,7 +64,7 @@ def test_bad_hierarchical_settings_are_named(overrides: list[str], message: str)
 
 def test_a_server_refuses_a_client_it_does_not_serve(tiny_model_configs: dict, make_run_config) -> None:
     from flglm.config import fingerprint
-    from flglm.federation.server import MiddleServer
+    from flglm.server.middle_server import MiddleServer
 
     cfg = make_run_config(tiny_model_configs["llama"], "federation.num_clients=4")
     server = MiddleServer(cfg, clients=[0, 2])
@@ -77,7 +77,7 @@ def test_a_server_refuses_a_client_it_does_not_serve(tiny_model_configs: dict, m
 
 
 def test_a_server_needs_a_resolved_mode(tiny_model_configs: dict, make_run_config) -> None:
-    from flglm.federation.server import MiddleServer
+    from flglm.server.middle_server import MiddleServer
 
     with pytest.raises(ValueError, match="resolved parallelism"):
         MiddleServer(make_run_config(tiny_model_configs["llama"], "server.parallelism=auto"))

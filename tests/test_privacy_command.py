@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import yaml
 
-from flglm.checkpoint import save_tensors
 from flglm.cli import main
 from flglm.config import load_config
 from flglm.data import write_demo_dataset
-from flglm.datasets import build_tokenizer
+from flglm.data.loading import build_tokenizer
+from flglm.jobs.train import save_run_config
 from flglm.models import ClientBlocks
 from flglm.models.split import MiddleStack, plan_for, saved_state_dict
 from flglm.run_layout import client_weights_path, middle_weights_path
-from flglm.runner import save_run_config
+from flglm.tensor_files import save_tensors
 
 
 @pytest.fixture

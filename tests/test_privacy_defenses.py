@@ -14,20 +14,21 @@ from typing import Any
 
 import pytest
 import torch
-from flglm.callbacks import FedAvgCallback
-from flglm.callbacks.fedavg import excluded_names
 from test_split import _padded_batch, train_steps
 from torch import nn
 
+from flglm.callbacks import FedAvgCallback
+from flglm.callbacks.fedavg import excluded_names
 from flglm.client.lm import SplitCausalLM
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.config import ConfigError, PrivacyConfig, RunConfig, fingerprint
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.federation.server import MiddleServer
 from flglm.models import ClientBlocks
 from flglm.models.split import plan_for
 from flglm.privacy import PrivacyGuard, apply_secret_init, client_defenses, private_parameter_names, secret_generator
 from flglm.privacy import defenses as defenses_mod
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 NOISE_TOLERANCE = 0.10
 """Measured noise-to-scale ratios must be within 10% of the configured multiplier."""
@@ -424,8 +425,8 @@ def test_privacy_is_part_of_the_config_fingerprint(
 
 @pytest.mark.multiprocess
 def test_a_federation_with_private_output_blocks_shares_only_the_rest(tmp_path: Any) -> None:
-    from flglm.checkpoint import load_tensors
-    from flglm.launching import run_federation
+    from flglm.jobs.subprocesses import run_federation
+    from flglm.tensor_files import load_tensors
     from tests.test_federation import write_config
 
     # Prepare: two clients, private (secretly re-drawn) output blocks, noise both ways, secure aggregation on

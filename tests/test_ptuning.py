@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
+from flglm.client.decoding import generate
 from flglm.client.lm import FullCausalLM
 from flglm.config import GenerationConfig, RunConfig
-from flglm.generation import generate
 from flglm.models import build_full_model
 from flglm.models.prefix import PREFIX_MODULE
 from tests.test_split import EXACT, _padded_batch, _positions, _split_lm, assert_base_unchanged, snapshot, train_steps
@@ -108,8 +108,8 @@ def test_greedy_generation_with_trained_prefixes_equals_the_whole_model(
 @pytest.mark.multiprocess
 def test_one_client_ptuning_federation_equals_centralized_training(tmp_path) -> None:
     """torchrun, RPC, encryption, secure-aggregation path: the prefixes' gradients cross the real link."""
-    from flglm.checkpoint import load_tensors
     from flglm.export import export_run
+    from flglm.tensor_files import load_tensors
     from tests.test_federation import federated_and_centralized, merged_weights, write_config
 
     config = write_config(tmp_path, peft={"method": "ptuning_v2", "prefix_length": 4}, optim={"lr": 0.02})
@@ -131,8 +131,8 @@ def test_client_batching_with_prefixes_trains_exactly_as_sequential_serving(tmp_
     blocks are frozen, so each client's losses and prefix encoder depend only on its own rows."""
     import json
 
-    from flglm.checkpoint import load_tensors
-    from flglm.launching import run_federation
+    from flglm.jobs.subprocesses import run_federation
+    from flglm.tensor_files import load_tensors
     from tests.test_federation import write_config
 
     runs = {}
@@ -164,10 +164,10 @@ def test_saved_prefix_encoder_loaded_onto_the_base_reproduces_the_outputs(
     tmp_path, tiny_model_configs: dict[str, dict[str, Any]], make_run_config: Callable[..., RunConfig]
 ) -> None:
     """What a run saves (the prefix encoder only) and ``flglm generate`` loads: same logits as the trained model."""
-    from flglm.checkpoint import save_tensors
+    from flglm.jobs.generate import load_trained
     from flglm.models import ClientBlocks
     from flglm.models.split import plan_for
-    from flglm.serving import load_trained
+    from flglm.tensor_files import save_tensors
 
     cfg = make_run_config(tiny_model_configs["llama"], *PTUNING)
     lm, server = _split_lm(cfg)

@@ -13,12 +13,10 @@ import torch
 from test_encrypted_link import _model, _train
 from test_federation import merged_weights, write_config
 
+from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import ServerLink
-from flglm.federation.server import MiddleServer
-from flglm.launching import FederationFailed, run_federation
-from flglm.round_checkpoints import (
+from flglm.jobs.subprocesses import FederationFailed, run_federation
+from flglm.resume import (
     CheckpointError,
     checkpoint_path,
     consistent_round,
@@ -28,6 +26,8 @@ from flglm.round_checkpoints import (
     rounds_in,
     save_atomically,
 )
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 
 @pytest.fixture

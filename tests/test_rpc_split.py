@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL_CONFIGS
 
-from flglm.launching import run_torchrun
+from flglm.jobs.subprocesses import run_torchrun
 
 pytestmark = pytest.mark.multiprocess
 

@@ -1,4 +1,4 @@
-"""Tests for flglm.federation.secure_aggregation: pairwise masks that cancel, and the server's secure rounds."""
+"""Tests for flglm.aggregation.masking: pairwise masks that cancel, and the server's secure rounds."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.futures import Future
 
-from flglm.crypto.keys import public_key_bytes
-from flglm.federation.aggregation import fedavg
-from flglm.federation.secure_aggregation import (
+from flglm.aggregation.fedavg import fedavg
+from flglm.aggregation.masking import (
     ENCODE_BOUND,
     FIXED_POINT_BITS,
     decode,
@@ -27,7 +26,8 @@ from flglm.federation.secure_aggregation import (
     pairwise_secret,
     unmask_average,
 )
-from flglm.federation.secure_rounds import RoundPlan, RoundResult, SecureRounds
+from flglm.aggregation.secure_rounds import RoundPlan, RoundResult, SecureRounds
+from flglm.crypto.keys import public_key_bytes
 
 FAST = settings(max_examples=40, deadline=None)
 TIMEOUT = 10.0

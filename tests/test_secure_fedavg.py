@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flglm.callbacks import FedAvgCallback
 
+from flglm.aggregation.fedavg import fedavg
+from flglm.aggregation.masking import PairwiseMasker
+from flglm.callbacks import FedAvgCallback
+from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import generate_key_set, load_client_keys
-from flglm.federation.aggregation import fedavg
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import ServerLink
-from flglm.federation.secure_aggregation import PairwiseMasker
-from flglm.federation.server import MiddleServer
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 
 def _federation(tmp_path: Path, cfg: RunConfig, n: int) -> tuple[MiddleServer, list[ServerLink], list[FedAvgCallback]]:

@@ -19,13 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from flglm.callbacks import FedAvgCallback
 
+from flglm.aggregation.fedavg import fedavg
+from flglm.aggregation.masking import PairwiseMasker
+from flglm.aggregation.secure_rounds import SecureRounds
+from flglm.callbacks import FedAvgCallback
 from flglm.crypto.keyring import generate_key_set, load_client_keys
-from flglm.federation.aggregation import fedavg
-from flglm.federation.hierarchy import SubServerSync
-from flglm.federation.secure_aggregation import PairwiseMasker
-from flglm.federation.secure_rounds import SecureRounds
+from flglm.server.serving.hierarchy import SubServerSync
 
 pytestmark = pytest.mark.multiprocess
 

@@ -18,10 +18,9 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from flglm.client.lm import SplitCausalLM
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.config import ModelConfig, RunConfig, fingerprint
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.federation.server import MiddleServer
 from flglm.models import (
     ADAPTERS,
     ClientBlocks,
@@ -33,6 +32,8 @@ from flglm.models import (
     plan_split,
 )
 from flglm.models.split import build_skeleton
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 ARCHS = ("glm", "glm4", "llama", "qwen2", "mistral", "gpt2")
 EXACT = {"atol": 1e-5, "rtol": 0.0}

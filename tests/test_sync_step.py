@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from flglm.federation.hierarchy import SubServerSync
+from flglm.server.serving.hierarchy import SubServerSync
 
 pytestmark = pytest.mark.multiprocess
 

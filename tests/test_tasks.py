@@ -28,7 +28,7 @@ from flglm.client.lm import FullCausalLM
 from flglm.config import DATA_FORMATS, SUMMARIZATION_FORMATS, SUPERGLUE_FORMATS, ConfigError, OptimConfig, RunConfig, load_config
 from flglm.data import SUMMARIZATION_FORMATS as DATA_SUMMARIZATION
 from flglm.data import SUPERGLUE_TASKS, TASK_FORMATS, Example
-from flglm.datasets import (
+from flglm.data.loading import (
     all_train_examples,
     build_tokenizer,
     dev_examples,
@@ -36,8 +36,8 @@ from flglm.datasets import (
     task_prompt,
     truncation_side,
 )
+from flglm.jobs.train import make_trainer, run_centralized
 from flglm.models import build_full_model
-from flglm.runner import make_trainer, run_centralized
 from flglm.tasks import (
     ClassificationTask,
     GenerationTask,
@@ -391,7 +391,7 @@ def test_seq2seq_collator_masks_the_prompt_and_cuts_source_and_target_to_their_b
 def test_a_one_client_federation_validates_generation_like_the_centralized_run(tmp_path: Path) -> None:
     # Prepare: a summarization config; torchrun starts a server and one client, encrypted.
     from flglm.crypto.keyring import generate_key_set
-    from flglm.launching import run_federation
+    from flglm.jobs.subprocesses import run_federation
     from tests.test_federation import TINY_GLM
 
     every_word = " ".join([*_TOPICS, *_VERBS, *_REST])

@@ -3,7 +3,7 @@
 Both classes map (input_ids, attention_mask) to logits, so the same task module trains either
 one; that is how federated training is compared with centralized training of the same model.
 Both also decode incrementally with key/value caches (``open_decoding``/``decode``/
-``close_decoding``), which :func:`flglm.generation.generate` drives.
+``close_decoding``), which :func:`flglm.client.decoding.generate` drives.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
-from flglm.federation.remote import RemoteMiddle, ServerLink
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.models.prefix import prefilled_cache, prefix_length_of, prefix_of, with_prefix_mask
 from flglm.models.split import ClientBlocks, default_position_ids, max_positions_of, saved_state_dict
 

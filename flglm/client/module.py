@@ -9,7 +9,7 @@ for any causal LM. This base class makes the split invisible to Lightning:
   (``configure_gradient_clipping``), so it clips exactly as centralized training would;
 * with a whole model (``FullCausalLM``) it is a plain LightningModule: the centralized run;
 * ``generate`` decodes through the split with key/value caches on both sides
-  (:mod:`flglm.generation`).
+  (:mod:`flglm.client.decoding`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from flglm.client.decoding import generate, left_pad
 from flglm.config import GenerationConfig, OptimConfig
-from flglm.generation import generate, left_pad
 from flglm.optim import build_optimizer, build_scheduler, global_clip_coefficient, grad_norms, scale_grads
 
 
@@ -55,7 +55,7 @@ class SplitClientModule(L.LightningModule):
 
     # ---------------------------------------------------------------- generation
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings: Any) -> torch.Tensor:
-        """Left-padded prompts followed by the generated tokens (see :func:`flglm.generation.generate`).
+        """Left-padded prompts followed by the generated tokens (see :func:`flglm.client.decoding.generate`).
 
         ``settings`` override fields of the run's ``generation`` config for this call, e.g.
         ``max_new_tokens=16, do_sample=True``. Decodes in eval mode; the module's mode is restored.

@@ -2,9 +2,9 @@
 
 The traffic is made by the library's own code paths in one process: the victim's
 :class:`~flglm.client.lm.SplitCausalLM` (with its configured defenses) sends a language-model
-training step on held-out text through a real :class:`~flglm.federation.remote.ServerLink`,
+training step on held-out text through a real :class:`~flglm.client.remote.ServerLink`,
 encrypted or not, to a :class:`~flglm.privacy.observe.CuriousEndpoint` over the real
-:class:`~flglm.federation.server.MiddleServer`. The curious server attacks what its endpoint
+:class:`~flglm.server.middle_server.MiddleServer`. The curious server attacks what its endpoint
 logged, with the client-block weights it knows; a peer attacks what a :class:`Wiretap` on the
 victim's transport captured, with its own client blocks.
 
@@ -31,21 +31,22 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
+from flglm.aggregation.masking import FIXED_POINT_BITS, PairwiseMasker, decode
 from flglm.callbacks.fedavg import shared_parameters
 from flglm.client.lm import SplitCausalLM
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.channel import ChannelError
 from flglm.crypto.keyring import generate_key_set, load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
-from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.federation.secure_aggregation import FIXED_POINT_BITS, PairwiseMasker, decode
-from flglm.federation.server import MiddleServer
-from flglm.federation.transport import LocalTransport
+from flglm.link.transport import LocalTransport
 from flglm.models import ClientBlocks
 from flglm.models.split import MiddleStack, plan_for
 from flglm.privacy import attacks as A
 from flglm.privacy.defenses import PrivacyGuard, private_parameter_names
 from flglm.privacy.observe import CuriousEndpoint, ForwardView, Wiretap
+from flglm.server.middle_server import MiddleServer
 
 POSITIVE_CONTROL_MIN = 0.95
 """The positive control must recover at least this share of tokens."""
@@ -392,8 +393,8 @@ def attack_saved_run(
     on half the victim sentences, from the public weights)."""
     from flglm.config import load_config
     from flglm.data import load_tokenizer
+    from flglm.jobs.generate import load_trained
     from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
-    from flglm.serving import load_trained
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.futures import Future
 
-from flglm.federation.endpoint import Reply, ServerEndpoint, _as_future
-from flglm.federation.transport import Transport
+from flglm.link.transport import Transport
+from flglm.server.endpoint import Reply, ServerEndpoint, _as_future
 
 
 def _copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

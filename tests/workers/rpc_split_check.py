@@ -20,12 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import TINY_MODEL_CONFIGS
 
 from flglm.client.lm import SplitCausalLM
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.config import ModelConfig, RunConfig, fingerprint
 from flglm.distributed import configure_threads, read_env, rpc_options
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.federation.server import MiddleServer
 from flglm.models import ClientBlocks, build_full_model, plan_split
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
 
 _SERVERS: dict[str, MiddleServer] = {}
 _ENDPOINTS: dict[str, ServerEndpoint] = {}

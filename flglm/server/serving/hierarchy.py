@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from flglm.federation.secure_aggregation import unmask_sum
-from flglm.federation.secure_rounds import RoundPlan
+from flglm.aggregation.masking import unmask_sum
+from flglm.aggregation.secure_rounds import RoundPlan
 
 log = logging.getLogger("flglm.hierarchy")
 

@@ -19,10 +19,10 @@ from torch.futures import Future
 
 from flglm.crypto.channel import ChannelError
 from flglm.crypto.sessions import ServerSessions
-from flglm.federation import protocol as P
-from flglm.federation.exactly_once import ReplyRecord
-from flglm.federation.messages import InvalidMessageError, RequestHeader, nbytes
-from flglm.federation.server import MiddleServer
+from flglm.link import protocol as P
+from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes
+from flglm.server.exactly_once import ReplyRecord
+from flglm.server.middle_server import MiddleServer
 
 log = logging.getLogger("flglm.server")
 
@@ -249,43 +249,3 @@ def _then(result: Any, to_reply: Callable[[Any], list[torch.Tensor]]) -> Reply:
 def _as_future(reply: Reply) -> Future:
     # ``Future.then`` returns the C++ base class, not ``torch.futures.Future``.
     return reply if isinstance(reply, torch._C.Future) else _done(reply)
-
-
-_ENDPOINT: ServerEndpoint | None = None
-
-
-def install(endpoint: ServerEndpoint) -> None:
-    """Make ``endpoint`` the process's instance that ``rpc.remote(..., instance)`` hands out."""
-    global _ENDPOINT
-    _ENDPOINT = endpoint
-
-
-def instance() -> ServerEndpoint:
-    if _ENDPOINT is None:
-        raise RuntimeError("no server endpoint is running in this process")
-    return _ENDPOINT
-
-
-# The endpoint as plain functions, for clients of a dynamic federation (no RRef): an RRef's id
-# is (creating worker's rank, local counter), so a restarted client creating one under its old
-# rank repeats the dead process's id, and the server's RPC agent fails an internal assertion
-# ("fork notification twice"; measured with torch 2.13). A function call carries no such id.
-def handshake(client_id: int, hello: torch.Tensor) -> torch.Tensor:
-    """``ServerEndpoint.handshake`` of this process's endpoint."""
-    return instance().handshake(client_id, hello)
-
-
-@rpc.functions.async_execution
-def exchange(client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Future:
-    """``ServerEndpoint.exchange`` of this process's endpoint."""
-    return instance().exchange(client_id, kind, round_index, step, tensors)
-
-
-@rpc.functions.async_execution
-def sealed(client_id: int, kind: str, message: torch.Tensor) -> Future:
-    """``ServerEndpoint.sealed`` of this process's endpoint."""
-    return instance().sealed(client_id, kind, message)
-
-
-ENTRIES: dict[str, Callable[..., Any]] = {"handshake": handshake, "exchange": exchange, "sealed": sealed}
-"""What a client may call, by the method name its link uses."""

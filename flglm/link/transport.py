@@ -70,7 +70,7 @@ class RpcTransport:
 
 
 class RpcFunctionTransport:
-    """Calls the server's endpoint through module-level functions (``flglm.federation.endpoint.ENTRIES``),
+    """Calls the server's endpoint through module-level functions (``flglm.link.rpc_entries.ENTRIES``),
     each call bounded by ``timeout_s``: the transport of a dynamic federation, where a client
     process may be restarted under its old rank (no RRef, whose id would repeat the old process's)."""
 
@@ -81,7 +81,7 @@ class RpcFunctionTransport:
     def call(self, method: str, *args: Any) -> Any:
         from torch.distributed import rpc
 
-        from flglm.federation.endpoint import ENTRIES
+        from flglm.link.rpc_entries import ENTRIES
 
         try:
             return rpc.rpc_sync(self.server_name, ENTRIES[method], args=args, timeout=self.timeout_s)

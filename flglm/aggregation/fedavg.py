@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.futures import Future
 
-from flglm.federation.messages import InvalidMessageError
+from flglm.link.messages import InvalidMessageError
 
 
 def fedavg(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.futures import Future
 
-from flglm.federation.messages import InvalidMessageError, RequestHeader, check_gradient, wire
+from flglm.link.messages import InvalidMessageError, RequestHeader, check_gradient, wire
 
 if TYPE_CHECKING:
-    from flglm.federation.server import MiddleServer
+    from flglm.server.middle_server import MiddleServer
 
 log = logging.getLogger("flglm.server")
 

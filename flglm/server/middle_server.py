@@ -2,7 +2,7 @@
 
 Typed methods: ``hello``, ``forward``, ``infer``, ``decode``/``end_decoding``, ``backward``, ``grad_norms``, ``step``,
 ``aggregation_begin``/``aggregation_upload``, ``leave``. Clients reach them only through
-``flglm.federation.endpoint.ServerEndpoint``, which decodes (and, with encryption, opens)
+``flglm.server.endpoint.ServerEndpoint``, which decodes (and, with encryption, opens)
 each message. Sequential serving: a client's training step (its forwards, backwards and
 optimizer step) has the middle stack to itself; other clients wait for their turn. Evaluation
 (``infer``) runs under no_grad, keeps nothing and needs no turn.
@@ -26,12 +26,10 @@ from typing import Any, TypeVar
 import torch
 from torch.futures import Future
 
+from flglm.aggregation.fedavg import AggregationRounds
+from flglm.aggregation.secure_rounds import SecureRounds
 from flglm.config import RunConfig, fingerprint
-from flglm.federation.aggregation import AggregationRounds
-from flglm.federation.batching import ClientBatcher, batching_stats
-from flglm.federation.decoding import DecodeSessions
-from flglm.federation.hierarchy import SubServerSync
-from flglm.federation.messages import (
+from flglm.link.messages import (
     AUTOCAST_DTYPES,
     InvalidMessageError,
     RequestHeader,
@@ -42,12 +40,11 @@ from flglm.federation.messages import (
     nbytes,
     wire,
 )
-from flglm.federation.protocol import plain_result_tensors, plan_tensor, result_tensors
-from flglm.federation.secure_rounds import SecureRounds
+from flglm.link.protocol import plain_result_tensors, plan_tensor, result_tensors
 from flglm.models.prefix import kv_shape
 from flglm.models.split import MiddleStack, max_positions_of, plan_for
 from flglm.optim import build_optimizer, grad_norms, scale_grads, set_lr
-from flglm.round_checkpoints import (
+from flglm.resume import (
     CheckpointError,
     checkpoint_path,
     consistent_round,
@@ -58,6 +55,9 @@ from flglm.round_checkpoints import (
     save_atomically,
 )
 from flglm.run_layout import checkpoint_dir
+from flglm.server.decode_sessions import DecodeSessions
+from flglm.server.serving.batching import ClientBatcher, batching_stats
+from flglm.server.serving.hierarchy import SubServerSync
 
 log = logging.getLogger("flglm.server")
 T = TypeVar("T")
@@ -129,7 +129,7 @@ class MiddleServer:
         self._kill_at_step = kill_at_step
         self.mode = mode or cfg.server.parallelism
         if self.mode == "auto":
-            raise ValueError("MiddleServer needs a resolved parallelism mode (see flglm.federation.parallelism)")
+            raise ValueError("MiddleServer needs a resolved parallelism mode (see flglm.server.serving.parallelism)")
         self.clients = sorted(range(cfg.federation.num_clients) if clients is None else clients)
         if middle is None:
             middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)

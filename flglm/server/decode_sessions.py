@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import DynamicCache, PretrainedConfig
 
-from flglm.federation.messages import InvalidMessageError
+from flglm.link.messages import InvalidMessageError
 
 log = logging.getLogger("flglm.server")
 

@@ -24,37 +24,38 @@ from lightning_fabric.utilities import rank_zero as fabric_rank_zero
 from torch.distributed import rpc
 from torch.utils.data import DataLoader
 
+from flglm.aggregation.masking import PairwiseMasker
 from flglm.callbacks import EncryptionCallback, FedAvgCallback, TrainingStateCallback
-from flglm.checkpoint import save_tensors, write_json
+from flglm.callbacks.kill_at_step import KillAtStepCallback
 from flglm.client.lm import FullCausalLM, SplitCausalLM
 from flglm.client.module import SplitClientModule
+from flglm.client.remote import RemoteMiddle
+from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint, to_yaml
 from flglm.crypto.keyring import load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
 from flglm.data import Example, tokenizer_fingerprint
-from flglm.data.sampler import ResumableSampler
-from flglm.datasets import (
+from flglm.data.loading import (
     all_train_examples,
     build_tokenizer,
     check_fits_model,
     client_train_examples,
     dev_examples,
 )
+from flglm.data.sampler import ResumableSampler
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
-from flglm.fault_injection import KillAtStepCallback
-from flglm.federation import endpoint as endpoint_mod
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.parallelism import choose_parallelism, free_memory_bytes
-from flglm.federation.remote import RemoteMiddle, ServerLink
-from flglm.federation.secure_aggregation import PairwiseMasker
-from flglm.federation.server import MiddleServer
-from flglm.federation.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
+from flglm.link import rpc_entries
+from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.privacy.defenses import client_defenses
+from flglm.resume import RoundCheckpoints
 from flglm.roles import Role, clients_of
-from flglm.round_checkpoints import RoundCheckpoints
 from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path, rendezvous_path
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
+from flglm.server.serving.parallelism import choose_parallelism, free_memory_bytes
 from flglm.tasks import build_task
+from flglm.tensor_files import save_tensors, write_json
 
 log = logging.getLogger("flglm")
 
@@ -263,7 +264,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     kill_at = cfg.faults.kill_server_at_step if env.restart_count == 0 else 0
     server = MiddleServer(cfg, middle=middle, clients=clients, mode=choice.mode, kill_at_step=kill_at)
     endpoint = ServerEndpoint(server, sessions)
-    endpoint_mod.install(endpoint)
+    rpc_entries.install(endpoint)
     log.info("%s: encryption %s", role.worker_name, "on (AES-256-GCM per client)" if sessions else "OFF (crypto.enabled=false)")
     log.info(
         "%s: middle stack = blocks %s (%d parameters), serving clients %s",
@@ -358,7 +359,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
             link = client_link(cfg, role.server_name, index, session)
         else:
-            rref = rpc.remote(role.server_name, endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
+            rref = rpc.remote(role.server_name, rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
             link = client_link(cfg, rref, index, session)
         callbacks: list[L.Callback] = []
         if session is not None:

@@ -1,7 +1,7 @@
 """The server's side of secure aggregation: collects masked uploads and answers every participant.
 
 The server only ever holds the int64 masked uploads of a round with two or more participants
-(see :mod:`flglm.federation.secure_aggregation` for the masking and its threat model). A round
+(see :mod:`flglm.aggregation.masking` for the masking and its threat model). A round
 is planned once every active client has begun it; if a participant leaves before uploading,
 the round is redone without it, with fresh masks.
 """
@@ -17,8 +17,8 @@ from typing import Literal, Protocol
 import torch
 from torch.futures import Future
 
-from flglm.federation.messages import InvalidMessageError
-from flglm.federation.secure_aggregation import MAX_CLIENTS, unmask_average
+from flglm.aggregation.masking import MAX_CLIENTS, unmask_average
+from flglm.link.messages import InvalidMessageError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Every call is one message of a *kind* carrying a few tensors plus two integers (
 and ``step``), and is answered by one message. The same messages travel in the clear
 (``crypto.enabled=false``) or sealed (:mod:`flglm.crypto`), so encryption cannot change what
 is computed. A message's kind, round and step identify it among its client's messages, so a
-resent or duplicated one is answered from the server's record (:mod:`flglm.federation.exactly_once`).
+resent or duplicated one is answered from the server's record (:mod:`flglm.server.exactly_once`).
 Small values travel as tensors too: control numbers as an int64/float64 vector,
 structured data (fingerprints, server facts, metrics) as UTF-8 JSON in a uint8 tensor, never
 pickled.
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from flglm.federation.messages import AUTOCAST_DTYPES, InvalidMessageError
+from flglm.link.messages import AUTOCAST_DTYPES, InvalidMessageError
 
 REPLY_KIND: dict[str, str] = {
     "join": "welcome",

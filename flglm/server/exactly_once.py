@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.futures import Future
 
-from flglm.federation.messages import InvalidMessageError
+from flglm.link.messages import InvalidMessageError
 
 RECORDED_KINDS = frozenset({"forward", "backward", "step", "decode", "decode_end", "agg_begin", "agg_upload", "leave"})
 """Message kinds whose second delivery must not be applied again."""

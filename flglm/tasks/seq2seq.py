@@ -24,10 +24,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import ROUGEScore, SacreBLEUScore
 
+from flglm.client.decoding import left_pad
 from flglm.client.module import SplitClientModule
 from flglm.config import GenerationConfig, OptimConfig
 from flglm.data.readers import Example
-from flglm.generation import left_pad
 from flglm.tasks.classification import PromptError, truncate
 
 ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
@@ -46,7 +46,7 @@ class Seq2SeqCollator:
     the padding. The target keeps at most ``max_target_tokens`` tokens (EOS included); the
     source gets what is left of ``max_length``, cut on ``truncation_side`` (``right`` keeps an
     article's lead). The batch also carries the prompts left-padded (``prompt_ids``,
-    ``prompt_mask``), ready for :func:`flglm.generation.generate`, and the reference texts.
+    ``prompt_mask``), ready for :func:`flglm.client.decoding.generate`, and the reference texts.
     """
 
     tokenizer: Any

@@ -30,7 +30,7 @@ class FedAvgCallback(Callback):
         link: the client's ``ServerLink``.
         every_n_steps: aggregate after every this many optimizer steps; 0 = at each epoch end.
         masker: this client's ``PairwiseMasker`` for secure aggregation, or None for plain FedAvg.
-        checkpoints: a ``flglm.round_checkpoints.RoundCheckpoints``: the trainer's state is saved right
+        checkpoints: a ``flglm.resume.RoundCheckpoints``: the trainer's state is saved right
             after each due round (the server saves its own at the same round).
         exclude: names of parameters that never leave this client (``privacy.private_blocks``):
             they are left out of the averaged vector and keep this client's values. Hugging Face

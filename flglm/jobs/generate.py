@@ -19,22 +19,22 @@ import torch
 from torch import nn
 from torch.distributed import rpc
 
-from flglm.checkpoint import load_tensors, write_json
 from flglm.client.lm import SplitCausalLM
 from flglm.client.module import SplitClientModule
+from flglm.client.remote import RemoteMiddle
 from flglm.config import RunConfig, fingerprint
 from flglm.data import load_tokenizer, tokenizer_fingerprint
-from flglm.datasets import build_tokenizer
+from flglm.data.loading import build_tokenizer
 from flglm.distributed import DistEnv, rpc_options, rpc_worker
-from flglm.federation import endpoint as endpoint_mod
-from flglm.federation.endpoint import ServerEndpoint
-from flglm.federation.remote import RemoteMiddle
-from flglm.federation.server import MiddleServer
+from flglm.jobs.train import client_link, client_session, server_sessions
+from flglm.link import rpc_entries
 from flglm.models.split import ClientBlocks, MiddleStack, plan_for, saved_state_dict
 from flglm.privacy.defenses import client_defenses
 from flglm.roles import Role
 from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
-from flglm.runner import client_link, client_session, server_sessions
+from flglm.server.endpoint import ServerEndpoint
+from flglm.server.middle_server import MiddleServer
+from flglm.tensor_files import load_tensors, write_json
 
 log = logging.getLogger("flglm")
 
@@ -74,7 +74,7 @@ def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights
     if weights is not None:
         load_trained(middle.hf, middle_weights_path(weights))
     server = MiddleServer(cfg, middle=middle, clients=[client_index], mode="sequential")
-    endpoint_mod.install(ServerEndpoint(server, sessions))
+    rpc_entries.install(ServerEndpoint(server, sessions))
     options = rpc_options(num_worker_threads=8, timeout_s=cfg.server.rpc_timeout_s)
     try:
         with rpc_worker("server", env, options, what="the generation server"):
@@ -98,7 +98,7 @@ def generate_as_client(
         load_trained(blocks.hf, client_weights_path(weights, role.client_index))
     options = rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s)
     with rpc_worker(role.worker_name, env, options, what="the generating client"):
-        rref = rpc.remote("server", endpoint_mod.instance, timeout=cfg.server.startup_timeout_s)
+        rref = rpc.remote("server", rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
         link = client_link(cfg, rref, role.client_index, session)
         if session is not None:
             link.handshake()

@@ -1,11 +1,4 @@
-"""The client's side of the link: a handle on the server and the remote middle as a module.
-
-``RemoteMiddle`` is an ``nn.Module`` whose forward and backward are calls to the server,
-wired into autograd by a ``torch.autograd.Function``: a plain ``loss.backward()`` on the
-client sends the gradient of the hidden states to the server and continues into the input
-block with the gradient that comes back. Lightning's automatic optimization, gradient
-accumulation and precision plugins therefore work unchanged.
-"""
+"""The client's calls to the server: one method per message kind, resent after a loss, sealed when encrypted."""
 
 from __future__ import annotations
 
@@ -17,13 +10,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
 from torch.distributed.rpc import PyRRef
 
 from flglm.crypto.channel import ReplayError, SessionError, TamperError
 from flglm.crypto.sessions import ClientSession
-from flglm.federation.messages import InvalidMessageError, RequestHeader, nbytes, wire
-from flglm.federation.protocol import (
+from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes, wire
+from flglm.link.protocol import (
     REPLY_KIND,
     autocast_code,
     decode_control,
@@ -33,7 +25,7 @@ from flglm.federation.protocol import (
     parse_result,
     step_control,
 )
-from flglm.federation.transport import RetryPolicy, Transport, TransportError, as_transport
+from flglm.link.transport import RetryPolicy, Transport, TransportError, as_transport
 from flglm.models.split import Crossing
 
 log = logging.getLogger("flglm.client")
@@ -43,7 +35,7 @@ T = TypeVar("T")
 class ServerLink:
     """The client's calls to the server, through an RRef (real RPC) or a local endpoint (tests).
 
-    Each call is one message of the protocol (:mod:`flglm.federation.protocol`): in the clear,
+    Each call is one message of the protocol (:mod:`flglm.link.protocol`): in the clear,
     or sealed under this client's session when a :class:`ClientSession` is given. Every call
     carries a timeout (``timeout_s``) and is resent after a loss (``retry``); a message the
     server refuses raises with the server's message.
@@ -219,43 +211,3 @@ class ServerLink:
         self.exchange("leave", [json_tensor({k: float(v) for k, v in metrics.items()})])
         if self.session is not None:
             self.session.close()
-
-
-class _MiddleCall(torch.autograd.Function):
-    """Forward: send hidden states, receive the middle's output. Backward: send its gradient,
-    receive the gradient of the hidden states. The server keeps the graph in between."""
-
-    @staticmethod
-    def forward(ctx, hidden, anchor, prefix, link, mask, pos):  # type: ignore[override]
-        header = link.header()
-        ctx.link, ctx.header, ctx.has_prefix = link, header, prefix is not None
-        return link.forward(header, Crossing(hidden, mask, pos, prefix))
-
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        grad_input, grad_prefix = ctx.link.backward(ctx.header, grad_output.contiguous())
-        if ctx.has_prefix and grad_prefix is None:
-            raise InvalidMessageError("the server sent no gradient for the prefixes it was given")
-        return grad_input, None, grad_prefix if ctx.has_prefix else None, None, None, None
-
-
-class RemoteMiddle(nn.Module):
-    """The server's middle stack as seen from the client."""
-
-    def __init__(self, link: ServerLink, *, server_info: dict[str, Any]) -> None:
-        super().__init__()
-        self.link = link
-        self.server_trainable = bool(server_info["trainable"])
-        self.server_parameter_names: list[str] = list(server_info["parameter_names"])
-        # Autograd calls _MiddleCall.backward only if one of its inputs requires grad; when the
-        # client's input block is frozen but the server trains, this anchor makes it so.
-        self._anchor = torch.zeros((), requires_grad=True)
-
-    def forward(self, crossing: Crossing) -> torch.Tensor:
-        prefix_trains = crossing.prefix is not None and crossing.prefix.requires_grad
-        training = torch.is_grad_enabled() and (crossing.hidden.requires_grad or prefix_trains or self.server_trainable)
-        if not training:
-            return self.link.infer(crossing)
-        return _MiddleCall.apply(
-            crossing.hidden, self._anchor, crossing.prefix, self.link, crossing.attention_mask, crossing.position_ids
-        )

@@ -1,0 +1,1 @@
+"""The server's side: the endpoint clients reach, the middle stack's compute, and how it serves many clients."""

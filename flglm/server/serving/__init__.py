@@ -1,0 +1,1 @@
+"""How the server serves many clients: one module per ``server.parallelism`` mode."""
