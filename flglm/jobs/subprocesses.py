@@ -25,7 +25,7 @@ from typing import Self
 
 from flglm.run_layout import rendezvous_path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO_ROOT / "launch" / "train.py"
 GENERATE_SCRIPT = REPO_ROOT / "launch" / "generate.py"
 
