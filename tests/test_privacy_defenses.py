@@ -17,8 +17,8 @@ import torch
 from test_split import _padded_batch, train_steps
 from torch import nn
 
+from flglm.aggregation.shared import excluded_names
 from flglm.callbacks import FedAvgCallback
-from flglm.callbacks.fedavg import excluded_names
 from flglm.client.lm import SplitCausalLM
 from flglm.client.remote import RemoteMiddle
 from flglm.client.server_link import ServerLink

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
 from flglm.aggregation.masking import FIXED_POINT_BITS, PairwiseMasker, decode
-from flglm.callbacks.fedavg import shared_parameters
+from flglm.aggregation.shared import shared_parameters
 from flglm.client.lm import SplitCausalLM
 from flglm.client.remote import RemoteMiddle
 from flglm.client.server_link import ServerLink
