@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 _SUBNET_POOL = ipaddress.ip_network("10.200.0.0/16")
 
@@ -100,7 +101,7 @@ class NetworkHosts:
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
 
-    def __enter__(self) -> NetworkHosts:
+    def __enter__(self) -> Self:
         try:
             self._create()
         except BaseException:
