@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
 LLAMA_7B = {
     "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from flglm.crypto.keyring import generate_key_set
     from flglm.devices import resolve_device
     from flglm.models import ClientBlocks, MiddleStack
-    from flglm.models.split import build_side, plan_for
-    from flglm.models.split import Crossing
+    from flglm.models.split import Crossing, build_side, plan_for
 
     device = resolve_device(args.device, key="--device")
     model, small = (TINY_LLAMA, TINY_LLAMA) if args.tiny else (LLAMA_7B, SMALL_LLAMA)
@@ -285,13 +284,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     throughput = {}
     for mode in ("sequential", "client_batching"):
         fed = Federation(make_cfg(model, "bfloat16", clients=4, mode=mode), middle, clients, key_dir)
-        errors: list[BaseException] = []
+        errors: list[Exception] = []
 
         def train(i: int, fed: Federation = fed, errors: list = errors) -> None:
             try:
                 for s in range(steps + 1):
                     fed.step(i, ids, mask, s, steps + 1)
-            except BaseException as err:  # reported below, not lost in the thread
+            except Exception as err:  # noqa: BLE001 -- re-raised below, not lost in the thread
                 errors.append(err)
 
         threads = [threading.Thread(target=train, args=(i,)) for i in range(4)]

@@ -120,13 +120,13 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def make_trainer(cfg: RunConfig, out_dir: Path, callbacks: list[L.Callback], device: torch.device = torch.device("cpu")) -> L.Trainer:
+def make_trainer(cfg: RunConfig, out_dir: Path, callbacks: list[L.Callback], device: torch.device | None = None) -> L.Trainer:
     """A single-process Trainer on ``device`` configured from ``cfg.trainer``."""
     rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
     fabric_rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
     t = cfg.trainer
     return L.Trainer(
-        **lightning_accelerator(device),
+        **lightning_accelerator(device or torch.device("cpu")),
         num_nodes=1,
         plugins=[StandaloneEnvironment()],
         max_epochs=t.max_epochs,

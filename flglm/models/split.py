@@ -29,8 +29,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from flglm.config import ModelConfig, PeftConfig, SplitConfig
-from flglm.models.dtypes import frozen_weight_dtype, keep_trainable_float32
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
+from flglm.models.dtypes import frozen_weight_dtype, keep_trainable_float32
 from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
 from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefilled_rows_cache, prefix_length_of, prefix_of, with_prefix_mask
 
