@@ -36,6 +36,8 @@ class ModelConfig:
     """Seed of the random initialisation; each parameter is drawn from its own name-keyed stream."""
     attn_implementation: str = "sdpa"
     """Attention kernel of every block: ``sdpa`` or ``eager``."""
+    dtype: str = "float32"
+    """Storage dtype of frozen weights: ``auto`` (the checkpoint's ``torch_dtype``; float32 for random init), ``float32``, ``bfloat16`` or ``float16``."""
 
 
 @dataclass(kw_only=True)
@@ -85,6 +87,8 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class ServerConfig:
+    device: str = "cpu"
+    """Where the middle stack computes: ``auto`` (CUDA if available), ``cpu``, ``cuda`` (the local rank's GPU) or ``cuda:N``."""
     state_timeout_s: float = 300.0
     """A forward's autograd state is released if its backward has not come within this time."""
     max_pending_per_client: int = 8
@@ -153,6 +157,12 @@ class ServerConfig:
     request_timeout_s: float = 60.0
     """client_batching: a member that sends no backward/step/next forward within this time is
     dropped from its group, so the others go on."""
+
+
+@dataclass(kw_only=True)
+class ClientConfig:
+    device: str = "cpu"
+    """Where each client's blocks compute: ``auto``, ``cpu``, ``cuda`` (the local rank's GPU) or ``cuda:N``."""
 
 
 @dataclass(kw_only=True)
@@ -387,6 +397,7 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -415,6 +426,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("sdpa", "eager"),
     "server.parallelism": ("sequential", "client_batching", "hierarchical", "auto"),
     "server.nonfinite": ("reject", "skip"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
 
@@ -517,6 +529,9 @@ def validate(cfg: RunConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in (("server.device", cfg.server.device), ("client.device", cfg.client.device)):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ConfigError(f"{key}={value!r} is not one of auto, cpu, cuda, cuda:N")
     _validate_sub_servers(cfg)
     _validate_link(cfg)
     _validate_checkpoints(cfg)
@@ -657,7 +672,7 @@ def fingerprint(cfg: RunConfig) -> str:
     """A hash of everything server and clients must agree on.
 
     ``run_dir`` and ``crypto.key_dir`` are left out (each machine keeps its files elsewhere);
-    so is the trainer's display setting, the client's decoding settings and the test-only fault
+    so are the devices (``server.device``, ``client.device``), the trainer's display setting, the client's decoding settings and the test-only fault
     injection: none changes what the server computes. ``privacy`` stays in: its private blocks
     set the length of the FedAvg vector, which every client must agree on.
     """
@@ -667,6 +682,8 @@ def fingerprint(cfg: RunConfig) -> str:
     shared.pop("generation")
     shared.pop("faults")
     shared["crypto"].pop("key_dir")
+    shared.pop("client")  # where a process computes is its own machine's business
+    shared["server"].pop("device")
     shared["trainer"].pop("enable_progress_bar")
     blob = json.dumps(shared, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()

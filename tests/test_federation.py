@@ -136,6 +136,9 @@ def test_two_clients_end_with_identical_client_blocks_and_a_summary(tmp_path: Pa
     assert summary["clients"]["0"]["fedavg_rounds"] == 12  # securely aggregated (masked) rounds
     assert 0.0 <= summary["federation"]["val_acc"] <= 1.0
     assert (run_dir / "client0" / "logs" / "metrics.csv").is_file()
+    # each side's peak memory (CPU here: host memory only)
+    assert summary["memory"]["server"]["peak_host_mb"] > 50 and "peak_device_mb" not in summary["memory"]["server"]
+    assert {c: set(m) for c, m in summary["memory"]["clients"].items()} == {"0": {"peak_host_mb"}, "1": {"peak_host_mb"}}
 
 
 def test_a_missing_data_file_fails_fast_with_its_path(tmp_path: Path) -> None:

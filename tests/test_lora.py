@@ -90,7 +90,8 @@ def test_training_steps_change_only_the_adapters(
 
 
 @pytest.mark.multiprocess
-def test_one_client_lora_federation_equals_centralized_lora_training(tmp_path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_client_lora_federation_equals_centralized_lora_training(tmp_path, dtype: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from flglm.config import load_config
@@ -99,7 +100,8 @@ def test_one_client_lora_federation_equals_centralized_lora_training(tmp_path) -
     from flglm.tensor_files import load_tensors
     from tests.test_federation import federated_and_centralized, merged_weights, write_config
 
-    config = write_config(tmp_path, peft={"method": "lora", "lora_r": 4}, optim={"lr": 0.02})
+    # bfloat16: frozen base weights stored in bf16 on every side, adapters float32 (same tolerance: measured equal)
+    config = write_config(tmp_path, model={"dtype": dtype}, peft={"method": "lora", "lora_r": 4}, optim={"lr": 0.02})
     fed_dir = tmp_path / "fed"
     fed, central = federated_and_centralized(tmp_path, config)
     cfg = load_config(config, [f"run_dir={tmp_path / 'central'}", "federation.num_clients=1"])
@@ -120,5 +122,7 @@ def test_one_client_lora_federation_equals_centralized_lora_training(tmp_path) -
         expected = trained(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
         merged = merge_lora(trained)(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
         got = exported(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
-    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # bf16: folding the float32 adapters into bf16 base weights rounds them; measured 1.95e-3 (one bf16 step at |logit| < 0.5)
+    merge_atol = 1e-4 if dtype == "float32" else 4e-3
+    torch.testing.assert_close(merged, expected, atol=merge_atol, rtol=0)
+    torch.testing.assert_close(got, expected, atol=merge_atol, rtol=0)

@@ -14,6 +14,7 @@ from torch.distributed.rpc import PyRRef
 
 from flglm.crypto.channel import ReplayError, SessionError, TamperError
 from flglm.crypto.sessions import ClientSession
+from flglm.devices import active_autocast
 from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes, wire
 from flglm.link.protocol import (
     REPLY_KIND,
@@ -133,10 +134,7 @@ class ServerLink:
         self.session.finish(self._rpc("handshake", self.client_id, self.session.hello()))
 
     def header(self) -> RequestHeader:
-        autocast = ""
-        if torch.is_autocast_enabled("cpu"):
-            autocast = str(torch.get_autocast_dtype("cpu")).removeprefix("torch.")
-        return RequestHeader(client_id=self.client_id, request_id=next(self._request_ids), autocast=autocast)
+        return RequestHeader(client_id=self.client_id, request_id=next(self._request_ids), autocast=active_autocast())
 
     def hello(self, config_fingerprint: str, tokenizer_fingerprint: str, *, checkpoints: list[int] | None = None) -> dict[str, Any]:
         """Join the federation; ``checkpoints`` (resume) are the rounds this client has checkpoints of."""

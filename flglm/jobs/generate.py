@@ -25,6 +25,7 @@ from flglm.client.remote import RemoteMiddle
 from flglm.config import RunConfig, fingerprint
 from flglm.data import load_tokenizer, tokenizer_fingerprint
 from flglm.data.loading import build_tokenizer
+from flglm.devices import resolve_device
 from flglm.distributed import DistEnv, rpc_options, rpc_worker
 from flglm.jobs.train import client_link, client_session, server_sessions
 from flglm.link import rpc_entries
@@ -70,7 +71,8 @@ def generation_tokenizer(cfg: RunConfig, run_dir: Path) -> Any:
 def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights: Path | None) -> None:
     """Rank 0: serve the (trained) middle stack to one client until it leaves."""
     sessions = server_sessions(cfg)
-    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    device = resolve_device(cfg.server.device, key="server.device", local_rank=env.local_rank)
+    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft, device=device)
     if weights is not None:
         load_trained(middle.hf, middle_weights_path(weights))
     server = MiddleServer(cfg, middle=middle, clients=[client_index], mode="sequential")

@@ -43,6 +43,7 @@ from flglm.data.loading import (
     dev_examples,
 )
 from flglm.data.sampler import ResumableSampler
+from flglm.devices import lightning_accelerator, memory_summary, peak_memory, resolve_device
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
@@ -119,14 +120,13 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def make_trainer(cfg: RunConfig, out_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
-    """A single-process CPU Trainer configured from ``cfg.trainer``."""
+def make_trainer(cfg: RunConfig, out_dir: Path, callbacks: list[L.Callback], device: torch.device | None = None) -> L.Trainer:
+    """A single-process Trainer on ``device`` configured from ``cfg.trainer``."""
     rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
     fabric_rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
     t = cfg.trainer
     return L.Trainer(
-        accelerator="cpu",
-        devices=1,
+        **lightning_accelerator(device or torch.device("cpu")),
         num_nodes=1,
         plugins=[StandaloneEnvironment()],
         max_epochs=t.max_epochs,
@@ -242,7 +242,8 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     """
     run_dir = Path(cfg.run_dir)
     sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
-    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    device = resolve_device(cfg.server.device, key="server.device", local_rank=env.local_rank)
+    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft, device=device)
     parameters = sum(p.numel() for p in middle.parameters())
     choice = choose_parallelism(
         cfg,
@@ -285,6 +286,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
             summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
             summary["federation"] = federation_metrics(summary["clients"])
             summary["config_fingerprint"] = fingerprint(cfg)
+            summary["memory"] = memory_summary(peak_memory(device), summary["clients"])
             if role.is_coordinator:
                 save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
                 write_json(summary, run_dir / "summary.json")
@@ -373,7 +375,8 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         dev = dev_examples(cfg)
         tokenizer = build_tokenizer(cfg, save=index == 0)
         plan = plan_for(cfg.model, cfg.split)
-        blocks = ClientBlocks(cfg.model, plan, cfg.peft)
+        device = resolve_device(cfg.client.device, key="client.device", local_rank=env.local_rank)
+        blocks = ClientBlocks(cfg.model, plan, cfg.peft, device=device)
         defenses = client_defenses(cfg.privacy, blocks, client_index=index)
         log.info("%s: privacy defenses: %s", role.worker_name, defenses.summary)
         check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
@@ -406,13 +409,14 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
             fedavg.load_state_dict({"round": info["next_round"], "seen_before": 0, "last_step": -1})
         if cfg.faults.kill_client_at_step and cfg.faults.kill_client == index:
             callbacks.append(KillAtStepCallback(cfg.faults.kill_client_at_step))
-        trainer = make_trainer(cfg, out_dir, [*callbacks, training_state, fedavg])
+        trainer = make_trainer(cfg, out_dir, [*callbacks, training_state, fedavg], device)
         started = time.monotonic()
         trainer.fit(module, train_loader, dev_loader, ckpt_path=str(resume_from) if resume_from is not None else None)
         metrics = _final_metrics(trainer, module, dev_loader)
         metrics["train_time_s"] = round(time.monotonic() - started, 3)
         metrics["fedavg_rounds"] = float(fedavg.rounds)
         metrics["resent_messages"] = float(link.retries)
+        metrics.update(peak_memory(device))
         save_tensors(module.client_state_dict(), client_weights_path(cfg.run_dir, index))
         write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
         link.leave(metrics)
@@ -429,7 +433,7 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     check_fits_model(cfg, tokenizer, vocab_size=lm.hf.config.vocab_size, max_positions=lm.max_positions)
     module, collate = build_task(cfg, lm, tokenizer)
     train_loader, dev_loader, training_state = _loaders(cfg, train, dev, collate, seed=cfg.seed)
-    trainer = make_trainer(cfg, out_dir, [training_state])
+    trainer = make_trainer(cfg, out_dir, [training_state], resolve_device(cfg.client.device, key="client.device"))
     started = time.monotonic()
     trainer.fit(module, train_loader, dev_loader)
     metrics = _final_metrics(trainer, module, dev_loader)

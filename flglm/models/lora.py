@@ -38,6 +38,8 @@ def inject_lora(model: nn.Module, cfg: PeftConfig, *, seed: int) -> nn.Module:
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.requires_grad_(LORA_MARK in name)
+            if LORA_MARK in name:  # adapters train in float32 whatever model.dtype (peft gives them the base's dtype)
+                param.data = param.data.float()
             if ".lora_A." in name:
                 bound = 1.0 / math.sqrt(param.shape[1])
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))

@@ -30,10 +30,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from flglm.config import ModelConfig, PeftConfig, SplitConfig
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
+from flglm.models.dtypes import frozen_weight_dtype, keep_trainable_float32
 from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
 from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefilled_rows_cache, prefix_length_of, prefix_of, with_prefix_mask
 
 Side = Literal["client", "server", "full"]
+
+LINK_DEVICE = torch.device("cpu")  # tensors cross the link on the CPU (sealed there); each side moves them to its device
 
 
 class SplitError(ValueError):
@@ -141,12 +144,12 @@ def _prune(model: nn.Module, adapter: ArchitectureAdapter, plan: SplitPlan, side
             _set(model, path, None)
 
 
-def _rebuild_rotary(model: nn.Module, adapter: ArchitectureAdapter) -> None:
-    """Rotary tables are non-persistent buffers: recompute them on the CPU from the config."""
+def _rebuild_rotary(model: nn.Module, adapter: ArchitectureAdapter, device: torch.device) -> None:
+    """Rotary tables are non-persistent buffers: recompute them on ``device`` from the config."""
     if adapter.rotary is None:
         return
     old = adapter.get(model, adapter.rotary)
-    _set(model, adapter.rotary, type(old)(config=model.config))
+    _set(model, adapter.rotary, type(old)(config=model.config).to(device))
 
 
 def _tie_head(model: nn.Module, adapter: ArchitectureAdapter, side: Side) -> None:
@@ -228,8 +231,9 @@ def load_local(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) this side needs, e.g. {missing[:5]}")
 
 
-def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_cfg: PeftConfig | None = None) -> nn.Module:
-    """Build, allocate and fill the modules of ``side`` (``plan`` may be None for ``full``);
+def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_cfg: PeftConfig | None = None, *, device: torch.device | str = "cpu") -> nn.Module:
+    """Build, allocate (on ``device``, frozen weights in ``model.dtype``: :mod:`flglm.models.dtypes`)
+    and fill the modules of ``side`` (``plan`` may be None for ``full``);
     with ``peft_cfg.method=lora``, add frozen-base LoRA adapters (:mod:`flglm.models.lora`);
     with ``ptuning_v2``, freeze every weight and give the client (and the whole model) the
     prefix encoder (:mod:`flglm.models.prefix`) as submodule ``prefix_encoder``."""
@@ -246,8 +250,9 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_
     if side != "full":
         assert plan is not None, "a client or server side needs a split plan"
         _prune(model, adapter, plan, side)
-    model.to_empty(device="cpu")
-    _rebuild_rotary(model, adapter)
+    model.to(frozen_weight_dtype(model_cfg, config, peft_cfg))  # still on meta: no memory yet
+    model.to_empty(device=device)
+    _rebuild_rotary(model, adapter, torch.device(device))
     _tie_head(model, adapter, side)
     if model_cfg.path is not None:
         load_local(model, model_cfg.path)
@@ -258,10 +263,11 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_
     ptuning = peft_cfg is not None and peft_cfg.method == "ptuning_v2"
     if ptuning:
         model.requires_grad_(False)
-        prefix = PrefixKV(config, peft_cfg, seed=model_cfg.init_seed)
+        prefix = PrefixKV(config, peft_cfg, seed=model_cfg.init_seed).to(device)
         full_order += [f"{PREFIX_MODULE}.{name}" for name, _ in prefix.named_parameters()]
         if side != "server":
             setattr(model, PREFIX_MODULE, prefix)
+    keep_trainable_float32(model)
     model.flglm_full_parameter_order = full_order
     model.flglm_adapters_only = lora or ptuning
     return model
@@ -330,15 +336,19 @@ class ClientBlocks(nn.Module):
     """The client's part: input block (embedding + head blocks), output block (tail blocks,
     final norm, LM head). The ``hf`` submodule keeps the Hugging Face names."""
 
-    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan, peft_cfg: PeftConfig | None = None) -> None:
+    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan, peft_cfg: PeftConfig | None = None, *, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.hf = build_side(model_cfg, plan, "client", peft_cfg)
+        self.hf = build_side(model_cfg, plan, "client", peft_cfg, device=device)
         self.adapter = adapter_for(type(self.hf).__name__)
         self.plan = plan
 
     @property
     def hidden_size(self) -> int:
         return int(self.hf.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:  # where the client blocks compute
+        return self.adapter.get(self.hf, self.adapter.token_embedding).weight.device
 
     @property
     def max_positions(self) -> int | None:
@@ -361,8 +371,8 @@ class ClientBlocks(nn.Module):
         return prefilled_cache(self.hf.config, prefixes[layers], layers, batch)
 
     def server_prefixes(self, prefixes: torch.Tensor | None) -> torch.Tensor | None:
-        """The part of the prefixes that crosses the link: the server's blocks'."""
-        return None if prefixes is None else prefixes[list(self.plan.middle)]
+        """The part of the prefixes that crosses the link (on the CPU): the server's blocks'."""
+        return None if prefixes is None else prefixes[list(self.plan.middle)].to(LINK_DEVICE)
 
     def input_block(
         self,
@@ -371,16 +381,16 @@ class ClientBlocks(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
     ) -> Crossing:
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask)
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = default_position_ids(attention_mask) if position_ids is None else position_ids.to(device)
         hidden = self.adapter.embed(self.hf, input_ids, position_ids)
         hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, with_prefix_mask(attention_mask, self.prefix_length), position_ids, cache)
-        return Crossing(hidden, attention_mask, position_ids)
+        return Crossing(hidden.to(LINK_DEVICE), attention_mask.to(LINK_DEVICE), position_ids.to(LINK_DEVICE))
 
     def output_block(self, crossing: Crossing, cache: Cache | None = None) -> torch.Tensor:
-        hidden = run_blocks(
-            self.hf, self.adapter, self.plan.tail, crossing.hidden, with_prefix_mask(crossing.attention_mask, self.prefix_length), crossing.position_ids, cache
-        )
+        mask = with_prefix_mask(crossing.attention_mask.to(self.device), self.prefix_length)
+        hidden = run_blocks(self.hf, self.adapter, self.plan.tail, crossing.hidden.to(self.device), mask, crossing.position_ids.to(self.device), cache)
         hidden = self.adapter.get(self.hf, self.adapter.final_norm)(hidden)
         return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
 
@@ -391,9 +401,9 @@ class ClientBlocks(nn.Module):
 class MiddleStack(nn.Module):
     """The server's part: the blocks between the client's head and tail."""
 
-    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan, peft_cfg: PeftConfig | None = None) -> None:
+    def __init__(self, model_cfg: ModelConfig, plan: SplitPlan, peft_cfg: PeftConfig | None = None, *, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.hf = build_side(model_cfg, plan, "server", peft_cfg)
+        self.hf = build_side(model_cfg, plan, "server", peft_cfg, device=device)
         self.adapter = adapter_for(type(self.hf).__name__)
         self.plan = plan
 
@@ -411,17 +421,22 @@ class MiddleStack(nn.Module):
     ) -> torch.Tensor:
         """``cache`` holds the blocks' P-tuning prefixes (``prefix_length`` positions, which the
         mask gains in front) and, when decoding, the tokens seen so far."""
-        mask = with_prefix_mask(attention_mask, prefix_length)
-        return run_blocks(self.hf, self.adapter, self.plan.middle, hidden, mask, position_ids, cache)
+        mask = with_prefix_mask(attention_mask.to(self.device), prefix_length)
+        out = run_blocks(self.hf, self.adapter, self.plan.middle, hidden.to(self.device), mask, position_ids.to(self.device), cache)
+        return out.to(hidden.device)  # answered on the device the link delivered to
+
+    @property
+    def device(self) -> torch.device:  # where the middle stack computes
+        return next(self.hf.parameters()).device
 
     def prefix_cache(self, prefixes: torch.Tensor, batch: int) -> Cache:
         """A cache holding the prefixes a client sent for the middle blocks, for ``batch`` rows."""
-        return prefilled_cache(self.hf.config, prefixes, list(self.plan.middle), batch)
+        return prefilled_cache(self.hf.config, prefixes.to(self.device), list(self.plan.middle), batch)
 
     def prefix_cache_rows(self, row_prefixes: torch.Tensor) -> Cache:
         """A cache holding each row's own prefixes for the middle blocks (client batching:
         the rows of a gathered batch come from clients with different prefixes)."""
-        return prefilled_rows_cache(self.hf.config, row_prefixes, list(self.plan.middle))
+        return prefilled_rows_cache(self.hf.config, row_prefixes.to(self.device), list(self.plan.middle))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return saved_state_dict(self.hf)

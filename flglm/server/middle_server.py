@@ -19,7 +19,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,6 +28,7 @@ from torch.futures import Future
 from flglm.aggregation.fedavg import AggregationRounds
 from flglm.aggregation.secure_rounds import SecureRounds
 from flglm.config import RunConfig, fingerprint
+from flglm.devices import autocast_for
 from flglm.link.messages import (
     AUTOCAST_DTYPES,
     InvalidMessageError,
@@ -566,7 +566,7 @@ class MiddleServer:
         if prefix is not None:
             cache, prefix_length = self.middle.prefix_cache(prefix, hidden.shape[0]), prefix.shape[-2]
         dtype = AUTOCAST_DTYPES[header.autocast]
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else nullcontext()
+        ctx = autocast_for(self.middle.device, dtype)
         with ctx:
             return self.middle(hidden, mask, pos.expand(hidden.shape[0], -1), cache, prefix_length)
 
