@@ -187,7 +187,8 @@ def _message_sizes(batch: int, seq: int) -> dict[str, dict[str, int]]:
     """Raw and sealed bytes of one message of each kind of a training step, late in a long session."""
     import torch
 
-    from flglm.crypto.channel import MessageHeader, SessionKeys
+    from flglm.crypto.channel import MessageHeader
+    from flglm.crypto.handshake import SessionKeys
     from flglm.link.protocol import autocast_code, step_control
 
     hidden = MODEL["hidden_size"]
@@ -228,7 +229,8 @@ def _throughput() -> dict[str, float]:
     import torch
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from flglm.crypto.channel import MessageHeader, SessionKeys
+    from flglm.crypto.channel import MessageHeader
+    from flglm.crypto.handshake import SessionKeys
 
     out: dict[str, float] = {}
     aead = AESGCM(AESGCM.generate_key(bit_length=256))

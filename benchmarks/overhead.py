@@ -49,6 +49,7 @@ def _worker(args: argparse.Namespace) -> None:
     from flglm.models.split import ClientBlocks, build_full_model, plan_split
     from flglm.optim import build_optimizer
     from flglm.server import middle_server as server_mod
+    from flglm.server.endpoint import ServerEndpoint
 
     env = read_env()
     configure_threads(env.local_world_size)

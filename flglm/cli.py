@@ -93,7 +93,7 @@ def _generate_parser() -> argparse.ArgumentParser:
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """``flglm generate``: check the inputs, then run (or, under torchrun, be one process of) the job."""
-    import os
+    from flglm.distributed import launched_distributed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _generate_parser().parse_args(argv)
@@ -116,7 +116,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
-    if "RANK" in os.environ:
+    if launched_distributed():
         return _generate_worker(cfg, args, prompts, weights, out)
     from flglm.jobs.subprocesses import GENERATE_SCRIPT, FederationFailed, run_torchrun
 

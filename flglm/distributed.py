@@ -90,6 +90,11 @@ def read_env(environ: Mapping[str, str] | None = None, *, dynamic: bool = False)
     )
 
 
+def launched_distributed(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process was started as one rank of a distributed job (torchrun, or RANK set by hand)."""
+    return "RANK" in (os.environ if environ is None else environ)
+
+
 def threads_per_process(processes_on_this_machine: int, cores: int | None = None) -> int:
     cores = cores or os.cpu_count() or 1
     return max(1, cores // max(1, processes_on_this_machine))

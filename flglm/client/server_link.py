@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 from torch.distributed.rpc import PyRRef
 
-from flglm.crypto.channel import ReplayError, SessionError, TamperError
+from flglm.crypto.errors import ReplayError, SessionError, TamperError
 from flglm.crypto.sessions import ClientSession
 from flglm.devices import active_autocast
 from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes, wire

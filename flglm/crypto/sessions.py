@@ -16,18 +16,9 @@ from dataclasses import dataclass
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from flglm.crypto.channel import (
-    DEFAULT_REKEY_EVERY,
-    ChannelError,
-    ClientHandshake,
-    HandshakeError,
-    MessageHeader,
-    SealedChannel,
-    SessionError,
-    client_finish,
-    client_hello,
-    server_accept,
-)
+from flglm.crypto.channel import DEFAULT_REKEY_EVERY, MessageHeader, SealedChannel
+from flglm.crypto.errors import ChannelError, HandshakeError, SessionError
+from flglm.crypto.handshake import ClientHandshake, client_finish, client_hello, server_accept
 from flglm.crypto.keys import public_key_bytes
 
 

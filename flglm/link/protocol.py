@@ -55,6 +55,31 @@ REPLY_KIND: dict[str, str] = {
 }
 """Request kind -> kind of its answer."""
 
+WIRE_KINDS: tuple[str, ...] = (
+    "join",
+    "welcome",
+    "forward",
+    "infer",
+    "output",
+    "backward",
+    "grad_in",
+    "grad_norms",
+    "norms",
+    "step",
+    "ack",
+    "agg_begin",
+    "agg_plan",
+    "agg_upload",
+    "agg_result",
+    "leave",
+    "test",
+    "decode",
+    "decode_end",
+)
+"""Every request and answer kind, in the order of their codes on the wire (a sealed message's
+header carries the index): a new kind goes at the end. ``test`` is sealed by the crypto tests
+only; the endpoint handles no such kind."""
+
 ASYNC_KINDS = frozenset({"agg_begin", "agg_upload"})
 """Kinds answered when other clients have called too (through a future)."""
 

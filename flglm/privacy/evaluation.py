@@ -37,7 +37,7 @@ from flglm.client.lm import SplitCausalLM
 from flglm.client.remote import RemoteMiddle
 from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
-from flglm.crypto.channel import ChannelError
+from flglm.crypto.errors import ChannelError
 from flglm.crypto.keyring import generate_key_set, load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
 from flglm.link.transport import LocalTransport

@@ -17,7 +17,7 @@ import torch
 from torch.distributed import rpc
 from torch.futures import Future
 
-from flglm.crypto.channel import ChannelError
+from flglm.crypto.errors import ChannelError
 from flglm.crypto.sessions import ServerSessions
 from flglm.link import protocol as P
 from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes
