@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     from flglm.crypto.keyring import generate_key_set
     from flglm.devices import resolve_device
+    from flglm.link.crossing import Crossing
     from flglm.models import ClientBlocks, MiddleStack
-    from flglm.models.split import Crossing, build_side, plan_for
+    from flglm.models.split import build_side, plan_for
 
     device = resolve_device(args.device, key="--device")
     model, small = (TINY_LLAMA, TINY_LLAMA) if args.tiny else (LLAMA_7B, SMALL_LLAMA)

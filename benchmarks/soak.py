@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from flglm.crypto.keyring import generate_key_set
 from flglm.data import write_demo_dataset
 from flglm.jobs.subprocesses import TRAIN_SCRIPT, kill_tree
+from flglm.run_layout import server_memory_path
 
 MODEL = {
     "model_type": "glm",
@@ -57,7 +57,6 @@ MODEL = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-_RSS = re.compile(r"^(\S+ \S+) \[server\] .*checkpoint of round (\d+) written \(server steps (\d+), rss ([\d.]+) MB\)")
 
 
 def write_config(root: Path, clients: int, steps: int) -> Path:
@@ -121,16 +120,13 @@ def run_once(config: Path, clients: int, *, kill_after: float | None, log: Path,
                 kill_tree(proc.pid)
 
 
-def memory_segments(server_log: Path) -> list[list[tuple[int, float]]]:
-    """(server steps, rss MB) at each checkpoint, split into one list per server process."""
-    segments: list[list[tuple[int, float]]] = []
-    for line in server_log.read_text().splitlines():
-        if "[server] INFO flglm: server (rank 0" in line:
-            segments.append([])
-        match = _RSS.match(line)
-        if match and segments:
-            segments[-1].append((int(match.group(3)), float(match.group(4))))
-    return [s for s in segments if s]
+def memory_segments(memory_log: Path) -> list[list[tuple[int, float]]]:
+    """(server steps, rss MB) at each checkpoint, one list per server process (the server's ``memory.jsonl``)."""
+    by_process: dict[int, list[tuple[int, float]]] = {}
+    for line in memory_log.read_text().splitlines() if memory_log.is_file() else []:
+        row = json.loads(line)
+        by_process.setdefault(int(row["pid"]), []).append((int(row["steps"]), float(row["rss_mb"])))
+    return [s for s in by_process.values() if s]
 
 
 def main() -> None:
@@ -178,7 +174,7 @@ def main() -> None:
     client_steps = sum(
         int(json.loads((run_dir / f"client{i}" / "metrics.json").read_text())["metrics"]["steps"]) for i in range(args.clients)
     ) if finished else None
-    segments = memory_segments(run_dir / "logs" / "server.log")
+    segments = memory_segments(server_memory_path(run_dir))
     growth = max((s[-1][1] / s[0][1] - 1.0 for s in segments if len(s) > 1), default=float("nan"))
     longest = max(segments, key=lambda s: s[-1][0] - s[0][0]) if segments else []
     result = {

@@ -28,6 +28,11 @@ def checkpoint_dir(run_dir: str | Path, party: str) -> Path:
     return Path(run_dir) / "checkpoints" / party
 
 
+def server_memory_path(run_dir: str | Path) -> Path:
+    """JSON lines of the server's resident memory at each checkpoint (one line per checkpoint, any process)."""
+    return Path(run_dir) / "server" / "memory.jsonl"
+
+
 def rendezvous_path(run_dir: str | Path) -> Path:
     """Where the server of a dynamic federation writes its rendezvous store's address."""
     return Path(run_dir) / "rendezvous.json"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flglm.config import RunConfig, fingerprint
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader
 from flglm.models.prefix import kv_shape
 from flglm.server.middle_server import MiddleServer
@@ -69,7 +70,7 @@ def test_batched_outputs_and_input_gradients_equal_serving_each_client_alone(mak
     def client(c: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, mask, pos, grad = requests[c]
         header = RequestHeader(client_id=c, request_id=0)
-        out = batched.forward(header, hidden, mask, pos).wait()
+        out = batched.forward(header, Crossing(hidden, mask, pos)).wait()
         grad_in = batched.backward(header, grad).wait()
         return out, grad_in
 
@@ -83,7 +84,7 @@ def test_batched_outputs_and_input_gradients_equal_serving_each_client_alone(mak
     for c, (hidden, mask, pos, grad) in requests.items():
         alone = make()
         header = RequestHeader(client_id=c, request_id=0)
-        out = alone.forward(header, hidden, mask, pos)
+        out = alone.forward(header, Crossing(hidden, mask, pos))
         grad_in = alone.backward(header, grad)
         torch.testing.assert_close(results[c][0], out, atol=1e-5, rtol=0)
         torch.testing.assert_close(results[c][1], grad_in, atol=1e-5, rtol=0)
@@ -107,7 +108,7 @@ def test_p_tuning_prefixes_ride_along_each_row_with_its_own_clients_prefixes(mak
     def client(c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden, mask, pos, grad = requests[c]
         header = RequestHeader(client_id=c, request_id=0)
-        out = batched.forward(header, hidden, mask, pos, prefixes[c]).wait()
+        out = batched.forward(header, Crossing(hidden, mask, pos, prefixes[c])).wait()
         grad_in, grad_prefix = batched.backward(header, grad).wait()
         return out, grad_in, grad_prefix
 
@@ -120,7 +121,7 @@ def test_p_tuning_prefixes_ride_along_each_row_with_its_own_clients_prefixes(mak
         assert not isinstance(results[c], BaseException), results[c]
         alone = make("peft.method=ptuning_v2", "peft.prefix_length=3")
         header = RequestHeader(client_id=c, request_id=0)
-        out = alone.forward(header, hidden, mask, pos, prefixes[c])
+        out = alone.forward(header, Crossing(hidden, mask, pos, prefixes[c]))
         grad_in, grad_prefix = alone.backward(header, grad)
         torch.testing.assert_close(results[c][0], out, atol=1e-5, rtol=0)
         torch.testing.assert_close(results[c][1], grad_in, atol=1e-5, rtol=0)
@@ -128,7 +129,7 @@ def test_p_tuning_prefixes_ride_along_each_row_with_its_own_clients_prefixes(mak
         assert grad_prefix.abs().sum() > 0
     # the prefixes changed what the middle computed: without them the outputs differ
     hidden, mask, pos, _ = requests[0]
-    plain = make().forward(RequestHeader(client_id=0, request_id=0), hidden, mask, pos)
+    plain = make().forward(RequestHeader(client_id=0, request_id=0), Crossing(hidden, mask, pos))
     assert not torch.allclose(plain, results[0][0], atol=1e-3)
     batched.close()
 
@@ -142,7 +143,7 @@ def test_a_batch_group_refuses_members_with_and_without_prefixes(make: Callable[
     def client(c: int) -> object:
         hidden, mask, pos, _ = _request(c, 2, 6)
         prefix = torch.randn(layers, 2, kv_heads, 3, head_dim) if c != 1 else None
-        return server.forward(RequestHeader(client_id=c, request_id=0), hidden, mask, pos, prefix).wait()
+        return server.forward(RequestHeader(client_id=c, request_id=0), Crossing(hidden, mask, pos, prefix)).wait()
 
     # Execute
     results = _threads([lambda c=c: client(c) for c in range(3)])
@@ -159,7 +160,7 @@ def test_one_optimizer_step_per_group(make: Callable[..., MiddleServer]) -> None
     def client(c: int) -> None:
         hidden, mask, pos, grad = _request(c, 2, 6)
         header = RequestHeader(client_id=c, request_id=0)
-        server.forward(header, hidden, mask, pos).wait()
+        server.forward(header, Crossing(hidden, mask, pos)).wait()
         server.backward(header, grad).wait()
         server.step(c, 0, 10).wait()
 
@@ -179,14 +180,14 @@ def test_a_client_that_stops_inside_a_group_does_not_stop_the_others(make: Calla
     def client(c: int) -> str:
         hidden, mask, pos, grad = _request(c, 2, 6)
         header = RequestHeader(client_id=c, request_id=0)
-        server.forward(header, hidden, mask, pos).wait()
+        server.forward(header, Crossing(hidden, mask, pos)).wait()
         if c == 2:
             return "died"
         server.backward(header, grad).wait()
         server.step(c, 0, 10).wait()
         # a second step: the group goes on without client 2
         header = RequestHeader(client_id=c, request_id=1)
-        server.forward(header, hidden, mask, pos).wait()
+        server.forward(header, Crossing(hidden, mask, pos)).wait()
         server.backward(header, grad).wait()
         server.step(c, 1, 10).wait()
         return "ok"
@@ -210,7 +211,7 @@ def test_clients_queued_behind_a_running_group_form_the_next_group_together(make
         for step in range(3):
             hidden, mask, pos, grad = _request(c, 2, 6)
             header = RequestHeader(client_id=c, request_id=step)
-            server.forward(header, hidden, mask, pos).wait()
+            server.forward(header, Crossing(hidden, mask, pos)).wait()
             server.backward(header, grad).wait()
             server.step(c, step, 10).wait()
 

@@ -89,7 +89,7 @@ def _state_digest(server: MiddleServer, sessions: ServerSessions | None = None) 
     for state in server.optimizer.state.values() if server.optimizer else ():
         for value in state.values():
             h.update(value.numpy().tobytes() if isinstance(value, torch.Tensor) else repr(value).encode())
-    h.update(repr(sorted(server._pending)).encode())
+    h.update(repr(sorted(server.compute.pending.keys())).encode())
     if sessions is not None:
         for cid, slot in sorted(sessions._slots.items()):
             for channel in (slot.active, slot.pending):

@@ -19,10 +19,10 @@ from flglm.client.decoding import GenerationError, generate
 from flglm.client.lm import FullCausalLM
 from flglm.client.module import SplitClientModule
 from flglm.config import GenerationConfig, OptimConfig, RunConfig
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError
 from flglm.models import build_full_model
 from flglm.models.lora import LORA_MARK
-from flglm.models.split import Crossing
 from tests.test_split import _split_lm, train_steps
 
 EOS, PAD = 2, 0
@@ -151,8 +151,8 @@ def test_server_frees_idle_and_surplus_decoding_sessions(
         # A request that does not continue the session's cache is refused, naming both lengths.
         with pytest.raises(InvalidMessageError, match=r"continues 4 cached token\(s\) of 3 row\(s\), the server's cache holds 9"):
             lm.link.decode(states[1].session, 4, Crossing(torch.zeros(3, 1, 64), mask[:, :5], pos[:, :1]))
-        server._decoding._idle_timeout_s = 0.0  # every session is now idle for too long
-        server._decoding.sweep()
+        server.compute.decoding._idle_timeout_s = 0.0  # every session is now idle for too long
+        server.compute.decoding.sweep()
     assert server.decode_sessions() == 0
     assert server.summary()["server"]["decode_sessions_evicted"] == 3
     server.close()

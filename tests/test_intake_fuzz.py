@@ -456,15 +456,15 @@ def _server_state(server: MiddleServer) -> dict[str, Any]:
         "gradients": {n: None if p.grad is None else p.grad.clone() for n, p in server.middle.named_parameters()},
         "optimizer": copy.deepcopy(server.optimizer.state_dict()) if server.optimizer is not None else None,
         "pending_count": server.pending_count(),
-        "pending": sorted(getattr(server, "_pending", {})),
-        "decoding": _fields(getattr(server, "_decoding", None), "_sessions", "opened", "evicted"),
-        "turn": _fields(server, "_turn_owner"),
-        "membership": _fields(server, "_joined", "_left", "_client_metrics", "_tokenizer_fingerprint", "_incarnations"),
+        "pending": sorted(server.compute.pending.keys()),
+        "decoding": _fields(server.compute.decoding, "_sessions", "opened", "evicted"),
+        "turn": _fields(getattr(server.serving, "_turns", None), "_owner"),
+        "membership": _fields(server.members, "joined", "left", "_tokenizer", "_incarnations") | _fields(server, "_client_metrics"),
         "aggregation": _fields(getattr(server, "_rounds", None), "_rounds", "_active", "_size", "completed"),
         "secure aggregation": _fields(
             getattr(server, "_secure", None), "_served", "_active", "_pending", "_attempts", "_finished", "_size", "completed"
         ),
-        "stats": {k: v for k, v in vars(server.stats).items() if k not in ("rejected", "bytes_in", "bytes_out", "started")},
+        "stats": {k: v for k, v in vars(server.stats).items() if k not in ("rejected", "started")},
     }
 
 
@@ -608,7 +608,7 @@ class _Harness:
             self.fingerprint,
             {c: getattr(link, "incarnation", 0) for c, link in enumerate(self.parts["links"])},
             self.secure,
-            frozenset(getattr(self.server, "_pending", {})),
+            frozenset(self.server.compute.pending.keys()),
         )
 
     def state(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flglm.config import RunConfig
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader
 from flglm.server.middle_server import MiddleServer
 
@@ -127,12 +128,12 @@ BAD_FORWARDS = _bad_forwards()
 @pytest.mark.parametrize("method", ["forward", "infer"])
 def test_malformed_forward_is_rejected_and_changes_nothing(server: MiddleServer, method: str) -> None:
     # One server for every case, with a forward already pending: a rejection must not touch it.
-    server.forward(_header(0), *_inputs())
+    server.forward(_header(0), Crossing(*_inputs()))
     for request_id, (case, make, expected) in enumerate(BAD_FORWARDS, start=1):
         before = _snapshot(server)
 
         with pytest.raises(InvalidMessageError, match=expected):
-            getattr(server, method)(_header(request_id), *make())
+            getattr(server, method)(_header(request_id), Crossing(*make()))
 
         _assert_unchanged_but_rejected(server, before)
     # The pending forward survived all of it.
@@ -143,18 +144,18 @@ def test_malformed_forward_is_rejected_and_changes_nothing(server: MiddleServer,
 def test_every_bad_forward_case_names_client_and_request(server: MiddleServer) -> None:
     for case, make, _ in BAD_FORWARDS:
         with pytest.raises(InvalidMessageError, match="client 3 request 17"):
-            server.forward(_header(17, client_id=3), *make())
+            server.forward(_header(17, client_id=3), Crossing(*make()))
 
 
 def test_malformed_header_is_rejected(server: MiddleServer) -> None:
     before = _snapshot(server)
 
     with pytest.raises(InvalidMessageError, match="expected a RequestHeader, got tuple"):
-        server.forward((0, 0), *_inputs())
+        server.forward((0, 0), Crossing(*_inputs()))
 
     _assert_unchanged_but_rejected(server, before)
     with pytest.raises(InvalidMessageError, match="autocast='float64'"):
-        server.forward(RequestHeader(client_id=0, request_id=1, autocast="float64"), *_inputs())
+        server.forward(RequestHeader(client_id=0, request_id=1, autocast="float64"), Crossing(*_inputs()))
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_malformed_header_is_rejected(server: MiddleServer) -> None:
 def test_malformed_gradient_is_rejected_and_changes_nothing(
     server: MiddleServer, case: str, grad: Any, expected: str
 ) -> None:
-    server.forward(_header(0), *_inputs())
+    server.forward(_header(0), Crossing(*_inputs()))
     before = _snapshot(server)
 
     with pytest.raises(InvalidMessageError, match=expected):
@@ -184,7 +185,7 @@ def test_malformed_gradient_is_rejected_and_changes_nothing(
 
 
 def test_backward_for_an_unknown_request_is_rejected(server: MiddleServer) -> None:
-    server.forward(_header(0), *_inputs())
+    server.forward(_header(0), Crossing(*_inputs()))
     before = _snapshot(server)
 
     with pytest.raises(InvalidMessageError, match="client 0 request 99: no pending forward"):
@@ -198,17 +199,17 @@ def test_backward_for_an_unknown_request_is_rejected(server: MiddleServer) -> No
 
 
 def test_duplicate_request_id_is_rejected_and_changes_nothing(server: MiddleServer) -> None:
-    server.forward(_header(0), *_inputs())
+    server.forward(_header(0), Crossing(*_inputs()))
     before = _snapshot(server)
 
     with pytest.raises(InvalidMessageError, match="client 0 request 0: a forward with this id is already pending"):
-        server.forward(_header(0), *_inputs(seed=1))
+        server.forward(_header(0), Crossing(*_inputs(seed=1)))
 
     _assert_unchanged_but_rejected(server, before)
 
 
 def test_backward_with_a_malformed_header_is_rejected(server: MiddleServer) -> None:
-    server.forward(_header(0), *_inputs())
+    server.forward(_header(0), Crossing(*_inputs()))
     before = _snapshot(server)
 
     with pytest.raises(InvalidMessageError, match="expected a RequestHeader, got tuple"):
@@ -223,7 +224,7 @@ def test_backward_with_a_malformed_header_is_rejected(server: MiddleServer) -> N
 def test_forward_state_is_kept_until_its_backward(server: MiddleServer) -> None:
     hidden, mask, pos = _inputs()
 
-    out = server.forward(_header(0), hidden, mask, pos)
+    out = server.forward(_header(0), Crossing(hidden, mask, pos))
     assert server.pending_count() == 1
     assert out.shape == hidden.shape and not out.requires_grad
     assert all(p.grad is None for p in server.middle.parameters())
@@ -240,11 +241,11 @@ def test_forward_state_is_kept_until_its_backward(server: MiddleServer) -> None:
 def test_infer_keeps_nothing_and_matches_forward(server: MiddleServer) -> None:
     hidden, mask, pos = _inputs()
 
-    inferred = server.infer(_header(0), hidden, mask, pos)
+    inferred = server.infer(_header(0), Crossing(hidden, mask, pos))
 
     assert server.pending_count() == 0
     assert all(p.grad is None for p in server.middle.parameters())
-    trained = server.forward(_header(1), hidden, mask, pos)
+    trained = server.forward(_header(1), Crossing(hidden, mask, pos))
     torch.testing.assert_close(inferred, trained, atol=1e-6, rtol=0.0)
     with pytest.raises(InvalidMessageError, match="no pending forward"):
         server.backward(_header(0), torch.ones_like(inferred))
@@ -253,7 +254,7 @@ def test_infer_keeps_nothing_and_matches_forward(server: MiddleServer) -> None:
 def test_too_many_forwards_without_backward_evict_the_oldest(make_server: Callable[..., MiddleServer]) -> None:
     server = make_server("server.max_pending_per_client=2")
     for request_id in range(3):
-        server.forward(_header(request_id), *_inputs(seed=request_id))
+        server.forward(_header(request_id), Crossing(*_inputs(seed=request_id)))
 
     assert server.pending_count() == 2
     assert server.stats.evicted == 1
@@ -266,10 +267,10 @@ def test_too_many_forwards_without_backward_evict_the_oldest(make_server: Callab
 
 def test_stale_state_is_swept(make_server: Callable[..., MiddleServer]) -> None:
     server = make_server("server.state_timeout_s=0.05")
-    server.forward(_header(0), *_inputs())
+    server.forward(_header(0), Crossing(*_inputs()))
     time.sleep(0.15)
 
-    server.forward(_header(1), *_inputs())  # the next forward sweeps what timed out
+    server.forward(_header(1), Crossing(*_inputs()))  # the next forward sweeps what timed out
 
     assert server.pending_count() == 1
     assert server.stats.evicted == 1

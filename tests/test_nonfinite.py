@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flglm.config import ConfigError, RunConfig
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader
 from flglm.server.middle_server import MiddleServer
 
@@ -62,7 +63,7 @@ def test_skip_answers_zeros_and_leaves_the_model_untouched(make_server: Callable
 
     # Execute: a forward with NaN/Inf, its backward, the step
     with caplog.at_level(logging.WARNING, logger="flglm.server"):
-        out = server.forward(RequestHeader(0, 0), hidden, mask, pos)
+        out = server.forward(RequestHeader(0, 0), Crossing(hidden, mask, pos))
         grad_in = server.backward(RequestHeader(0, 0), torch.ones(BATCH, LENGTH, HIDDEN))
         _step(server, 0)
 
@@ -78,7 +79,7 @@ def test_skip_drops_a_nonfinite_gradient_and_training_goes_on(make_server: Calla
     server = make_server("skip")
     before = _state_hash(server)
     hidden, mask, pos = _inputs()
-    server.forward(RequestHeader(0, 0), hidden, mask, pos)
+    server.forward(RequestHeader(0, 0), Crossing(hidden, mask, pos))
     bad = torch.ones(BATCH, LENGTH, HIDDEN)
     bad[0, 1, 2] = float("nan")
 
@@ -90,7 +91,7 @@ def test_skip_drops_a_nonfinite_gradient_and_training_goes_on(make_server: Calla
     # Assert: not applied; the next clean step trains as usual
     assert torch.equal(grad_in, torch.zeros(BATCH, LENGTH, HIDDEN)) and _state_hash(server) == before
     assert "gradient contain NaN or Inf: skipped" in caplog.text and server.pending_count() == 0
-    server.forward(RequestHeader(0, 1), hidden, mask, pos)
+    server.forward(RequestHeader(0, 1), Crossing(hidden, mask, pos))
     assert torch.isfinite(server.backward(RequestHeader(0, 1), torch.ones(BATCH, LENGTH, HIDDEN))).all()
     _step(server, 1)
     assert _state_hash(server) != before
@@ -102,9 +103,9 @@ def test_reject_refuses_by_name_and_changes_nothing(make_server: Callable[[str],
     hidden, mask, pos = _inputs(nan=True)
 
     with pytest.raises(InvalidMessageError, match="hidden states contain NaN or Inf"):
-        server.forward(RequestHeader(0, 0), hidden, mask, pos)
+        server.forward(RequestHeader(0, 0), Crossing(hidden, mask, pos))
     clean, _, _ = _inputs()
-    server.forward(RequestHeader(0, 1), clean, mask, pos)
+    server.forward(RequestHeader(0, 1), Crossing(clean, mask, pos))
     with pytest.raises(InvalidMessageError, match="gradient contains NaN or Inf"):
         server.backward(RequestHeader(0, 1), torch.full((BATCH, LENGTH, HIDDEN), float("inf")))
 
@@ -115,9 +116,9 @@ def test_skip_still_refuses_malformed_input_and_nonfinite_decoding(make_server: 
     server = make_server("skip")
     hidden, mask, pos = _inputs(nan=True)
     with pytest.raises(InvalidMessageError, match="hidden states must be"):
-        server.forward(RequestHeader(0, 0), hidden[..., :10], mask, pos)  # wrong width: refused, not skipped
+        server.forward(RequestHeader(0, 0), Crossing(hidden[..., :10], mask, pos))  # wrong width: refused, not skipped
     with pytest.raises(InvalidMessageError, match="decoding step contain NaN or Inf"):
-        server.decode(RequestHeader(0, 1), 0, 0, hidden, mask, pos)
+        server.decode(RequestHeader(0, 1), 0, 0, Crossing(hidden, mask, pos))
     assert server.stats.skipped_nonfinite == 0
 
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from flglm.client.server_link import ServerLink
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError
-from flglm.models.split import Crossing
 
 
 class _MiddleCall(torch.autograd.Function):

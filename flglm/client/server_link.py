@@ -15,6 +15,7 @@ from torch.distributed.rpc import PyRRef
 from flglm.crypto.errors import ReplayError, SessionError, TamperError
 from flglm.crypto.sessions import ClientSession
 from flglm.devices import active_autocast
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes, wire
 from flglm.link.protocol import (
     REPLY_KIND,
@@ -27,7 +28,6 @@ from flglm.link.protocol import (
     step_control,
 )
 from flglm.link.transport import RetryPolicy, Transport, TransportError, as_transport
-from flglm.models.split import Crossing
 
 log = logging.getLogger("flglm.client")
 T = TypeVar("T")

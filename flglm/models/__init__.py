@@ -3,7 +3,6 @@
 from flglm.models.adapters import ADAPTERS, UnsupportedModelError, adapter_for
 from flglm.models.split import (
     ClientBlocks,
-    Crossing,
     MiddleStack,
     SplitError,
     SplitPlan,
@@ -15,7 +14,6 @@ from flglm.models.split import (
 __all__ = [
     "ADAPTERS",
     "ClientBlocks",
-    "Crossing",
     "MiddleStack",
     "SplitError",
     "SplitPlan",

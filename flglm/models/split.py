@@ -29,6 +29,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from flglm.config import ModelConfig, PeftConfig, SplitConfig
+from flglm.link.crossing import Crossing
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
 from flglm.models.dtypes import frozen_weight_dtype, keep_trainable_float32
 from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
@@ -271,17 +272,6 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_
     model.flglm_full_parameter_order = full_order
     model.flglm_adapters_only = lora or ptuning
     return model
-
-
-@dataclass
-class Crossing:
-    """What crosses the link with the hidden states: the padding mask, the position ids and,
-    with P-tuning v2, the key/value prefixes of the server's blocks."""
-
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    prefix: torch.Tensor | None = None
 
 
 def run_blocks(

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from flglm.models.split import ClientBlocks, Crossing
+from flglm.link.crossing import Crossing
+from flglm.models.split import ClientBlocks
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch.futures import Future
 from flglm.crypto.errors import ChannelError
 from flglm.crypto.sessions import ServerSessions
 from flglm.link import protocol as P
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes
 from flglm.server.exactly_once import ReplyRecord
 from flglm.server.middle_server import MiddleServer
@@ -64,6 +65,9 @@ class ServerEndpoint:
         self.record = ReplyRecord()
         self.wire_bytes_in = 0
         self.wire_bytes_out = 0
+        self.payload_bytes_in = 0
+        self.payload_bytes_out = 0
+        """Raw bytes of the tensors handled and answered (the wire's are these plus headers and tags when sealed)."""
 
     # ------------------------------------------------------------------ entries
     def handshake(self, client_id: int, hello: torch.Tensor) -> torch.Tensor:
@@ -120,6 +124,8 @@ class ServerEndpoint:
             "encrypted": self.sessions is not None,
             "wire_bytes_in": self.wire_bytes_in,
             "wire_bytes_out": self.wire_bytes_out,
+            "payload_bytes_in": self.payload_bytes_in,
+            "payload_bytes_out": self.payload_bytes_out,
             "duplicate_messages": self.record.stats.duplicates,
             "stale_messages": self.record.stats.stale,
         }
@@ -149,7 +155,13 @@ class ServerEndpoint:
             server.message_ends(client_id)
             raise
         answer.add_done_callback(lambda _: server.message_ends(client_id))
-        return answer
+        self.payload_bytes_in += nbytes(*tensors)
+        return answer.then(self._count_payload_out)
+
+    def _count_payload_out(self, done: Future) -> list[torch.Tensor]:
+        tensors = done.wait()
+        self.payload_bytes_out += nbytes(*tensors)
+        return tensors
 
     def _dispatch(self, client_id: int, kind: str, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         return self._handlers[kind](client_id, round_index, step, tensors)
@@ -177,18 +189,18 @@ class ServerEndpoint:
     def _forward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "forward")
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return _then(self.server.forward(header, hidden, mask, pos, prefix), lambda out: [out])
+        return _then(self.server.forward(header, Crossing(hidden, mask, pos, prefix)), lambda out: [out])
 
     def _infer(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "infer")
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return [self.server.infer(header, hidden, mask, pos, prefix)]
+        return [self.server.infer(header, Crossing(hidden, mask, pos, prefix))]
 
     def _decode(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "decode")
         autocast, past = P.parse_decode_control(ctrl, f"client {client_id}")
         header = RequestHeader(client_id, step, autocast)
-        return [self.server.decode(header, round_index, past, hidden, mask, pos, prefix)]
+        return [self.server.decode(header, round_index, past, Crossing(hidden, mask, pos, prefix))]
 
     def _decode_end(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "decode_end")

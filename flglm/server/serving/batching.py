@@ -28,17 +28,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.futures import Future
 
+from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader, check_gradient, wire
-
-if TYPE_CHECKING:
-    from flglm.server.middle_server import MiddleServer
+from flglm.server.middle import MiddleCompute
 
 log = logging.getLogger("flglm.server")
 
@@ -46,12 +45,17 @@ log = logging.getLogger("flglm.server")
 @dataclass
 class _Forward:
     header: RequestHeader
-    hidden: torch.Tensor
-    mask: torch.Tensor
-    pos: torch.Tensor
-    prefix: torch.Tensor | None = None
+    crossing: Crossing
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.crossing.hidden
+
+    @property
+    def prefix(self) -> torch.Tensor | None:
+        return self.crossing.prefix
 
 
 @dataclass
@@ -96,10 +100,17 @@ class _Group:
 
 
 class ClientBatcher:
-    """Gathers clients into groups; one group at a time uses the middle stack."""
+    """Gathers clients into groups; one group at a time uses the middle stack (a :class:`~flglm.server.serving.Serving`).
 
-    def __init__(self, server: MiddleServer, *, max_clients: int, window_s: float, timeout_s: float) -> None:
-        self._server = server
+    Args:
+        compute: the middle stack's compute core.
+        clients: the clients a group may wait for.
+        max_clients, window_s, timeout_s: ``server.max_clients_per_batch``, ``batch_window_ms`` (in s), ``request_timeout_s``.
+    """
+
+    def __init__(self, compute: MiddleCompute, *, clients: Sequence[int], max_clients: int, window_s: float, timeout_s: float) -> None:
+        self._compute = compute
+        self._clients = list(clients)
         self._max_clients = max_clients
         self._window_s = window_s
         self._timeout_s = timeout_s
@@ -118,11 +129,17 @@ class ClientBatcher:
     def close(self) -> None:
         self._stop.set()
 
+    def stats(self) -> dict[str, Any]:
+        sizes = self.group_sizes
+        return {
+            "groups": self.groups_run,
+            "mean_group_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
+            "dropped_members": self.dropped_members,
+        }
+
     # ------------------------------------------------------------------- requests
-    def forward(
-        self, header: RequestHeader, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, prefix: torch.Tensor | None = None
-    ) -> Future:
-        request = _Forward(header, hidden, mask, pos, prefix)
+    def forward(self, header: RequestHeader, crossing: Crossing) -> Future:
+        request = _Forward(header, crossing)
         with self._lock:
             group = self._group
             cid = header.client_id
@@ -181,7 +198,7 @@ class ClientBatcher:
     # ---------------------------------------------------------------- the group
     def _active_count(self) -> int:
         """Clients a group waits for (up to the window): every expected client that has not left."""
-        return max(1, len(self._server.clients) - len(self._left))
+        return max(1, len(self._clients) - len(self._left))
 
     def _maybe_launch(self) -> None:
         if self._group is not None or not self._forming:
@@ -209,7 +226,7 @@ class ClientBatcher:
         forwards = [group.forwards[m] for m in group.live]
         group.forwards = {}
         group.phase = "running"
-        self._server.submit(lambda: self._run_forward(group, forwards))
+        self._compute.submit(lambda: self._run_forward(group, forwards))
 
     def _maybe_run_backward(self) -> None:
         group = self._group
@@ -219,7 +236,7 @@ class ClientBatcher:
         backwards = dict(group.backwards)
         group.backwards = {}
         group.phase = "running"
-        self._server.submit(lambda: self._run_backward(group, backwards))
+        self._compute.submit(lambda: self._run_backward(group, backwards))
 
     def _maybe_run_step(self) -> None:
         group = self._group
@@ -228,7 +245,7 @@ class ClientBatcher:
             return
         steps = dict(group.steps)
         group.phase = "running"
-        self._server.submit(lambda: self._run_step(group, steps))
+        self._compute.submit(lambda: self._run_step(group, steps))
 
     def _drop(self, client_id: int, why: str) -> None:
         group = self._group
@@ -242,7 +259,7 @@ class ClientBatcher:
             if pending is not None and not pending.future.done():
                 pending.future.set_exception(error)
         if not group.live:
-            self._server.submit(lambda: self._finish(group, discard=True))
+            self._compute.submit(lambda: self._finish(group, discard=True))
             return
         if group.phase == "forward":
             self._maybe_run_forward()
@@ -275,18 +292,19 @@ class ClientBatcher:
                 b, n, _ = f.hidden.shape
                 pad = length - n
                 hidden.append(torch.nn.functional.pad(f.hidden, (0, 0, 0, pad)))
-                mask.append(torch.nn.functional.pad(f.mask.to(torch.int64), (0, pad)))
-                pos.append(torch.nn.functional.pad(f.pos.expand(b, n), (0, pad)))
+                mask.append(torch.nn.functional.pad(f.crossing.attention_mask.to(torch.int64), (0, pad)))
+                pos.append(torch.nn.functional.pad(f.crossing.position_ids.expand(b, n), (0, pad)))
                 rows[f.header.client_id] = slice(start, start + b)
                 lengths[f.header.client_id] = n
                 start += b
             total = float(start)
             inputs = torch.cat(hidden).detach().requires_grad_(True)
             prefixes = _member_prefixes(forwards)
-            self._server.middle.train()
+            self._compute.middle.train()
             with torch.enable_grad():
                 row_prefixes = _row_prefixes(forwards, prefixes) if prefixes else None
-                outputs = self._server.run_middle(forwards[0].header, inputs, torch.cat(mask), torch.cat(pos), row_prefixes=row_prefixes)
+                gathered = Crossing(inputs, torch.cat(mask), torch.cat(pos))
+                outputs = self._compute.gathered(forwards[0].header, gathered, row_prefixes=row_prefixes)
             graph = _Graph(
                 inputs=inputs,
                 outputs=outputs,
@@ -296,8 +314,8 @@ class ClientBatcher:
                 scales={cid: (r.stop - r.start) / total for cid, r in rows.items()},
                 prefixes=prefixes,
             )
-            sent = [t for f in forwards for t in (f.hidden, f.mask, f.pos, f.prefix) if t is not None]
-            self._server.count("forwards", len(forwards), *sent)
+            with self._compute.lock:
+                self._compute.stats.forwards += len(forwards)
         except BaseException as exc:  # noqa: BLE001 - every member learns why
             self._fail(group, [f.future for f in forwards], exc)
             return
@@ -318,7 +336,8 @@ class ClientBatcher:
                 grad[graph.rows[cid], : graph.lengths[cid]] = g.to(grad.dtype) * graph.scales[cid]
             graph.outputs.backward(grad)
             grad_in = graph.inputs.grad
-            self._server.count("backwards", len(backwards), *(g for g, _ in backwards.values()))
+            with self._compute.lock:
+                self._compute.stats.backwards += len(backwards)
         except BaseException as exc:  # noqa: BLE001 - every member learns why
             self._fail(group, [f for _, f in backwards.values()], exc)
             return
@@ -339,7 +358,7 @@ class ClientBatcher:
         try:
             requests = list(steps.values())
             clips = [s.clip_value for s in requests if s.clip_value is not None]
-            self._server.step_now(
+            self._compute.step(
                 max(s.client_step for s in requests),
                 max(s.total_steps for s in requests),
                 min(s.grad_scale for s in requests),
@@ -376,7 +395,7 @@ class ClientBatcher:
         if self._group is not group:
             return
         if discard:
-            self._server.discard_grads()
+            self._compute.discard_grads()
         self._group = None
         self._free_since = time.monotonic()
         self._maybe_launch()
@@ -407,15 +426,3 @@ def _row_prefixes(forwards: list[_Forward], prefixes: dict[int, torch.Tensor]) -
     return torch.cat(rows)
 
 
-def batching_stats(batcher: ClientBatcher | None) -> dict[str, Any]:
-    if batcher is None:
-        return {}
-    sizes = batcher.group_sizes
-    return {
-        "groups": batcher.groups_run,
-        "mean_group_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
-        "dropped_members": batcher.dropped_members,
-    }
-
-
-Submit = Callable[[Callable[[], None]], None]

@@ -10,10 +10,15 @@ fit in the memory that is free, with the model and its optimizer state; otherwis
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flglm.config import RunConfig
+from flglm.config import RunConfig, ServerConfig
+from flglm.server.middle import MiddleCompute
+from flglm.server.serving import Serving
+from flglm.server.serving.batching import ClientBatcher
+from flglm.server.serving.sequential import SequentialServing
 
 log = logging.getLogger("flglm.server")
 
@@ -69,3 +74,14 @@ def free_memory_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def make_serving(mode: str, compute: MiddleCompute, *, clients: Sequence[int], settings: ServerConfig) -> Serving:
+    """The serving of a resolved mode: client batching gathers requests; ``sequential`` and each
+    ``hierarchical`` sub-server give one client's step the middle stack at a time."""
+    if mode == "client_batching":
+        window_s = settings.batch_window_ms / 1000
+        return ClientBatcher(compute, clients=clients, max_clients=settings.max_clients_per_batch, window_s=window_s, timeout_s=settings.request_timeout_s)
+    if mode in ("sequential", "hierarchical"):
+        return SequentialServing(compute, turn_timeout_s=settings.state_timeout_s)
+    raise ValueError(f"no serving for parallelism {mode!r} (resolve 'auto' with choose_parallelism first)")
