@@ -80,9 +80,6 @@ WIRE_KINDS: tuple[str, ...] = (
 header carries the index): a new kind goes at the end. ``test`` is sealed by the crypto tests
 only; the endpoint handles no such kind."""
 
-ASYNC_KINDS = frozenset({"agg_begin", "agg_upload"})
-"""Kinds answered when other clients have called too (through a future)."""
-
 AUTOCAST_CODES = list(AUTOCAST_DTYPES)
 MAX_JSON_BYTES = 1 << 16
 
