@@ -302,11 +302,12 @@ class DataConfig:
     is scored, are at the end), ``right`` otherwise (a review's or an article's lead)."""
     batch_size: int = 16
     eval_batch_size: int = 64
+    tokenizer: str = "word"
+    """Tokenizer of a random-init model: ``word`` (lower-cased words; unknowns), ``byte_bpe`` or ``bytes`` (exact, any script)."""
     tokenizer_path: str | None = None
-    """A saved tokenizer directory to use with a random-init model; if unset, one is trained on
-    the training file (the same on every client) and saved under ``run_dir/tokenizer``."""
+    """A saved tokenizer directory (``flglm tokenizer`` on public text); if unset, ``word``/``byte_bpe`` train on the training file."""
     tokenizer_vocab_size: int = 2000
-    """Vocabulary size of the word-level tokenizer trained for a randomly initialised model."""
+    """Vocabulary size (specials included) of a ``word`` or ``byte_bpe`` tokenizer trained for a random-init model."""
     shuffle: bool = True
 
 
@@ -327,6 +328,8 @@ class TaskConfig:
     max_target_tokens: int = 32
     """generation: tokens of ``data.max_length`` kept for the target (end-of-text token included;
     a longer target is cut); the prompt gets the rest. Also caps the tokens generated at validation."""
+    metric_tokenizer: str = "auto"
+    """generation: ROUGE/BLEU tokens: ``auto`` (CJK one per character, else whitespace), ``whitespace``, ``char``, ``model``."""
     max_eval_generations: int = 32
     """generation: decode at most this many dev examples per validation for ROUGE/BLEU (decoding
     is the slow part; the loss covers every dev example). 0: no generation metrics."""
@@ -411,6 +414,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "task.kind": ("classification", "generation", "language_modeling"),
     "data.format": DATA_FORMATS,
     "data.truncation_side": ("auto", "left", "right"),
+    "data.tokenizer": ("word", "byte_bpe", "bytes"),
+    "task.metric_tokenizer": ("auto", "whitespace", "char", "model"),
     "trainer.gradient_clip_algorithm": ("norm", "value"),
     "model.attn_implementation": ("sdpa", "eager"),
     "server.parallelism": ("sequential", "client_batching", "hierarchical", "auto"),
@@ -540,6 +545,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr must be finite and > 0, got {cfg.optim.lr}")
     if not (cfg.data.alpha > 0 and math.isfinite(cfg.data.alpha)):
         raise ConfigError(f"data.alpha must be finite and > 0, got {cfg.data.alpha}")
+    if cfg.data.tokenizer == "byte_bpe" and cfg.data.tokenizer_path is None and cfg.data.tokenizer_vocab_size < 260:
+        raise ConfigError(
+            f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} is too small for data.tokenizer=byte_bpe: "
+            "it must hold the 4 special tokens and the 256 bytes (>= 260)"
+        )
     _validate_task(cfg)
 
 
