@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["MAX_COUNTS", "SUMMED_COUNTS", "federation_metrics"]
+__all__ = ["MAX_COUNTS", "SUMMED_COUNTS", "federation_metrics", "integer_counts"]
 
 SUMMED_COUNTS: tuple[str, ...] = ("steps", "samples", "resent_messages")
 """Counts whose federation figure is the clients' total (an integer)."""
@@ -32,3 +32,8 @@ def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]
     if "val_ppl" in out and "val_loss" in out:
         out["val_ppl"] = math.exp(out["val_loss"])
     return out
+
+
+def integer_counts(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with its counts as integers (the link carries every metric as a float)."""
+    return {k: int(round(v)) if k in SUMMED_COUNTS + MAX_COUNTS else v for k, v in metrics.items()}

@@ -43,7 +43,7 @@ from flglm.data.loading import (
     dev_examples,
 )
 from flglm.data.sampler import ResumableSampler
-from flglm.jobs.federation_summary import federation_metrics
+from flglm.jobs.federation_summary import federation_metrics, integer_counts
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
@@ -292,6 +292,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
             parts = server.sync.gather_json(own) if server.sync is not None else [own]
             summary = merge_server_summaries(parts)
             summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
+            summary["clients"] = {c: integer_counts(m) for c, m in summary["clients"].items()}
             summary["federation"] = federation_metrics(summary["clients"])
             summary["config_fingerprint"] = fingerprint(cfg)
             if role.is_coordinator:
