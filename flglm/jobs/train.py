@@ -41,6 +41,7 @@ from flglm.data.loading import (
     check_fits_model,
     client_train_examples,
     dev_examples,
+    train_path,
 )
 from flglm.data.sampler import ResumableSampler
 from flglm.jobs.federation_summary import federation_metrics, integer_counts
