@@ -78,7 +78,12 @@ def test_hand_rouge_on_a_pair_worked_out_by_hand() -> None:
 @pytest.mark.parametrize("kind", ["auto", "char"])
 @pytest.mark.parametrize(
     "text",
-    ["高血压患者每天应该吃多少盐？建议不超过五克。", "東京都の天気は晴れです。", "안녕하세요 세계 여러분 반갑습니다", "The patient, aged 45, reported headaches."],
+    [
+        "高血压患者每天应该吃多少盐？建议不超过五克。",
+        "東京都の天気は晴れです。",
+        "안녕하세요 세계 여러분 반갑습니다",
+        "The patient, aged 45, reported headaches.",
+    ],
 )
 def test_identical_strings_score_one_in_every_language(kind: str, text: str) -> None:
     metrics = TextOverlapMetrics(kind, rouge_keys=ROUGE_KEYS)
@@ -97,7 +102,18 @@ def test_the_generation_task_scores_identical_chinese_one_by_default_where_torch
 
 
 def test_auto_tokens_split_cjk_per_character_and_other_text_on_whitespace() -> None:
-    assert metric_tokens(rouge_normalize("高血压 Patients 吃盐，每天5克"), "auto") == ["高", "血", "压", "patients", "吃", "盐", "每", "天", "5", "克"]
+    assert metric_tokens(rouge_normalize("高血压 Patients 吃盐，每天5克"), "auto") == [
+        "高",
+        "血",
+        "压",
+        "patients",
+        "吃",
+        "盐",
+        "每",
+        "天",
+        "5",
+        "克",
+    ]
     assert metric_tokens(rouge_normalize("naïve café"), "whitespace") == ["naïve", "café"]
 
 
@@ -132,11 +148,7 @@ _ASKS = ("有什么症状", "的症状是什么", "会怎么样")
 
 def _qa_pairs() -> list[dict[str, str]]:
     """Chinese medical questions and answers (XSum layout: document -> summary), 24 pairs."""
-    return [
-        {"document": f"请问{d}{ask}", "summary": f"{d}常见{s}。"}
-        for ask in _ASKS
-        for d, s in zip(_DISEASES, _SYMPTOMS)
-    ]
+    return [{"document": f"请问{d}{ask}", "summary": f"{d}常见{s}。"} for ask in _ASKS for d, s in zip(_DISEASES, _SYMPTOMS)]
 
 
 def test_chinese_question_answering_trains_through_the_split_and_rouge_is_character_rouge(
@@ -193,12 +205,19 @@ def test_chinese_question_answering_trains_through_the_split_and_rouge_is_charac
 # ------------------------------------------------------------------------ perplexity
 
 
-def test_perplexity_is_exp_of_the_token_weighted_mean_loss_over_the_whole_dev_set(
-    make_run_config: Callable[..., RunConfig], tmp_path: Path
-) -> None:
+def test_perplexity_is_exp_of_the_token_weighted_mean_loss_over_the_whole_dev_set(make_run_config: Callable[..., RunConfig], tmp_path: Path) -> None:
     # Prepare: dev texts of very different lengths in 3 batches, so a mean of batch means (or of
     # batch perplexities) would differ from the per-token figure.
-    texts = ["高血压", "糖尿病的常见症状是口渴和乏力，需要控制饮食。", "感冒", "The Patient\nreported headaches and dizziness for two weeks.", "胃炎", "ok", "哮喘患者应避免接触过敏原。", "贫血"]
+    texts = [
+        "高血压",
+        "糖尿病的常见症状是口渴和乏力，需要控制饮食。",
+        "感冒",
+        "The Patient\nreported headaches and dizziness for two weeks.",
+        "胃炎",
+        "ok",
+        "哮喘患者应避免接触过敏原。",
+        "贫血",
+    ]
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts * 2), encoding="utf-8")
     dev = tmp_path / "dev.jsonl"

@@ -79,7 +79,7 @@ def test_the_word_tokenizer_loses_what_the_byte_tokenizers_keep(kind: str) -> No
     english = [ROUND_TRIP_TEXTS["english"]] * 5
     word = train_word_tokenizer(english, vocab_size=40)
     text = ROUND_TRIP_TEXTS["chinese"] + " " + ROUND_TRIP_TEXTS["english"]
-    unknown, total = unknown_token_counts(word, [text])
+    unknown, _ = unknown_token_counts(word, [text])
     assert unknown > 0 and word.decode(word(text)["input_ids"], skip_special_tokens=True) != text
     tokenizer = train_byte_bpe_tokenizer(english, vocab_size=300) if kind == "byte_bpe" else byte_vocabulary_tokenizer()
     assert unknown_token_counts(tokenizer, [text]) == (0, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
@@ -141,7 +141,14 @@ def test_byte_bpe_training_is_deterministic_across_processes_and_survives_save_a
 
     # Execute
     prints = [
-        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True, env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        ).stdout.strip()
         for seed in (1, 2)
     ]
     here = _byte_bpe()
@@ -176,7 +183,9 @@ def _jsonl(path: Path, rows: list[dict[str, object]]) -> str:
 
 
 def _sentiment_files(tmp_path: Path) -> tuple[str, str]:
-    rows = [{"sentence": f"this film is {w} 电影{'很好' if i % 2 else '不好'}", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "dull"] * 4)]
+    rows = [
+        {"sentence": f"this film is {w} 电影{'很好' if i % 2 else '不好'}", "label": i % 2} for i, w in enumerate(["good", "bad", "fine", "dull"] * 4)
+    ]
     return _jsonl(tmp_path / "train.jsonl", rows), _jsonl(tmp_path / "dev.jsonl", [{"sentence": "完全不认识的句子 unseen words", "label": 0}] * 4)
 
 
@@ -224,14 +233,36 @@ def test_flglm_tokenizer_builds_one_vocabulary_from_public_text_that_the_config_
     make_run_config: Callable[..., RunConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Prepare: public text (a .txt and a .jsonl) that is not the clients' training file.
-    lines = ["高血压的常见症状是头痛。", "糖尿病的常见症状是口渴。", ROUND_TRIP_TEXTS["chinese"], ROUND_TRIP_TEXTS["japanese"], "The Movie was GREAT."]
+    lines = [
+        "高血压的常见症状是头痛。",
+        "糖尿病的常见症状是口渴。",
+        ROUND_TRIP_TEXTS["chinese"],
+        ROUND_TRIP_TEXTS["japanese"],
+        "The Movie was GREAT.",
+    ]
     public_txt = tmp_path / "public.txt"
     public_txt.write_text("\n".join(lines) + "\n", encoding="utf-8")
     public_jsonl = _jsonl(tmp_path / "public.jsonl", [{"sentence": t} for t in lines])
     out = tmp_path / "shared_tokenizer"
 
     # Execute
-    rc = cli_main(["tokenizer", "--corpus", str(public_txt), public_jsonl, "--text-field", "sentence", "--vocab-size", "320", "--out", str(out), "--required", "negative", "positive"])
+    rc = cli_main(
+        [
+            "tokenizer",
+            "--corpus",
+            str(public_txt),
+            public_jsonl,
+            "--text-field",
+            "sentence",
+            "--vocab-size",
+            "320",
+            "--out",
+            str(out),
+            "--required",
+            "negative",
+            "positive",
+        ]
+    )
     printed = capsys.readouterr().out
     cfg = _cfg(make_run_config, tmp_path, f"data.tokenizer_path={out}", "data.tokenizer=byte_bpe")
     used = build_tokenizer(cfg, save=False)

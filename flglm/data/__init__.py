@@ -4,6 +4,7 @@ Everything here is deterministic given its inputs and a seed, so each process
 of a federation can build its own share of the data without coordination.
 """
 
+from flglm.data.byte_tokenizers import byte_vocabulary_tokenizer, train_byte_bpe_tokenizer
 from flglm.data.demo import write_demo_dataset
 from flglm.data.partition import (
     PARTITION_KINDS,
@@ -33,7 +34,6 @@ from flglm.data.superglue import (
     SuperGlueFormat,
     read_task_file,
 )
-from flglm.data.byte_tokenizers import byte_vocabulary_tokenizer, train_byte_bpe_tokenizer
 from flglm.data.tokenizer import (
     SPECIAL_TOKENS,
     load_tokenizer,

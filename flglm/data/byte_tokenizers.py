@@ -80,9 +80,7 @@ def byte_vocabulary_tokenizer() -> PreTrainedTokenizerFast:
     return _wrap(_byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[]))))
 
 
-def train_byte_bpe_tokenizer(
-    texts: Iterable[str], *, vocab_size: int, required: Iterable[str] = ()
-) -> PreTrainedTokenizerFast:
+def train_byte_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, required: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """Learn byte-level BPE merges from ``texts``; the same texts always give the same tokenizer.
 
     ``vocab_size`` counts the special tokens and the 256 bytes. The words of ``required``

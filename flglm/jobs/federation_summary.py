@@ -22,10 +22,10 @@ def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]
     for key in keys:
         rows = [(m[key], m.get("samples", 1.0)) for m in clients.values() if key in m]
         if key in SUMMED_COUNTS:
-            out[key] = int(round(sum(v for v, _ in rows)))
+            out[key] = round(sum(v for v, _ in rows))
             continue
         if key in MAX_COUNTS:
-            out[key] = int(round(max(v for v, _ in rows)))
+            out[key] = round(max(v for v, _ in rows))
             continue
         total = sum(w for _, w in rows) or float(len(rows))
         out[key] = float(sum(v * (w or 1.0) for v, w in rows) / total)
@@ -36,4 +36,4 @@ def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]
 
 def integer_counts(metrics: dict[str, float]) -> dict[str, float]:
     """``metrics`` with its counts as integers (the link carries every metric as a float)."""
-    return {k: int(round(v)) if k in SUMMED_COUNTS + MAX_COUNTS else v for k, v in metrics.items()}
+    return {k: round(v) if k in SUMMED_COUNTS + MAX_COUNTS else v for k, v in metrics.items()}

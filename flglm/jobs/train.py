@@ -44,8 +44,8 @@ from flglm.data.loading import (
     train_path,
 )
 from flglm.data.sampler import ResumableSampler
-from flglm.jobs.federation_summary import federation_metrics, integer_counts
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
+from flglm.jobs.federation_summary import federation_metrics, integer_counts
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for

@@ -12,8 +12,8 @@ from flglm.client.module import SplitClientModule
 from flglm.config import RunConfig
 from flglm.data.loading import task_label_words, task_prompt, truncation_side
 from flglm.tasks.classification import ClassificationTask, PromptCollator, PromptError
-from flglm.tasks.seq2seq import GenerationTask, Seq2SeqCollator
 from flglm.tasks.language_modeling import LanguageModelingTask, TextCollator
+from flglm.tasks.seq2seq import GenerationTask, Seq2SeqCollator
 
 __all__ = [
     "ClassificationTask",

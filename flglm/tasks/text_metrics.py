@@ -29,7 +29,7 @@ from typing import Any
 from torch import Tensor
 from torchmetrics.text import BLEUScore, ROUGEScore
 
-__all__ = ["METRIC_TOKENIZERS", "TextOverlapMetrics", "metric_tokens", "rouge_normalize", "bleu_normalize"]
+__all__ = ["METRIC_TOKENIZERS", "TextOverlapMetrics", "bleu_normalize", "metric_tokens", "rouge_normalize"]
 
 METRIC_TOKENIZERS: tuple[str, ...] = ("auto", "whitespace", "char", "model")
 
