@@ -2,11 +2,13 @@
 (the whole model in one process), ``flglm generate`` (text through the trained split model),
 ``flglm export`` (merge a run's parts into one HF directory), ``flglm keygen`` (identity keys
 for encrypted federations), ``flglm attack`` (what a curious server or peer recovers of a
-client's text, on a finished run).
+client's text, on a finished run), ``flglm tokenizer`` (one vocabulary for all clients, from
+public text).
 
     torchrun --standalone --nproc-per-node=3 launch/train.py --config configs/demo.yaml
     flglm centralized --config configs/demo.yaml run_dir=runs/central
     flglm generate --config runs/demo/config.yaml --prompt "the movie was"
+    flglm tokenizer --corpus public.txt --vocab-size 8000 --out tokenizers/public --kind byte_bpe
 """
 
 from __future__ import annotations
@@ -243,6 +245,36 @@ def attack_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def tokenizer_main(argv: Sequence[str] | None = None) -> int:
+    """Build the federation's tokenizer from public text; use it with ``data.tokenizer_path=DIR``.
+
+    Naming the private training file as ``--corpus`` works, but is a choice to derive the shared
+    vocabulary (which every party holds) from private text.
+    """
+    parser = argparse.ArgumentParser(prog="flglm tokenizer", description="build one tokenizer for every client from public text")
+    parser.add_argument("--corpus", nargs="+", required=True, help="public text: .txt (one text a line) or data files (.jsonl, .tsv)")
+    parser.add_argument("--vocab-size", type=int, default=8000, help="tokens in all, special tokens (and for byte_bpe the 256 bytes) included")
+    parser.add_argument("--out", required=True, help="directory to write (then data.tokenizer_path=DIR)")
+    parser.add_argument("--kind", choices=("byte_bpe", "bytes", "word"), default="byte_bpe")
+    parser.add_argument("--required", nargs="*", default=[], help="words that must be one token each (label words)")
+    parser.add_argument("--format", default="auto", help="data.format of the corpus data files")
+    parser.add_argument("--text-field", default=None, help="data.text_field of the corpus data files")
+    args = parser.parse_args(argv)
+    from flglm.data.public_tokenizer import build_tokenizer_from_files
+    from flglm.data.readers import DataFormatError
+    from flglm.data.tokenizer import tokenizer_fingerprint
+
+    try:
+        tokenizer = build_tokenizer_from_files(
+            args.corpus, kind=args.kind, vocab_size=args.vocab_size, out=args.out, required=args.required, fmt=args.format, text_field=args.text_field
+        )
+    except (DataFormatError, FileNotFoundError, ValueError) as err:
+        print(f"flglm: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote a {args.kind} tokenizer of {len(tokenizer)} tokens to {args.out} (fingerprint {tokenizer_fingerprint(tokenizer)[:16]})")
+    return 0
+
+
 COMMANDS = {
     "train": train_main,
     "centralized": centralized_main,
@@ -250,6 +282,7 @@ COMMANDS = {
     "export": export_main,
     "keygen": keygen_main,
     "attack": attack_main,
+    "tokenizer": tokenizer_main,
 }
 
 

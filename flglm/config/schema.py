@@ -30,6 +30,8 @@ TruncationSide = Literal["auto", "left", "right"]
 TaskKind = Literal["classification", "generation", "language_modeling"]
 GradientClipAlgorithm = Literal["norm", "value"]
 WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
+TokenizerKind = Literal["word", "byte_bpe", "bytes"]
+MetricTokenizer = Literal["auto", "whitespace", "char", "model"]
 
 SUPERGLUE_FORMATS: tuple[str, ...] = get_args(SuperGlueFormat)
 SUMMARIZATION_FORMATS: tuple[str, ...] = get_args(SummarizationFormat)
@@ -261,10 +263,12 @@ class DataConfig:
     """``right`` keeps a long text's start, ``left`` its end; ``auto``: left for SuperGLUE (``answer:`` is last), else right."""
     batch_size: int = 16
     eval_batch_size: int = 64
+    tokenizer: TokenizerKind = "word"
+    """Tokenizer of a random-init model: ``word`` (lower-cased words; unknowns), ``byte_bpe`` or ``bytes`` (exact, any script)."""
     tokenizer_path: str | None = None
-    """A saved tokenizer for a random-init model; unset: one is trained on the training file and saved under ``run_dir/tokenizer``."""
+    """A saved tokenizer directory (``flglm tokenizer`` on public text); if unset, ``word``/``byte_bpe`` train on the training file."""
     tokenizer_vocab_size: int = 2000
-    """Vocabulary size of the word-level tokenizer trained for a randomly initialised model."""
+    """Vocabulary size (specials included) of a ``word`` or ``byte_bpe`` tokenizer trained for a random-init model."""
     shuffle: bool = True
 
 
@@ -278,6 +282,8 @@ class TaskConfig:
     """One word per label, scored after the prompt; None: the SuperGLUE task's words (boolq ``[no, yes]``), else ``[negative, positive]``."""
     max_target_tokens: int = 32
     """generation: tokens of ``data.max_length`` kept for the target (end token included); also caps tokens generated at validation."""
+    metric_tokenizer: MetricTokenizer = "auto"
+    """generation: ROUGE/BLEU tokens: ``auto`` (CJK one per character, else whitespace), ``whitespace``, ``char``, ``model``."""
     max_eval_generations: int = 32
     """generation: dev examples decoded per validation for ROUGE/BLEU (the loss covers all); 0: none."""
     factory: str | None = None

@@ -127,6 +127,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr must be finite and > 0, got {cfg.optim.lr}")
     if not (cfg.data.alpha > 0 and math.isfinite(cfg.data.alpha)):
         raise ConfigError(f"data.alpha must be finite and > 0, got {cfg.data.alpha}")
+    if cfg.data.tokenizer == "byte_bpe" and cfg.data.tokenizer_path is None and cfg.data.tokenizer_vocab_size < 260:
+        raise ConfigError(
+            f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size} is too small for data.tokenizer=byte_bpe: "
+            "it must hold the 4 special tokens and the 256 bytes (>= 260)"
+        )
     _validate_task(cfg)
 
 

@@ -4,6 +4,7 @@ Everything here is deterministic given its inputs and a seed, so each process
 of a federation can build its own share of the data without coordination.
 """
 
+from flglm.data.byte_tokenizers import byte_vocabulary_tokenizer, train_byte_bpe_tokenizer
 from flglm.data.demo import write_demo_dataset
 from flglm.data.partition import (
     PARTITION_KINDS,
@@ -40,6 +41,7 @@ from flglm.data.tokenizer import (
     tokenizer_fingerprint,
     train_word_tokenizer,
 )
+from flglm.data.unknown_tokens import warn_if_many_unknown
 
 __all__ = [
     "ARTICLE_FIELDS",
@@ -54,6 +56,7 @@ __all__ = [
     "EmptyPartitionError",
     "Example",
     "SuperGlueFormat",
+    "byte_vocabulary_tokenizer",
     "check_partition",
     "load_tokenizer",
     "partition",
@@ -66,6 +69,8 @@ __all__ = [
     "read_tsv",
     "save_tokenizer",
     "tokenizer_fingerprint",
+    "train_byte_bpe_tokenizer",
     "train_word_tokenizer",
+    "warn_if_many_unknown",
     "write_demo_dataset",
 ]

@@ -17,12 +17,14 @@ from flglm.data import (
     SUPERGLUE_TASKS,
     TASK_FORMATS,
     Example,
+    byte_vocabulary_tokenizer,
     check_partition,
     load_tokenizer,
     partition,
     read_examples,
     read_task_file,
     save_tokenizer,
+    train_byte_bpe_tokenizer,
     train_word_tokenizer,
 )
 from flglm.run_layout import tokenizer_dir
@@ -129,17 +131,25 @@ def dev_examples(cfg: RunConfig) -> list[Example] | None:
 
 
 def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
-    """The federation's tokenizer: the pretrained model's own, a saved one, or a trained one.
+    """The federation's tokenizer: the pretrained model's own, a saved one, the byte vocabulary,
+    or one trained on the training file (``data.tokenizer``).
 
-    A trained tokenizer is a pure function of the training file (its texts and, for generation,
-    its targets; the prompt and label words always in), so every process builds the
-    same one (the server checks its fingerprint at each client's handshake); ``save`` writes
-    it to ``run_dir/tokenizer`` so the run can be reused.
+    A trained tokenizer (``word``, ``byte_bpe``) is a pure function of the training file (its
+    texts and, for generation, its targets; the prompt and label words always in), so every
+    process builds the same one (the server checks its fingerprint at each client's handshake).
+    That vocabulary is derived from the private training text: to share none of it, build one
+    from public text with ``flglm tokenizer`` and set ``data.tokenizer_path``. ``bytes`` needs no
+    training. ``save`` writes it to ``run_dir/tokenizer`` so the run can be reused.
     """
     if cfg.model.path is not None:
         return AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
     if cfg.data.tokenizer_path is not None:
         return load_tokenizer(cfg.data.tokenizer_path)
+    if cfg.data.tokenizer == "bytes":
+        tokenizer = byte_vocabulary_tokenizer()
+        if save:
+            save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
+        return tokenizer
     if cfg.data.partition == "none":
         raise ConfigError(
             "with data.partition=none each client has its own file, so no shared tokenizer can be "
@@ -152,7 +162,12 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
         # Language modeling too: a base model pretrained on this data may then classify with the
         # same config's prompt and label words (benchmarks/parity.py does).
         required.extend(task_label_words(cfg))
-    tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
+    if cfg.data.tokenizer == "byte_bpe":
+        # Only the label words need to be single tokens; the prompt is bytes like any text.
+        label_words = task_label_words(cfg) if cfg.task.kind != "generation" else []
+        tokenizer = train_byte_bpe_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=label_words)
+    else:
+        tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
     if save:
         save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
     return tokenizer

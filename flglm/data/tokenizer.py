@@ -120,10 +120,12 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """SHA-256 hex digest of the vocabulary and the special token ids.
+    """SHA-256 hex digest of the vocabulary, the special token ids and how text becomes tokens.
 
-    Two tokenizers with equal fingerprints map every known word to the same id
-    and agree on pad/bos/eos/unk, which is what clients of one federation need.
+    Two tokenizers with equal fingerprints map every text to the same ids and agree on
+    pad/bos/eos/unk, which is what clients of one federation need. Besides the vocabulary it
+    covers the model kind and its BPE merges (two byte-level BPEs can share a vocabulary and
+    merge differently), the normalizer, pre-tokenizer and decoder, and the added tokens.
     """
     special_ids = {
         "pad": tokenizer.pad_token_id,
@@ -131,6 +133,12 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         "eos": tokenizer.eos_token_id,
         "unk": tokenizer.unk_token_id,
     }
-    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special_ids": special_ids}
+    payload: dict[str, object] = {"vocab": sorted(tokenizer.get_vocab().items()), "special_ids": special_ids}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: its whole pipeline, as the library serialises it
+        spec = json.loads(backend.to_str())
+        model = spec.get("model", {})
+        payload["model"] = {"type": model.get("type"), "merges": model.get("merges")}
+        payload["pipeline"] = {key: spec.get(key) for key in ("normalizer", "pre_tokenizer", "decoder", "added_tokens")}
     encoded = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(encoded).hexdigest()

@@ -34,17 +34,19 @@ from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint, to_yaml
 from flglm.crypto.keyring import load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
-from flglm.data import Example, tokenizer_fingerprint
+from flglm.data import Example, tokenizer_fingerprint, warn_if_many_unknown
 from flglm.data.loading import (
     all_train_examples,
     build_tokenizer,
     check_fits_model,
     client_train_examples,
     dev_examples,
+    train_path,
 )
 from flglm.data.sampler import ResumableSampler
 from flglm.devices import lightning_accelerator, memory_summary, peak_memory, resolve_device
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
+from flglm.jobs.federation_summary import federation_metrics, integer_counts
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
@@ -161,6 +163,14 @@ def _loaders(
     return train_loader, dev_loader, TrainingStateCallback(sampler, batch_size=cfg.data.batch_size)
 
 
+def warn_unknown_tokens(cfg: RunConfig, tokenizer: Any, train: list[Example], dev: list[Example] | None, *, train_file: str) -> None:
+    """One warning per dataset whose tokens are more than 1% ``[UNK]`` (texts and targets)."""
+    for examples, source in ((train, train_file), (dev, cfg.data.dev_path)):
+        if examples:
+            texts = [e.text for e in examples] + [e.target for e in examples if e.target is not None]
+            warn_if_many_unknown(tokenizer, texts, source=str(source))
+
+
 def _final_metrics(trainer: L.Trainer, module: SplitClientModule, dev_loader: DataLoader | None) -> dict[str, float]:
     """Metrics of the final model: a validation pass after the last aggregation."""
     metrics: dict[str, float] = {}
@@ -170,8 +180,8 @@ def _final_metrics(trainer: L.Trainer, module: SplitClientModule, dev_loader: Da
         results = trainer.validate(module, dev_loader, verbose=False)  # empty with trainer.limit_val_batches=0
         for key, value in (results[0] if results else {}).items():
             metrics[key] = float(value)
-    metrics["steps"] = float(trainer.global_step)
-    metrics["samples"] = float(module.samples_seen)
+    metrics["steps"] = int(trainer.global_step)
+    metrics["samples"] = int(module.samples_seen)
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
@@ -284,6 +294,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
             parts = server.sync.gather_json(own) if server.sync is not None else [own]
             summary = merge_server_summaries(parts)
             summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
+            summary["clients"] = {c: integer_counts(m) for c, m in summary["clients"].items()}
             summary["federation"] = federation_metrics(summary["clients"])
             summary["config_fingerprint"] = fingerprint(cfg)
             summary["memory"] = memory_summary(peak_memory(device), summary["clients"])
@@ -337,20 +348,6 @@ def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Sample-weighted mean of each metric over the clients that reported it."""
-    out: dict[str, float] = {}
-    keys = sorted({k for metrics in clients.values() for k in metrics})
-    for key in keys:
-        rows = [(m[key], m.get("samples", 1.0)) for m in clients.values() if key in m]
-        if key in ("steps", "samples"):
-            out[key] = float(sum(v for v, _ in rows))
-            continue
-        total = sum(w for _, w in rows) or float(len(rows))
-        out[key] = float(sum(v * (w or 1.0) for v, w in rows) / total)
-    return out
-
-
 def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
     """Train this client's task through the split; return its final metrics."""
     assert role.client_index is not None
@@ -374,6 +371,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         train = client_train_examples(cfg, index)
         dev = dev_examples(cfg)
         tokenizer = build_tokenizer(cfg, save=index == 0)
+        warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=train_path(cfg, index))
         plan = plan_for(cfg.model, cfg.split)
         device = resolve_device(cfg.client.device, key="client.device", local_rank=env.local_rank)
         blocks = ClientBlocks(cfg.model, plan, cfg.peft, device=device)
@@ -414,8 +412,8 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         trainer.fit(module, train_loader, dev_loader, ckpt_path=str(resume_from) if resume_from is not None else None)
         metrics = _final_metrics(trainer, module, dev_loader)
         metrics["train_time_s"] = round(time.monotonic() - started, 3)
-        metrics["fedavg_rounds"] = float(fedavg.rounds)
-        metrics["resent_messages"] = float(link.retries)
+        metrics["fedavg_rounds"] = int(fedavg.rounds)
+        metrics["resent_messages"] = int(link.retries)
         metrics.update(peak_memory(device))
         save_tensors(module.client_state_dict(), client_weights_path(cfg.run_dir, index))
         write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
@@ -429,6 +427,7 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     train = all_train_examples(cfg)
     dev = dev_examples(cfg)
     tokenizer = build_tokenizer(cfg, save=True)
+    warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=train_path(cfg, None))
     lm = FullCausalLM(build_full_model(cfg.model, cfg.peft))
     check_fits_model(cfg, tokenizer, vocab_size=lm.hf.config.vocab_size, max_positions=lm.max_positions)
     module, collate = build_task(cfg, lm, tokenizer)

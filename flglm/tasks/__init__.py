@@ -51,6 +51,7 @@ def build_task(cfg: RunConfig, lm: nn.Module, tokenizer: Any) -> tuple[SplitClie
             tokenizer=tokenizer,
             max_new_tokens=min(cfg.generation.max_new_tokens, cfg.task.max_target_tokens),
             max_eval_generations=cfg.task.max_eval_generations,
+            metric_tokenizer=cfg.task.metric_tokenizer,
         )
         return generation, seq2seq
     if kind == "language_modeling":

@@ -55,7 +55,11 @@ class PromptCollator:
         for word in self.label_words:
             ids = self._ids(word)
             if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
-                raise PromptError(f"label word {word!r} must be exactly one known token, the tokenizer gives {ids}")
+                raise PromptError(
+                    f"label word {word!r} must be exactly one known token, the tokenizer gives {ids}; a byte "
+                    "vocabulary (data.tokenizer=bytes) spells words byte by byte: use byte_bpe or word, which "
+                    "make the label words single tokens, or a tokenizer built with flglm tokenizer --required WORDS"
+                )
             self.label_token_ids.append(ids[0])
 
     def _ids(self, text: str) -> list[int]:

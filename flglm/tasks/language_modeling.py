@@ -1,4 +1,9 @@
-"""Next-token language modeling with loss and perplexity."""
+"""Next-token language modeling with loss and perplexity.
+
+``val_loss`` is the mean cross-entropy per predicted token over the whole validation set (each
+batch weighted by its tokens, not its rows), and ``val_ppl`` is exp of exactly that number:
+perplexity is exp of the token-weighted mean loss, never a mean of per-batch perplexities.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.text import Perplexity
+from torchmetrics import MeanMetric
 
 from flglm.client.module import SplitClientModule
 from flglm.config import GenerationConfig, OptimConfig
@@ -35,11 +40,11 @@ class TextCollator:
 
 
 class LanguageModelingTask(SplitClientModule):
-    """Causal LM loss on every non-padding next token; validation perplexity."""
+    """Causal LM loss on every non-padding next token; validation loss per token and perplexity."""
 
     def __init__(self, lm: nn.Module, *, optim: OptimConfig, generation: GenerationConfig | None = None) -> None:
         super().__init__(lm, optim=optim, generation=generation)
-        self.val_ppl = Perplexity(ignore_index=-100)
+        self.val_token_loss = MeanMetric()  # weighted by each batch's predicted tokens
 
     @staticmethod
     def shifted(batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +60,13 @@ class LanguageModelingTask(SplitClientModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits, targets = self.shifted(batch, self(batch["input_ids"], batch["attention_mask"]))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        self.val_ppl.update(logits, targets)
-        n = batch["input_ids"].shape[0]
-        self.log("val_loss", loss, prog_bar=True, batch_size=n)
-        self.log("val_ppl", self.val_ppl, prog_bar=True, batch_size=n)
+        tokens = int((targets != -100).sum())
+        if tokens:
+            self.val_token_loss.update(loss, weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        if int(self.val_token_loss.update_count):
+            loss = self.val_token_loss.compute()
+            self.log("val_loss", loss, prog_bar=True)
+            self.log("val_ppl", torch.exp(loss), prog_bar=True)
+        self.val_token_loss.reset()

@@ -9,7 +9,8 @@ target is known, and the prompt plus everything generated fits ``max_length``.
 At validation the loss covers every dev example; the first ``max_eval_generations`` dev prompts
 are also decoded greedily through the split (:meth:`SplitClientModule.generate`, with key/value
 caches on both sides) and the text is scored against the reference with torchmetrics:
-ROUGE-1/2/L F-measure (averaged over examples) and corpus BLEU.
+ROUGE-1/2/L F-measure (averaged over examples) and corpus BLEU, on the tokens that
+``task.metric_tokenizer`` chooses (:mod:`flglm.tasks.text_metrics`: CJK per character by default).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.text import ROUGEScore, SacreBLEUScore
 
 from flglm.client.decoding import left_pad
 from flglm.client.module import SplitClientModule
 from flglm.config import GenerationConfig, OptimConfig
 from flglm.data.readers import Example
 from flglm.tasks.classification import PromptError, truncate
+from flglm.tasks.text_metrics import TextOverlapMetrics
 
 ROUGE_KEYS: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
 """Logged as ``val_<key>`` (F-measure). Not ``rougeLsum``: it splits sentences with nltk's punkt
@@ -126,10 +127,10 @@ class GenerationTask(SplitClientModule):
 
     Metrics (torchmetrics): ``val_loss`` (mean cross-entropy per target token over the dev
     set), ``val_rouge1``/``val_rouge2``/``val_rougeL`` (F-measure, mean over the decoded
-    examples; no stemming, which would need nltk) and ``val_bleu`` (corpus BLEU-4, sacreBLEU's
-    ``13a`` tokenization, lower-cased: a word-level tokenizer writes lower-case words with
-    punctuation split off, which is no error against the raw reference). ``generations`` holds
-    the last validation's (generated, reference) texts.
+    examples; no stemming, which would need nltk) and ``val_bleu`` (corpus BLEU-4), both on the
+    tokens of ``metric_tokenizer`` (lower-cased: a word-level tokenizer writes lower-case words,
+    which is no error against the raw reference). ``generations`` holds the last validation's
+    (generated, reference) texts.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class GenerationTask(SplitClientModule):
         generation: GenerationConfig | None = None,
         max_new_tokens: int | None = None,
         max_eval_generations: int = 32,
+        metric_tokenizer: str = "auto",
     ) -> None:
         super().__init__(lm, optim=optim, generation=generation)
         if max_eval_generations < 0:
@@ -149,8 +151,10 @@ class GenerationTask(SplitClientModule):
         self.max_new_tokens = max_new_tokens if max_new_tokens is not None else self.generation_cfg.max_new_tokens
         self.max_eval_generations = max_eval_generations
         self.val_loss = MeanMetric()
-        self.val_rouge = ROUGEScore(rouge_keys=ROUGE_KEYS, use_stemmer=False)
-        self.val_bleu = SacreBLEUScore(tokenize="13a", lowercase=True)
+        self._overlap = TextOverlapMetrics(metric_tokenizer, rouge_keys=ROUGE_KEYS, tokenizer=tokenizer)
+        # Attributes of the module, so Lightning moves and resets them with it.
+        self.val_rouge = self._overlap.rouge
+        self.val_bleu = self._overlap.bleu
         self.generations: list[tuple[str, str]] = []
 
     def target_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
@@ -174,8 +178,7 @@ class GenerationTask(SplitClientModule):
         """Add generated texts and their references to this validation's ROUGE and BLEU."""
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-        self.val_rouge.update(list(predictions), [[r] for r in references])
-        self.val_bleu.update(list(predictions), [[r] for r in references])
+        self._overlap.update(predictions, references)
         self.generations.extend(zip(predictions, references))
 
     def on_validation_epoch_start(self) -> None:
@@ -193,9 +196,6 @@ class GenerationTask(SplitClientModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.generations:
-            rouge = self.val_rouge.compute()
-            for key in ROUGE_KEYS:
-                self.log(f"val_{key}", rouge[f"{key}_fmeasure"])
-            self.log("val_bleu", self.val_bleu.compute())
-        self.val_rouge.reset()
-        self.val_bleu.reset()
+            for key, value in self._overlap.compute(ROUGE_KEYS).items():
+                self.log(f"val_{key}", value)
+        self._overlap.reset()

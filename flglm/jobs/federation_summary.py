@@ -1,0 +1,39 @@
+"""The federation's figures in the server's summary, from each client's final metrics."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["MAX_COUNTS", "SUMMED_COUNTS", "federation_metrics", "integer_counts"]
+
+SUMMED_COUNTS: tuple[str, ...] = ("steps", "samples", "resent_messages")
+"""Counts whose federation figure is the clients' total (an integer)."""
+MAX_COUNTS: tuple[str, ...] = ("fedavg_rounds",)
+"""Counts every client shares (a FedAvg round is one for all): the federation's is the maximum,
+what the federation reached (a late joiner reports fewer), an integer."""
+
+
+def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Sample-weighted mean of each metric over the clients that reported it; counts are summed
+    or, for FedAvg rounds, the maximum (integers), and ``val_ppl`` is exp of the mean ``val_loss``
+    (a mean of perplexities is no perplexity)."""
+    out: dict[str, float] = {}
+    keys = sorted({k for metrics in clients.values() for k in metrics})
+    for key in keys:
+        rows = [(m[key], m.get("samples", 1.0)) for m in clients.values() if key in m]
+        if key in SUMMED_COUNTS:
+            out[key] = round(sum(v for v, _ in rows))
+            continue
+        if key in MAX_COUNTS:
+            out[key] = round(max(v for v, _ in rows))
+            continue
+        total = sum(w for _, w in rows) or float(len(rows))
+        out[key] = float(sum(v * (w or 1.0) for v, w in rows) / total)
+    if "val_ppl" in out and "val_loss" in out:
+        out["val_ppl"] = math.exp(out["val_loss"])
+    return out
+
+
+def integer_counts(metrics: dict[str, float]) -> dict[str, float]:
+    """``metrics`` with its counts as integers (the link carries every metric as a float)."""
+    return {k: round(v) if k in SUMMED_COUNTS + MAX_COUNTS else v for k, v in metrics.items()}
