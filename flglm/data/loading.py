@@ -103,6 +103,18 @@ def _read(cfg: RunConfig, path: str, max_rows: int | None) -> list[Example]:
     return examples[:max_rows] if max_rows is not None else examples
 
 
+def file_texts(cfg: RunConfig, path: str) -> list[str]:
+    """The texts (classification, language modelling) or prompts (generation) of a file; no labels needed."""
+    if cfg.data.format in TASK_FORMATS:
+        return [e.text for e in read_task_file(path, cfg.data.format, labelled=False)]
+    if _is_plain_text(cfg, path):
+        return [line for line in read_text(path).splitlines() if line.strip()]
+    rows = read_rows(path, cfg.data.format)
+    if cfg.task.kind == "generation":
+        return [e.text for e in generation_examples(rows, path, prompt_field=cfg.data.prompt_field, target_field=cfg.data.target_field)]
+    return [e.text for e in text_examples(rows, path, text_field=cfg.data.text_field)]
+
+
 def client_path(template: str, client_index: int) -> str:
     """A data path with ``{client}`` replaced by the client's index."""
     return template.replace("{client}", str(client_index))
