@@ -8,6 +8,7 @@ plain text becomes fixed token blocks, and that a centralized run reads every cl
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from flglm.data import DataFormatError, Example
 from flglm.data.fields import classification_examples
 from flglm.data.formats import read_rows
 from flglm.data.loading import all_train_examples, build_tokenizer, client_train_examples, dev_examples
+from flglm.jobs.train import run_centralized
 from flglm.tasks import TextCollator
 
 RECORDS = [
@@ -233,3 +235,30 @@ def test_centralized_reads_every_clients_file_in_client_order(make_run_config: C
     # max_train_rows cuts each client's file, as each client's own run does.
     capped = _config(make_run_config, f"data.train_path={tmp_path}/train{{client}}.json", "data.partition=none", "data.max_train_rows=1")
     assert [e.text for e in all_train_examples(capped)] == ["c0 a", "c1 a"]
+
+
+def test_centralized_language_modeling_trains_on_text_blocks(make_run_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+    # Prepare: a training and a dev text file, cut into 8-token blocks (one dev batch).
+    train, dev = tmp_path / "train.txt", tmp_path / "dev.txt"
+    train.write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(6)) + "\n")
+    dev.write_text(" ".join(WORDS) + "\n" + " ".join(reversed(WORDS)) + "\n")
+    cfg = _config(
+        make_run_config,
+        f"run_dir={tmp_path / 'run'}",
+        f"data.train_path={train}",
+        f"data.dev_path={dev}",
+        "task.kind=language_modeling",
+        "data.max_length=8",
+        "data.batch_size=4",
+        "trainer.max_steps=3",
+        "trainer.enable_progress_bar=false",
+    )
+
+    # Execute
+    metrics = run_centralized(cfg)
+
+    # Assert: 46 dev tokens -> 5 full blocks; 138 training tokens -> 17 blocks, of which iid's equal
+    # shares for 2 clients keep 16. No padding, so perplexity is exp of the mean token loss.
+    assert len(dev_examples(cfg)) == 5 and len(all_train_examples(cfg)) == 16
+    assert math.isfinite(metrics["val_loss"])
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-4)
