@@ -216,15 +216,16 @@ def attack_main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from flglm.data.readers import DataFormatError, read_examples
+    from flglm.data.loading import file_texts
+    from flglm.data.readers import DataFormatError
     from flglm.privacy.evaluation import attack_saved_run
 
     torch.set_num_threads(1)
     run_dir = Path(args.config).resolve().parent
     try:
         cfg = load_config(args.config)
-        victims = [e.text for e in read_examples(args.text, fmt=cfg.data.format, text_field=cfg.data.text_field, label_field=None)][: args.rows]
-        public = [e.text for e in read_examples(args.public, fmt=cfg.data.format, text_field=cfg.data.text_field, label_field=None)][: args.public_rows]
+        victims = file_texts(cfg, args.text)[: args.rows]
+        public = file_texts(cfg, args.public)[: args.public_rows]
         result = attack_saved_run(
             run_dir, victims, public, max_length=args.max_length, inversion_steps=args.inversion_steps, client_index=args.client
         )

@@ -493,16 +493,16 @@ def test_right_truncation_would_lose_the_question_that_left_truncation_keeps() -
 def test_the_config_knows_the_same_task_formats_as_the_readers() -> None:
     assert SUPERGLUE_FORMATS == tuple(SUPERGLUE_TASKS)
     assert SUMMARIZATION_FORMATS == DATA_SUMMARIZATION
-    assert DATA_FORMATS == ("auto", "tsv", "jsonl", *TASK_FORMATS)
+    assert DATA_FORMATS == ("auto", "json", "jsonl", "csv", "tsv", "text", *TASK_FORMATS)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["task.kind=generation"], r"task.kind=generation needs \(source, target\) pairs.*'auto'"),
+        (["task.kind=generation", "data.format=text"], r"task.kind=generation needs \(source, target\) pairs.*'text'"),
         (["data.format=xsum"], r"data.format=xsum gives \(article, summary\) pairs; set task.kind=generation"),
         (["data.format=boolq", "task.kind=language_modeling"], r"data.format=boolq is a classification task"),
-        (["data.format=csv"], r"data.format='csv' is not one of \['auto', 'tsv', 'jsonl', 'boolq'"),
+        (["data.format=xml"], r"data.format='xml' is not one of \['auto', 'json', 'jsonl', 'csv', 'tsv', 'text', 'boolq'"),
         (["data.truncation_side=middle"], r"data.truncation_side='middle' is not one of"),
         (["task.kind=generation", "data.format=xsum", "task.max_target_tokens=64"], r"task.max_target_tokens must be >= 1 .* data.max_length=64"),
         (["task.kind=generation", "data.format=xsum", "task.max_eval_generations=-1"], r"task.max_eval_generations must be >= 0"),

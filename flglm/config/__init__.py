@@ -7,6 +7,7 @@ file, so they cannot disagree; the server also compares a fingerprint of it at e
 from flglm.config.loading import fingerprint, load_config, to_dict, to_yaml
 from flglm.config.schema import (
     DATA_FORMATS,
+    FILE_FORMATS,
     PRIVATE_BLOCKS,
     SUMMARIZATION_FORMATS,
     SUPERGLUE_FORMATS,
@@ -29,7 +30,7 @@ from flglm.config.schema import (
 from flglm.config.validation import CHOICES, ConfigError, validate
 
 __all__ = [
-    "CHOICES", "DATA_FORMATS", "PRIVATE_BLOCKS", "SUMMARIZATION_FORMATS", "SUPERGLUE_FORMATS", "ClientConfig", "ConfigError", "CryptoConfig",
+    "CHOICES", "DATA_FORMATS", "FILE_FORMATS", "PRIVATE_BLOCKS", "SUMMARIZATION_FORMATS", "SUPERGLUE_FORMATS", "ClientConfig", "ConfigError", "CryptoConfig",
     "DataConfig", "FaultsConfig", "FederationConfig", "GenerationConfig", "ModelConfig", "OptimConfig", "PeftConfig", "PrivacyConfig",
     "RunConfig", "ServerConfig", "SplitConfig", "TaskConfig", "TrainerConfig", "fingerprint", "load_config", "to_dict", "to_yaml",
     "validate",

@@ -24,7 +24,9 @@ PrivateBlock = Literal["input", "output"]
 # transformers); tests/test_tasks.py checks they agree.
 SuperGlueFormat = Literal["boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc"]
 SummarizationFormat = Literal["cnn_dailymail", "xsum"]
-DataFormat = Literal["auto", "tsv", "jsonl", SuperGlueFormat, SummarizationFormat]
+FileFormat = Literal["json", "jsonl", "csv", "tsv", "text"]
+"""The file layouts of ``flglm.data.formats``, whose fields any task names."""
+DataFormat = Literal["auto", FileFormat, SuperGlueFormat, SummarizationFormat]
 Partition = Literal["iid", "dirichlet", "none"]
 TruncationSide = Literal["auto", "left", "right"]
 TaskKind = Literal["classification", "generation", "language_modeling"]
@@ -35,7 +37,8 @@ MetricTokenizer = Literal["auto", "whitespace", "char", "model"]
 
 SUPERGLUE_FORMATS: tuple[str, ...] = get_args(SuperGlueFormat)
 SUMMARIZATION_FORMATS: tuple[str, ...] = get_args(SummarizationFormat)
-DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+FILE_FORMATS: tuple[str, ...] = get_args(FileFormat)
+DATA_FORMATS: tuple[str, ...] = ("auto", *FILE_FORMATS, *SUPERGLUE_FORMATS, *SUMMARIZATION_FORMATS)
 
 
 @dataclass(kw_only=True)
@@ -241,14 +244,19 @@ class PrivacyConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train_path: str = MISSING
-    """Training file (.tsv with a header, or .jsonl). ``{client}`` is replaced by the client index."""
+    """Training file (.json array, .jsonl, .csv, .tsv with a header, .txt); ``{client}`` is replaced by the client index."""
     dev_path: str | None = None
-    """Validation file, evaluated by every client through the split."""
+    """Validation file, evaluated by every client through the split; ``{client}`` as in ``train_path``."""
     text_field: str = "sentence"
+    """classification and language modelling: the field holding the text."""
     label_field: str | None = "label"
-    """Columns of a ``tsv``/``jsonl`` file; ignored for the task formats below, which know theirs."""
+    """classification: the field holding the integer label (None: unlabelled)."""
+    prompt_field: str | None = None
+    """generation: the field holding the prompt (source); None: ``article`` or ``document``."""
+    target_field: str | None = None
+    """generation: the field holding the target; None: ``summary`` or ``highlights``."""
     format: DataFormat = "auto"
-    """``auto``: by suffix; a SuperGLUE task's JSON lines for ``task.kind=classification``; a summarization set for ``generation``."""
+    """``auto``: by suffix (``.txt``: plain text cut into ``max_length`` token blocks); a file layout; a SuperGLUE task; a summarization set."""
     partition: Partition = "iid"
     """How one training file is divided among clients; ``none``: each client's ``train_path`` is its own file."""
     alpha: float = 0.5

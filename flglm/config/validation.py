@@ -148,11 +148,13 @@ def _validate_task(cfg: RunConfig) -> None:
         raise ConfigError(f"data.format={data.format} is a classification task; set task.kind=classification, got {task.kind!r}")
     if data.format in SUMMARIZATION_FORMATS and task.kind != "generation":
         raise ConfigError(f"data.format={data.format} gives (article, summary) pairs; set task.kind=generation, got {task.kind!r}")
+    _validate_data_fields(cfg)
     if task.kind != "generation":
         return
-    if data.format not in SUMMARIZATION_FORMATS:
+    if data.format == "text":
         raise ConfigError(
-            f"task.kind=generation needs (source, target) pairs: set data.format to one of {list(SUMMARIZATION_FORMATS)}, got {data.format!r}"
+            f"task.kind=generation needs (source, target) pairs: a file with fields (data.prompt_field, data.target_field) "
+            f"or data.format in {list(SUMMARIZATION_FORMATS)}, got {data.format!r}"
         )
     if not 1 <= task.max_target_tokens < data.max_length:
         raise ConfigError(
@@ -163,6 +165,38 @@ def _validate_task(cfg: RunConfig) -> None:
         raise ConfigError(f"task.max_eval_generations must be >= 0 (0: none), got {task.max_eval_generations}")
     if data.partition == "dirichlet":
         raise ConfigError("data.partition=dirichlet splits by class label; task.kind=generation has none (use iid)")
+
+
+def _validate_data_fields(cfg: RunConfig) -> None:
+    """A field setting the task (or the data format) does not read is an error, not ignored.
+
+    ``text_field``/``label_field`` have defaults, so only a value other than the default counts as set.
+    """
+    task, data = cfg.task, cfg.data
+    set_fields = {
+        "data.text_field": data.text_field != "sentence",
+        "data.label_field": data.label_field not in ("label", None),
+        "data.prompt_field": data.prompt_field is not None,
+        "data.target_field": data.target_field is not None,
+    }
+    used = {
+        "classification": {"data.text_field", "data.label_field"},
+        "generation": {"data.prompt_field", "data.target_field"},
+        "language_modeling": {"data.text_field"},
+    }.get(task.kind, set())
+    if data.format in (*SUPERGLUE_FORMATS, *SUMMARIZATION_FORMATS, "text"):
+        used = set()  # these formats know their fields (or have none)
+    for key, is_set in set_fields.items():
+        if is_set and key not in used:
+            reader = f"data.format={data.format}" if not used else f"task.kind={task.kind}"
+            raise ConfigError(f"{key}={getattr(data, key.split('.')[1])!r} is set but {reader} does not read it")
+    if data.format == "text" and task.kind not in ("language_modeling", "generation"):
+        raise ConfigError(f"data.format=text (plain text) is for task.kind=language_modeling, got {task.kind!r}")
+    if "{client}" in data.train_path and data.partition != "none":
+        raise ConfigError(
+            f"data.train_path={data.train_path!r} has a {{client}} placeholder (one file per client) but "
+            f"data.partition={data.partition} divides one file: set data.partition=none"
+        )
 
 
 def _validate_privacy(p: PrivacyConfig) -> None:

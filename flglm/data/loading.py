@@ -3,7 +3,9 @@
 In an experiment one training file is divided among the clients (``iid`` or ``dirichlet``):
 each client reads the file and keeps only its own partition, computed deterministically
 from the seed, so no process has to hand data to another. With ``partition=none`` every
-client's ``train_path`` (``{client}`` substituted) is its own file.
+client's ``train_path`` (``{client}`` substituted) is its own file, and a centralized run
+trains on their union, client by client. Rows are read by ``flglm.data.formats`` (any
+layout) and mapped to examples by ``flglm.data.fields`` (the fields the config names).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from flglm.data import (
     check_partition,
     load_tokenizer,
     partition,
-    read_examples,
     read_task_file,
     save_tokenizer,
     train_byte_bpe_tokenizer,
     train_word_tokenizer,
 )
+from flglm.data.fields import classification_examples, generation_examples, text_examples, token_blocks
+from flglm.data.formats import file_format, read_rows, read_text
 from flglm.run_layout import tokenizer_dir
 
 DEFAULT_LABEL_WORDS: tuple[str, ...] = ("negative", "positive")
@@ -72,26 +75,71 @@ def truncation_side(cfg: RunConfig) -> str:
     return "left" if cfg.data.format in SUPERGLUE_TASKS else "right"
 
 
-def _read(cfg: RunConfig, path: str, max_rows: int | None) -> list[Example]:
+def _is_plain_text(cfg: RunConfig, path: str) -> bool:
+    return cfg.data.format not in TASK_FORMATS and file_format(path, cfg.data.format) == "text"
+
+
+def _read_raw(cfg: RunConfig, path: str) -> list[Example]:
+    """The file's examples as written: a plain-text file gives one per non-blank line."""
     if cfg.data.format in TASK_FORMATS:
         # The config allows a task format only with its task kind, which always needs labels.
-        examples = read_task_file(path, cfg.data.format, labelled=True)
-    else:
-        label_field = cfg.data.label_field if cfg.task.kind == "classification" else None
-        examples = read_examples(path, text_field=cfg.data.text_field, label_field=label_field, fmt=cfg.data.format)
+        return read_task_file(path, cfg.data.format, labelled=True)
+    if _is_plain_text(cfg, path):
+        if cfg.task.kind != "language_modeling":
+            raise ConfigError(f"{path} is plain text, which only task.kind=language_modeling reads (got {cfg.task.kind})")
+        return [Example(text=line) for line in read_text(path).splitlines() if line.strip()]
+    rows = read_rows(path, cfg.data.format)
+    if cfg.task.kind == "classification":
+        return classification_examples(rows, path, text_field=cfg.data.text_field, label_field=cfg.data.label_field)
+    if cfg.task.kind == "generation":
+        return generation_examples(rows, path, prompt_field=cfg.data.prompt_field, target_field=cfg.data.target_field)
+    return text_examples(rows, path, text_field=cfg.data.text_field)
+
+
+def _read(cfg: RunConfig, path: str, max_rows: int | None) -> list[Example]:
+    """The file's examples; plain text becomes ``data.max_length`` token blocks (``max_rows`` counts blocks)."""
+    examples = _read_raw(cfg, path)
+    if _is_plain_text(cfg, path):
+        # The federation's tokenizer is a pure function of the config, so every process cuts the same blocks.
+        examples = token_blocks([e.text for e in examples], build_tokenizer(cfg, save=False), cfg.data.max_length, source=path)
     return examples[:max_rows] if max_rows is not None else examples
+
+
+def file_texts(cfg: RunConfig, path: str) -> list[str]:
+    """The texts (classification, language modelling) or prompts (generation) of a file; no labels needed."""
+    if cfg.data.format in TASK_FORMATS:
+        return [e.text for e in read_task_file(path, cfg.data.format, labelled=False)]
+    if _is_plain_text(cfg, path):
+        return [line for line in read_text(path).splitlines() if line.strip()]
+    rows = read_rows(path, cfg.data.format)
+    if cfg.task.kind == "generation":
+        return [e.text for e in generation_examples(rows, path, prompt_field=cfg.data.prompt_field, target_field=cfg.data.target_field)]
+    return [e.text for e in text_examples(rows, path, text_field=cfg.data.text_field)]
+
+
+def client_path(template: str, client_index: int) -> str:
+    """A data path with ``{client}`` replaced by the client's index."""
+    return template.replace("{client}", str(client_index))
 
 
 def train_path(cfg: RunConfig, client_index: int | None) -> str:
     if "{client}" in cfg.data.train_path:
         if client_index is None:
-            raise ConfigError("data.train_path has a {client} placeholder; a centralized run needs one file")
-        return cfg.data.train_path.replace("{client}", str(client_index))
+            raise ConfigError("data.train_path has a {client} placeholder; name the client (or read the union of all)")
+        return client_path(cfg.data.train_path, client_index)
     return cfg.data.train_path
 
 
+def _union(cfg: RunConfig, template: str, max_rows: int | None) -> list[Example]:
+    """Every client's file, in client order, each cut to ``max_rows`` as that client's run cuts it."""
+    clients = range(cfg.federation.num_clients)
+    return [e for index in clients for e in _read(cfg, client_path(template, index), max_rows)]
+
+
 def all_train_examples(cfg: RunConfig) -> list[Example]:
-    """The whole training file (the centralized run's data; the union of all partitions)."""
+    """The whole training data (the centralized run's; the union of all partitions or clients' files)."""
+    if "{client}" in cfg.data.train_path:
+        return _union(cfg, cfg.data.train_path, cfg.data.max_train_rows)
     examples = _read(cfg, train_path(cfg, None), cfg.data.max_train_rows)
     if cfg.data.partition == "iid":
         # Equal shares keep every client's epoch the same length; the < num_clients
@@ -124,9 +172,14 @@ def client_train_examples(cfg: RunConfig, client_index: int) -> list[Example]:
     return [examples[i] for i in mine]
 
 
-def dev_examples(cfg: RunConfig) -> list[Example] | None:
+def dev_examples(cfg: RunConfig, client_index: int | None = None) -> list[Example] | None:
+    """The validation examples: client ``client_index``'s file, or with None the union of all clients'."""
     if cfg.data.dev_path is None:
         return None
+    if "{client}" in cfg.data.dev_path:
+        if client_index is None:
+            return _union(cfg, cfg.data.dev_path, cfg.data.max_dev_rows)
+        return _read(cfg, client_path(cfg.data.dev_path, client_index), cfg.data.max_dev_rows)
     return _read(cfg, cfg.data.dev_path, cfg.data.max_dev_rows)
 
 
@@ -155,7 +208,10 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
             "with data.partition=none each client has its own file, so no shared tokenizer can be "
             "trained: set data.tokenizer_path to a saved tokenizer directory"
         )
-    examples = all_train_examples(cfg)
+    if _is_plain_text(cfg, cfg.data.train_path):
+        examples = _read_raw(cfg, cfg.data.train_path)  # its lines: the blocks are cut by this tokenizer
+    else:
+        examples = all_train_examples(cfg)
     texts = [e.text for e in examples] + [e.target for e in examples if e.target is not None]
     required = [task_prompt(cfg).replace("{text}", " ")]
     if cfg.task.kind != "generation":

@@ -38,6 +38,8 @@ class Example:
     text: str
     label: int | None = None
     target: str | None = None
+    input_ids: tuple[int, ...] | None = None
+    """Already tokenized (a fixed-length block of a plain-text file); the collator uses it as is."""
 
 
 class DataFormatError(ValueError):

@@ -369,7 +369,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
             callbacks.append(encryption)
         # Everything that can fail on bad input is checked before joining the federation.
         train = client_train_examples(cfg, index)
-        dev = dev_examples(cfg)
+        dev = dev_examples(cfg, index)
         tokenizer = build_tokenizer(cfg, save=index == 0)
         warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=train_path(cfg, index))
         plan = plan_for(cfg.model, cfg.split)

@@ -23,12 +23,22 @@ from flglm.data.readers import Example
 
 @dataclass
 class TextCollator:
-    """Tokenizes texts (BOS-prefixed, truncated to ``max_length``) into a right-padded batch."""
+    """Tokenizes texts (BOS-prefixed, truncated to ``max_length``) into a right-padded batch.
+
+    Examples that carry ``input_ids`` (token blocks of a plain-text file, all one length) are
+    stacked as they are: nothing to pad, every position attended and a target.
+    """
 
     tokenizer: Any
     max_length: int
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        blocks = [e.input_ids for e in examples if e.input_ids is not None]
+        if blocks:
+            if len(blocks) != len(examples) or len({len(b) for b in blocks}) != 1:
+                raise ValueError("a batch mixes token blocks with texts, or blocks of different lengths")
+            input_ids = torch.tensor(blocks, dtype=torch.long)
+            return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         enc = self.tokenizer(
             [e.text for e in examples],
             truncation=True,
