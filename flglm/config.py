@@ -330,6 +330,8 @@ class TaskConfig:
     max_eval_generations: int = 32
     """generation: decode at most this many dev examples per validation for ROUGE/BLEU (decoding
     is the slow part; the loss covers every dev example). 0: no generation metrics."""
+    chat_template: bool = False
+    """Wrap every prompt (the task's, and ``flglm generate``'s) in the tokenizer's chat template as the user's turn."""
     factory: str | None = None
     """A task of your own: ``package.module:function``, called as ``function(cfg, lm, tokenizer)``
     and returning ``(task module, collate function)`` like :func:`flglm.tasks.build_task`; it

@@ -8,6 +8,7 @@ client's ``train_path`` (``{client}`` substituted) is its own file.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -25,6 +26,7 @@ from flglm.data import (
     save_tokenizer,
     train_word_tokenizer,
 )
+from flglm.data.chat import ChatTemplateError, check_chat_template
 from flglm.run_layout import tokenizer_dir
 
 DEFAULT_LABEL_WORDS: tuple[str, ...] = ("negative", "positive")
@@ -129,17 +131,24 @@ def dev_examples(cfg: RunConfig) -> list[Example] | None:
 
 
 def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
-    """The federation's tokenizer: the pretrained model's own, a saved one, or a trained one.
+    """The federation's tokenizer: the pretrained model's own (if ``model.path`` ships one), a
+    saved one, or a trained one; with ``task.chat_template`` it must have a chat template.
 
     A trained tokenizer is a pure function of the training file (its texts and, for generation,
     its targets; the prompt and label words always in), so every process builds the
     same one (the server checks its fingerprint at each client's handshake); ``save`` writes
     it to ``run_dir/tokenizer`` so the run can be reused.
     """
-    if cfg.model.path is not None:
-        return AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+    if cfg.model.path is not None and has_tokenizer(cfg.model.path):
+        # Its own special tokens and chat template come with it; nothing is retrained or re-saved.
+        return _checked(cfg, AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True), f"model.path={cfg.model.path}")
     if cfg.data.tokenizer_path is not None:
-        return load_tokenizer(cfg.data.tokenizer_path)
+        return _checked(cfg, load_tokenizer(cfg.data.tokenizer_path), f"data.tokenizer_path={cfg.data.tokenizer_path}")
+    if cfg.model.path is not None:
+        raise ConfigError(
+            f"model.path={cfg.model.path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+            "save the model's tokenizer there or set data.tokenizer_path"
+        )
     if cfg.data.partition == "none":
         raise ConfigError(
             "with data.partition=none each client has its own file, so no shared tokenizer can be "
@@ -155,6 +164,24 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
     tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
     if save:
         save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
+    return _checked(cfg, tokenizer, "the tokenizer trained on data.train_path")
+
+
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""Files of which a model directory holds at least one when it ships its tokenizer (fast, sentencepiece, BPE)."""
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _checked(cfg: RunConfig, tokenizer: Any, where: str) -> Any:
+    """``tokenizer``, once it is known to have a chat template if ``task.chat_template`` asks for one."""
+    if cfg.task.chat_template:
+        try:
+            check_chat_template(tokenizer, where)
+        except ChatTemplateError as err:
+            raise ConfigError(str(err)) from None
     return tokenizer
 
 

@@ -46,11 +46,12 @@ from flglm.data.sampler import ResumableSampler
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
+from flglm.models.pretrained import record_loading
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.privacy.defenses import client_defenses
 from flglm.resume import RoundCheckpoints
 from flglm.roles import Role, clients_of
-from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path, rendezvous_path
+from flglm.run_layout import checkpoint_dir, client_weights_path, loading_report_path, middle_weights_path, rendezvous_path
 from flglm.server.endpoint import ServerEndpoint
 from flglm.server.middle_server import MiddleServer
 from flglm.server.serving.parallelism import choose_parallelism, free_memory_bytes
@@ -243,6 +244,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
     middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    record_loading(middle.hf, loading_report_path(run_dir, role.worker_name))
     parameters = sum(p.numel() for p in middle.parameters())
     choice = choose_parallelism(
         cfg,
@@ -374,6 +376,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         tokenizer = build_tokenizer(cfg, save=index == 0)
         plan = plan_for(cfg.model, cfg.split)
         blocks = ClientBlocks(cfg.model, plan, cfg.peft)
+        record_loading(blocks.hf, loading_report_path(cfg.run_dir, role.worker_name))
         defenses = client_defenses(cfg.privacy, blocks, client_index=index)
         log.info("%s: privacy defenses: %s", role.worker_name, defenses.summary)
         check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)
