@@ -73,7 +73,7 @@ def write_pretrained(directory: Path, arch: str, *, tie: bool = False, words: li
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=7)
     model.save_pretrained(directory, max_shard_size=SHARD_SIZE)
-    write_tokenizer(directory, words or ["the", "movie", "was", "good"])
+    write_tokenizer(directory, words or ["the", "movie", "was", "good", "sentiment", ":", "negative", "positive"])
     return directory
 
 
