@@ -11,8 +11,12 @@ the training does by itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from flglm.config import load_config
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from flglm.config import RunConfig, load_config
 from flglm.models.lora import merge_lora
 from flglm.models.split import build_full_model, saved_state_dict
 from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
@@ -20,7 +24,8 @@ from flglm.tensor_files import load_tensors
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> Path:
-    """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by ``from_pretrained``."""
+    """Write ``out_dir`` (config, safetensors weights in float32, the base model's generation config
+    if it had one, tokenizer files) loadable by ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained``."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = load_config(run_dir / "config.yaml")
     if cfg.peft.method == "ptuning_v2":
@@ -52,9 +57,27 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, client: int = 0) -> 
     if missing:
         raise ValueError(f"the run's parts lack {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
     model.load_state_dict(weights, strict=False)
+    # float32, whatever the base checkpoint's dtype: merged LoRA updates are not representable in
+    # bf16, and the weights trained and were held in float32 (flglm.models.pretrained).
+    model.config.dtype = torch.float32
+    model.config.use_cache = True  # the split turned it off; an exported model decodes with a cache
+    base = Path(cfg.model.path) if cfg.model.path is not None else None
+    if base is not None and (base / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(base, local_files_only=True)
     model.save_pretrained(out_dir)
-    if tokenizer_dir(run_dir).is_dir():
-        from flglm.data import load_tokenizer
-
-        load_tokenizer(tokenizer_dir(run_dir)).save_pretrained(out_dir)
+    tokenizer = _run_tokenizer(cfg, run_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _run_tokenizer(cfg: RunConfig, run_dir: Path) -> Any:
+    """The tokenizer the run used: the base model's own, ``data.tokenizer_path``, or the one it trained (None: none saved)."""
+    from flglm.data import load_tokenizer
+    from flglm.data.loading import has_tokenizer
+
+    if cfg.model.path is not None and has_tokenizer(cfg.model.path):
+        return AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+    if cfg.data.tokenizer_path is not None:
+        return load_tokenizer(cfg.data.tokenizer_path)
+    return load_tokenizer(tokenizer_dir(run_dir)) if tokenizer_dir(run_dir).is_dir() else None

@@ -23,6 +23,11 @@ def tokenizer_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "tokenizer"
 
 
+def loading_report_path(run_dir: str | Path, party: str) -> Path:
+    """Which shards and tensors of a pretrained checkpoint ``party`` (``server``, ``client{i}``) read."""
+    return Path(run_dir) / party / "loading.json"
+
+
 def checkpoint_dir(run_dir: str | Path, party: str) -> Path:
     """Checkpoints of one party (``server`` or ``client{i}``), one file per FedAvg round."""
     return Path(run_dir) / "checkpoints" / party

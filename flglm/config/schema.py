@@ -294,6 +294,8 @@ class TaskConfig:
     """generation: ROUGE/BLEU tokens: ``auto`` (CJK one per character, else whitespace), ``whitespace``, ``char``, ``model``."""
     max_eval_generations: int = 32
     """generation: dev examples decoded per validation for ROUGE/BLEU (the loss covers all); 0: none."""
+    chat_template: bool = False
+    """Wrap every prompt (the task's, and ``flglm generate``'s) in the tokenizer's chat template as the user's turn."""
     factory: str | None = None
     """``package.module:function`` returning ``(task module, collate)`` like ``flglm.tasks.build_task`` (README: "Writing your own task")."""
 

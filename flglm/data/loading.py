@@ -10,6 +10,7 @@ layout) and mapped to examples by ``flglm.data.fields`` (the fields the config n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -28,6 +29,7 @@ from flglm.data import (
     train_byte_bpe_tokenizer,
     train_word_tokenizer,
 )
+from flglm.data.chat import ChatTemplateError, check_chat_template
 from flglm.data.fields import classification_examples, generation_examples, text_examples, token_blocks
 from flglm.data.formats import file_format, read_rows, read_text
 from flglm.run_layout import tokenizer_dir
@@ -184,8 +186,9 @@ def dev_examples(cfg: RunConfig, client_index: int | None = None) -> list[Exampl
 
 
 def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
-    """The federation's tokenizer: the pretrained model's own, a saved one, the byte vocabulary,
-    or one trained on the training file (``data.tokenizer``).
+    """The federation's tokenizer: the pretrained model's own (if ``model.path`` ships one), a
+    saved one, the byte vocabulary, or one trained on the training file (``data.tokenizer``);
+    with ``task.chat_template`` it must have a chat template.
 
     A trained tokenizer (``word``, ``byte_bpe``) is a pure function of the training file (its
     texts and, for generation, its targets; the prompt and label words always in), so every
@@ -194,10 +197,16 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
     from public text with ``flglm tokenizer`` and set ``data.tokenizer_path``. ``bytes`` needs no
     training. ``save`` writes it to ``run_dir/tokenizer`` so the run can be reused.
     """
-    if cfg.model.path is not None:
-        return AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True)
+    if cfg.model.path is not None and has_tokenizer(cfg.model.path):
+        # Its own special tokens and chat template come with it; nothing is retrained or re-saved.
+        return _checked(cfg, AutoTokenizer.from_pretrained(cfg.model.path, local_files_only=True), f"model.path={cfg.model.path}")
     if cfg.data.tokenizer_path is not None:
-        return load_tokenizer(cfg.data.tokenizer_path)
+        return _checked(cfg, load_tokenizer(cfg.data.tokenizer_path), f"data.tokenizer_path={cfg.data.tokenizer_path}")
+    if cfg.model.path is not None:
+        raise ConfigError(
+            f"model.path={cfg.model.path} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); "
+            "save the model's tokenizer there or set data.tokenizer_path"
+        )
     if cfg.data.tokenizer == "bytes":
         tokenizer = byte_vocabulary_tokenizer()
         if save:
@@ -226,6 +235,24 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
         tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
     if save:
         save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
+    return _checked(cfg, tokenizer, "the tokenizer trained on data.train_path")
+
+
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""Files of which a model directory holds at least one when it ships its tokenizer (fast, sentencepiece, BPE)."""
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _checked(cfg: RunConfig, tokenizer: Any, where: str) -> Any:
+    """``tokenizer``, once it is known to have a chat template if ``task.chat_template`` asks for one."""
+    if cfg.task.chat_template:
+        try:
+            check_chat_template(tokenizer, where)
+        except ChatTemplateError as err:
+            raise ConfigError(str(err)) from None
     return tokenizer
 
 

@@ -24,6 +24,7 @@ from flglm.client.module import SplitClientModule
 from flglm.client.remote import RemoteMiddle
 from flglm.config import RunConfig, fingerprint
 from flglm.data import load_tokenizer, tokenizer_fingerprint
+from flglm.data.chat import chat_prompt
 from flglm.data.loading import build_tokenizer
 from flglm.devices import resolve_device
 from flglm.distributed import DistEnv, rpc_options, rpc_worker
@@ -106,7 +107,9 @@ def generate_as_client(
             link.handshake()
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
         module = SplitClientModule(SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard), optim=cfg.optim, generation=cfg.generation)
-        results = module.generate_with_ids(prompts, tokenizer, on_batch=lambda done, total: log.info("generated %d of %d prompts", done, total))
+        # The rows keep the prompts as given; the model sees them in its chat template if asked.
+        as_seen = [chat_prompt(tokenizer, p) for p in prompts] if cfg.task.chat_template else list(prompts)
+        results = module.generate_with_ids(as_seen, tokenizer, on_batch=lambda done, total: log.info("generated %d of %d prompts", done, total))
         rows = [{"prompt": p, "generated": text, "token_ids": ids} for p, (text, ids) in zip(prompts, results)]
         write_json(rows, out)
         link.leave({"prompts": float(len(prompts))})

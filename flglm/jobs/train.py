@@ -49,11 +49,12 @@ from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worke
 from flglm.jobs.federation_summary import federation_metrics, integer_counts
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
+from flglm.models.pretrained import record_loading
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.privacy.defenses import client_defenses
 from flglm.resume import RoundCheckpoints
 from flglm.roles import Role, clients_of
-from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path, rendezvous_path
+from flglm.run_layout import checkpoint_dir, client_weights_path, loading_report_path, middle_weights_path, rendezvous_path
 from flglm.server.endpoint import ServerEndpoint
 from flglm.server.middle_server import MiddleServer
 from flglm.server.serving.parallelism import choose_parallelism, free_memory_bytes
@@ -254,6 +255,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
     device = resolve_device(cfg.server.device, key="server.device", local_rank=env.local_rank)
     middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft, device=device)
+    record_loading(middle.hf, loading_report_path(run_dir, role.worker_name))
     parameters = sum(p.numel() for p in middle.parameters())
     choice = choose_parallelism(
         cfg,
@@ -375,6 +377,7 @@ def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
         plan = plan_for(cfg.model, cfg.split)
         device = resolve_device(cfg.client.device, key="client.device", local_rank=env.local_rank)
         blocks = ClientBlocks(cfg.model, plan, cfg.peft, device=device)
+        record_loading(blocks.hf, loading_report_path(cfg.run_dir, role.worker_name))
         defenses = client_defenses(cfg.privacy, blocks, client_index=index)
         log.info("%s: privacy defenses: %s", role.worker_name, defenses.summary)
         check_fits_model(cfg, tokenizer, vocab_size=blocks.hf.config.vocab_size, max_positions=blocks.max_positions)

@@ -5,7 +5,8 @@ counts (testable without a model), ``build_side`` builds only the modules one si
 The whole model is first built on the ``meta`` device (no memory), the modules the side does
 not own are dropped, and only what is left is allocated and filled — from a local checkpoint
 or from a seeded random initialisation. A server therefore never allocates the embedding or
-the LM head, and a client never allocates the middle stack.
+the LM head, and a client never allocates the middle stack; from a checkpoint each side opens
+only the shards holding its own tensors (:mod:`flglm.models.pretrained`).
 
 Kept modules keep their Hugging Face names (``model.layers.5.mlp...``), so a side's
 ``state_dict`` loads from and saves to the original checkpoint layout, and the parts of all
@@ -14,7 +15,6 @@ sides merge back into the full model by key.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedMode
 from flglm.models.dtypes import frozen_weight_dtype, keep_trainable_float32
 from flglm.models.lora import inject_lora, injected_names, trainable_state_dict
 from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefilled_rows_cache, prefix_length_of, prefix_of, with_prefix_mask
+from flglm.models.pretrained import LoadingReport, load_local
 
 Side = Literal["client", "server", "full"]
 
@@ -124,7 +125,8 @@ def build_skeleton(config: PretrainedConfig, attn_implementation: str) -> nn.Mod
             f"model_type {config.model_type!r} has no causal LM class; supported: {', '.join(sorted(ADAPTERS))}"
         )
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        # float32 whatever the config's dtype (a bf16 checkpoint's): see flglm.models.pretrained.
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     adapter_for(type(model).__name__)  # fail early, listing the supported classes
     return model
 
@@ -196,42 +198,6 @@ def redraw(model: nn.Module, names: Iterable[str], generator_for: Callable[[str]
                 param.copy_(torch.randn(param.shape, generator=generator_for(name), dtype=torch.float32) * std)
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / shard for shard in shards]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-def load_local(model: nn.Module, path: str | Path) -> None:
-    """Read from a local safetensors checkpoint only the tensors this side owns."""
-    from safetensors import safe_open
-
-    wanted = dict(model.named_parameters())
-    wanted.update(dict(model.named_buffers()))
-    found: set[str] = set()
-    with torch.no_grad():
-        for file in _checkpoint_files(Path(path)):
-            with safe_open(str(file), framework="pt") as reader:
-                for key in reader.keys():
-                    if key in wanted:
-                        tensor = reader.get_tensor(key)
-                        if tensor.shape != wanted[key].shape:
-                            raise ValueError(
-                                f"{file}: {key} has shape {list(tensor.shape)}, model expects {list(wanted[key].shape)}"
-                            )
-                        wanted[key].copy_(tensor)
-                        found.add(key)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(dict(model.named_parameters())) - found - tied)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) this side needs, e.g. {missing[:5]}")
-
-
 def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_cfg: PeftConfig | None = None, *, device: torch.device | str = "cpu") -> nn.Module:
     """Build, allocate (on ``device``, frozen weights in ``model.dtype``: :mod:`flglm.models.dtypes`)
     and fill the modules of ``side`` (``plan`` may be None for ``full``);
@@ -256,7 +222,8 @@ def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_
     _rebuild_rotary(model, adapter, torch.device(device))
     _tie_head(model, adapter, side)
     if model_cfg.path is not None:
-        load_local(model, model_cfg.path)
+        # What this side opened and read, for the run's record (flglm.models.pretrained.LoadingReport).
+        model.flglm_loading_report = load_local(model, model_cfg.path)
     else:
         init_random(model, seed=model_cfg.init_seed)
     if lora:
@@ -435,6 +402,11 @@ class MiddleStack(nn.Module):
 def build_full_model(model_cfg: ModelConfig, peft_cfg: PeftConfig | None = None) -> nn.Module:
     """The whole Hugging Face model with the same weights the split sides get (centralized reference)."""
     return build_side(model_cfg, None, "full", peft_cfg)
+
+
+def loading_report_of(model: nn.Module) -> LoadingReport | None:
+    """What ``build_side`` read of a checkpoint for this side (None for a random initialisation)."""
+    return getattr(model, "flglm_loading_report", None)
 
 
 def saved_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

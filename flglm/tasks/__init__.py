@@ -10,6 +10,7 @@ from torch import nn
 
 from flglm.client.module import SplitClientModule
 from flglm.config import RunConfig
+from flglm.data.chat import chat_prompt
 from flglm.data.loading import task_label_words, task_prompt, truncation_side
 from flglm.tasks.classification import ClassificationTask, PromptCollator, PromptError
 from flglm.tasks.language_modeling import LanguageModelingTask, TextCollator
@@ -31,17 +32,18 @@ def build_task(cfg: RunConfig, lm: nn.Module, tokenizer: Any) -> tuple[SplitClie
     """The task module for ``cfg.task.kind`` and the collate function that feeds it.
 
     Every task gets the run's ``generation`` settings, so ``generate()`` on any of them decodes
-    as configured.
+    as configured; with ``task.chat_template`` the prompt is wrapped in the tokenizer's chat template.
     """
     if cfg.task.factory is not None:
         return _own_task(cfg.task.factory)(cfg, lm, tokenizer)
     kind = cfg.task.kind
+    prompt = chat_prompt(tokenizer, task_prompt(cfg)) if cfg.task.chat_template and kind != "language_modeling" else task_prompt(cfg)
     if kind == "classification":
-        collate = PromptCollator(tokenizer, task_prompt(cfg), task_label_words(cfg), cfg.data.max_length, truncation_side(cfg))
+        collate = PromptCollator(tokenizer, prompt, task_label_words(cfg), cfg.data.max_length, truncation_side(cfg))
         task = ClassificationTask(lm, optim=cfg.optim, generation=cfg.generation, label_token_ids=collate.label_token_ids)
         return task, collate
     if kind == "generation":
-        seq2seq = Seq2SeqCollator(tokenizer, task_prompt(cfg), cfg.data.max_length, cfg.task.max_target_tokens, truncation_side(cfg))
+        seq2seq = Seq2SeqCollator(tokenizer, prompt, cfg.data.max_length, cfg.task.max_target_tokens, truncation_side(cfg))
         # Validation never generates past the target budget: prompt + output then fit data.max_length,
         # which check_fits_model holds to the model's positions.
         generation = GenerationTask(
