@@ -55,6 +55,11 @@ REPLY_KIND: dict[str, str] = {
 }
 """Request kind -> kind of its answer."""
 
+KINDS: tuple[str, ...] = (
+    "join", "forward", "infer", "decode", "decode_end", "backward", "grad_norms", "step", "agg_begin", "agg_upload", "leave",
+)  # fmt: skip
+"""Request kinds by wire code (code = index + 1, 0: none) of the socket link's frames; new kinds go at the end."""
+
 ASYNC_KINDS = frozenset({"agg_begin", "agg_upload"})
 """Kinds answered when other clients have called too (through a future)."""
 
