@@ -229,6 +229,24 @@ class CryptoConfig:
     """Larger sealed messages are refused before anything is decrypted or allocated."""
 
 
+@dataclass(kw_only=True)
+class LinkConfig:
+    transport: str = "rpc"
+    """``rpc``: torch RPC among processes torchrun starts (one organisation); ``socket``: clients reach the server's edge by TCP frames only."""
+    edge_host: str = "127.0.0.1"
+    """socket: the address the server's edge listens on (``0.0.0.0`` to accept other machines)."""
+    edge_port: int = 0
+    """socket: the edge's port; 0 picks a free one, written to ``run_dir/edge.json``."""
+    max_frame_mb: float = 1024.0
+    """socket: larger frames are refused before anything is allocated."""
+    first_frame_timeout_s: float = 10.0
+    """socket: a connection not yet proven by a sealed message is closed if a frame does not come within this time."""
+    max_connections: int = 256
+    """socket: connections the edge holds at once; when full, the oldest one not yet proven is closed."""
+    max_connections_per_client: int = 4
+    """socket: proven connections kept per client (the oldest is closed first)."""
+
+
 PRIVATE_BLOCKS: tuple[str, ...] = ("input", "output")
 """The client's parts that ``privacy.private_blocks`` may keep private."""
 
@@ -394,6 +412,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
@@ -415,6 +434,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("sdpa", "eager"),
     "server.parallelism": ("sequential", "client_batching", "hierarchical", "auto"),
     "server.nonfinite": ("reject", "skip"),
+    "link.transport": ("rpc", "socket"),
 }
 
 
@@ -626,8 +646,26 @@ def _validate_link(cfg: RunConfig) -> None:
         raise ConfigError(f"federation.membership={f.membership!r} is not one of ['static', 'dynamic']")
     if f.membership == "dynamic" and (cfg.server.sub_servers > 1 or cfg.server.parallelism == "hierarchical"):
         raise ConfigError("federation.membership=dynamic runs one server process; hierarchical sub-servers need torchrun (static)")
+    _validate_socket_link(cfg)
     if (faults.drop_request or faults.drop_reply) and f.max_retries == 0:
         raise ConfigError("faults.drop_request/drop_reply lose messages; they need federation.max_retries >= 1")
+
+
+def _validate_socket_link(cfg: RunConfig) -> None:
+    link = cfg.link
+    if not 0 <= link.edge_port < 65536:
+        raise ConfigError(f"link.edge_port must be in [0, 65535] (0: a free port), got {link.edge_port}")
+    for key, value in (("link.max_frame_mb", link.max_frame_mb), ("link.first_frame_timeout_s", link.first_frame_timeout_s)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{key} must be finite and > 0, got {value}")
+    if link.max_connections < 1 or link.max_connections_per_client < 1:
+        raise ConfigError("link.max_connections and link.max_connections_per_client must be >= 1")
+    if link.transport != "socket":
+        return
+    if cfg.federation.membership != "static":
+        raise ConfigError("link.transport=socket needs no RPC group (clients come and go on their own): leave federation.membership=static")
+    if cfg.server.sub_servers > 1 or cfg.server.parallelism == "hierarchical":
+        raise ConfigError("link.transport=socket serves from one server process for now; hierarchical sub-servers need link.transport=rpc")
 
 
 def _validate_sub_servers(cfg: RunConfig) -> None:

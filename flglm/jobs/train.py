@@ -12,6 +12,8 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from flglm.data.loading import (
 )
 from flglm.data.sampler import ResumableSampler
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
+from flglm.jobs.summaries import federation_metrics, merge_server_summaries
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
@@ -206,7 +209,7 @@ def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, Pa
     return session, masker
 
 
-def client_link(cfg: RunConfig, server: rpc.RRef | str, index: int, session: ClientSession | None) -> ServerLink:
+def client_link(cfg: RunConfig, server: rpc.RRef | str | Transport, index: int, session: ClientSession | None) -> ServerLink:
     """Client ``index``'s link to the server (an RRef to its endpoint, or, in a dynamic
     federation, the server's worker name), with the configured timeout and resends (and, for
     testing, the configured fault injection)."""
@@ -214,6 +217,8 @@ def client_link(cfg: RunConfig, server: rpc.RRef | str, index: int, session: Cli
     transport: Transport = (
         RpcFunctionTransport(server, timeout_s=cfg.server.rpc_timeout_s)
         if isinstance(server, str)
+        else server
+        if hasattr(server, "call")
         else RpcTransport(server, timeout_s=cfg.server.rpc_timeout_s)
     )
     if faults.drop_request or faults.drop_reply or faults.duplicate:
@@ -274,12 +279,14 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
         clients,
     )
     try:
-        with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
+        with _server_link(cfg, env, role, endpoint) as edge:
             if env.dynamic:
                 publish_rendezvous(run_dir, env)
             server.wait_until_done(timeout=cfg.server.startup_timeout_s)
             own = server.summary()
             own["link"] = endpoint.summary()
+            if edge is not None:
+                own["edge"] = edge.summary()
             parts = server.sync.gather_json(own) if server.sync is not None else [own]
             summary = merge_server_summaries(parts)
             summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
@@ -296,6 +303,44 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     return summary
 
 
+def _server_link(cfg: RunConfig, env: DistEnv, role: Role, endpoint: ServerEndpoint) -> AbstractContextManager[Any]:
+    """How clients reach this server: its edge (``link.transport=socket``; yields the Edge) or torch RPC (yields None)."""
+    if cfg.link.transport == "socket":
+        from flglm.jobs.edge_link import serving_edge
+
+        return serving_edge(cfg, endpoint, role)
+    return rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s)
+
+
+@contextmanager
+def _client_link_of(
+    cfg: RunConfig, env: DistEnv | None, role: Role, session: ClientSession | None, edge_address: tuple[str, int] | None
+) -> Iterator[ServerLink]:
+    """This client's link for the block's duration: over the server's edge, or torch RPC."""
+    assert role.client_index is not None
+    if cfg.link.transport == "socket":
+        from flglm.jobs.edge_link import edge_transport
+
+        if edge_address is None:
+            raise ValueError("link.transport=socket: start the client with `flglm client --server HOST:PORT`")
+        transport = edge_transport(cfg, edge_address)
+        try:
+            yield client_link(cfg, transport, role.client_index, session)
+        except BaseException:
+            log.exception("%s failed", role.worker_name)
+            raise
+        finally:
+            transport.close()
+        return
+    assert env is not None
+    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
+        if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
+            yield client_link(cfg, role.server_name, role.client_index, session)
+        else:
+            rref = rpc.remote(role.server_name, rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
+            yield client_link(cfg, rref, role.client_index, session)
+
+
 def publish_rendezvous(run_dir: Path, env: DistEnv) -> Path:
     """Write where the server's rendezvous store listens (``run_dir/rendezvous.json``), so
     clients of a dynamic federation started with ``MASTER_PORT=0`` on the server find it."""
@@ -305,62 +350,14 @@ def publish_rendezvous(run_dir: Path, env: DistEnv) -> Path:
     return path
 
 
-def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One summary from each sub-server's: counts added up, clients merged, each sub-server kept.
-
-    The middle stack's hash shows the replicas ended identical after the final synchronisation."""
-    if len(parts) == 1:
-        return dict(parts[0])
-
-    def add(dicts: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for d in dicts:
-            for key, value in d.items():
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    out.setdefault(key, value)
-                elif key == "elapsed_s":
-                    out[key] = max(out.get(key, 0.0), value)
-                else:
-                    out[key] = out.get(key, 0) + value
-        return out
-
-    clients: dict[str, Any] = {}
-    for part in parts:
-        clients.update(part["clients"])
-    return {
-        "server": add([p["server"] for p in parts]),
-        "link": add([p["link"] for p in parts]),
-        "clients": dict(sorted(clients.items(), key=lambda item: int(item[0]))),
-        "sub_servers": [{"server": p["server"], "link": p["link"], "clients": sorted(p["clients"], key=int)} for p in parts],
-    }
-
-
-def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Sample-weighted mean of each metric over the clients that reported it."""
-    out: dict[str, float] = {}
-    keys = sorted({k for metrics in clients.values() for k in metrics})
-    for key in keys:
-        rows = [(m[key], m.get("samples", 1.0)) for m in clients.values() if key in m]
-        if key in ("steps", "samples"):
-            out[key] = float(sum(v for v, _ in rows))
-            continue
-        total = sum(w for _, w in rows) or float(len(rows))
-        out[key] = float(sum(v * (w or 1.0) for v, w in rows) / total)
-    return out
-
-
-def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
-    """Train this client's task through the split; return its final metrics."""
+def run_client(cfg: RunConfig, env: DistEnv | None, role: Role, *, edge_address: tuple[str, int] | None = None) -> dict[str, float]:
+    """Train this client's task through the split; return its final metrics. ``edge_address``:
+    the server's edge (``link.transport=socket``; no RPC, ``env`` unused)."""
     assert role.client_index is not None
     index = role.client_index
     out_dir = Path(cfg.run_dir) / role.worker_name
     session, masker = client_session(cfg, index)  # a missing key file fails here
-    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
-        if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
-            link = client_link(cfg, role.server_name, index, session)
-        else:
-            rref = rpc.remote(role.server_name, rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
-            link = client_link(cfg, rref, index, session)
+    with _client_link_of(cfg, env, role, session, edge_address) as link:
         callbacks: list[L.Callback] = []
         if session is not None:
             encryption = EncryptionCallback(link, rekey_each_epoch=cfg.crypto.rekey_each_epoch)

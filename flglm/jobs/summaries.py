@@ -1,0 +1,50 @@
+"""The server's summary of a federation: sub-servers' summaries merged, clients' metrics averaged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from each sub-server's: counts added up, clients merged, each sub-server kept.
+
+    The middle stack's hash shows the replicas ended identical after the final synchronisation."""
+    if len(parts) == 1:
+        return dict(parts[0])
+
+    def add(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d in dicts:
+            for key, value in d.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    out.setdefault(key, value)
+                elif key == "elapsed_s":
+                    out[key] = max(out.get(key, 0.0), value)
+                else:
+                    out[key] = out.get(key, 0) + value
+        return out
+
+    clients: dict[str, Any] = {}
+    for part in parts:
+        clients.update(part["clients"])
+    return {
+        "server": add([p["server"] for p in parts]),
+        "link": add([p["link"] for p in parts]),
+        **({"edge": add([p["edge"] for p in parts])} if all("edge" in p for p in parts) else {}),
+        "clients": dict(sorted(clients.items(), key=lambda item: int(item[0]))),
+        "sub_servers": [{"server": p["server"], "link": p["link"], "clients": sorted(p["clients"], key=int)} for p in parts],
+    }
+
+
+def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Sample-weighted mean of each metric over the clients that reported it."""
+    out: dict[str, float] = {}
+    keys = sorted({k for metrics in clients.values() for k in metrics})
+    for key in keys:
+        rows = [(m[key], m.get("samples", 1.0)) for m in clients.values() if key in m]
+        if key in ("steps", "samples"):
+            out[key] = float(sum(v for v, _ in rows))
+            continue
+        total = sum(w for _, w in rows) or float(len(rows))
+        out[key] = float(sum(v * (w or 1.0) for v, w in rows) / total)
+    return out
