@@ -114,7 +114,7 @@ class Edge:
                 idle = [c for c in self._connections if not c.proven and not c.busy]
                 if not idle:
                     return False
-                victim = min(idle, key=lambda c: c.opened)
+                victim = min(idle, key=lambda c: (c.handshaken, c.opened))  # strangers that never shook hands first
                 self._drop(victim, "evicted to make room (edge full)", "evicted")
                 self._connections.remove(victim)
             self._connections.append(conn)
@@ -152,9 +152,11 @@ class Edge:
                 prefix = None
                 first = self.encrypted and not conn.handshaken
                 unproven = self.encrypted and not conn.proven
-                # An unproven connection has first_frame_timeout_s for each frame's prefix (and
-                # between reads of its body); a proven one may be idle as long as its client likes.
-                reader = SocketReader(conn.sock, time.monotonic() + self.first_frame_timeout_s if unproven else None)
+                # A new connection has first_frame_timeout_s for its handshake; a handshaken one not
+                # yet proven (an honest client loads its data between handshake and join) waits up to
+                # call_timeout_s, and the edge closes it first when full; a proven one may stay idle.
+                wait = self.first_frame_timeout_s if first else self.call_timeout_s if unproven else None
+                reader = SocketReader(conn.sock, None if wait is None else time.monotonic() + wait)
                 prefix = F.read_prefix(reader, F.FrameLimits(max_frame_bytes=2**63) if first else self.limits)
                 self._check_speaker(conn, prefix)
                 if first and prefix.body_length > F.HANDSHAKE_FRAME_BYTES:
