@@ -20,8 +20,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,9 +50,9 @@ def _worker(args: argparse.Namespace) -> None:
     from flglm.config import fingerprint
     from flglm.distributed import configure_threads, read_env, rpc_options
     from flglm.link import rpc_entries
+    from flglm.link.socket_transport import SocketTransport
     from flglm.models.split import ClientBlocks, build_full_model, plan_split
     from flglm.optim import build_optimizer
-    from flglm.link.socket_transport import SocketTransport
     from flglm.server import middle_server as server_mod
     from flglm.server.endpoint import ServerEndpoint
 

@@ -99,6 +99,8 @@ def test_a_server_that_is_gone_is_a_transport_error(edge: tuple[Edge, _Endpoint]
         (["link.max_connections=0"], "link.max_connections"),
     ],
 )
-def test_socket_link_settings_are_checked(make_run_config: Callable[..., RunConfig], tiny_model_configs: dict, overrides: list[str], message: str) -> None:
+def test_socket_link_settings_are_checked(
+    make_run_config: Callable[..., RunConfig], tiny_model_configs: dict, overrides: list[str], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         make_run_config(tiny_model_configs["glm"], *overrides)

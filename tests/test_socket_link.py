@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import socket
-import threading
 import time
 from pathlib import Path
 

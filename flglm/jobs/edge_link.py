@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from flglm.config import RunConfig
 from flglm.link.socket_transport import SocketTransport
@@ -64,7 +63,7 @@ def edge_transport(cfg: RunConfig, address: tuple[str, int]) -> SocketTransport:
     return transport
 
 
-def parse_address(text: str, *, run_dir: str | Path | None = None) -> tuple[str, int]:
+def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``[IPv6]:PORT``) as a pair; raises ValueError naming the problem."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -29,7 +29,14 @@ class EdgeFederation:
     def __init__(self, config: str | Path, overrides: Sequence[str] = (), *, num_clients: int, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.num_clients = num_clients
-        self._args = ["--config", str(config), f"run_dir={self.run_dir}", f"federation.num_clients={num_clients}", "link.transport=socket", *overrides]
+        self._args = [
+            "--config",
+            str(config),
+            f"run_dir={self.run_dir}",
+            f"federation.num_clients={num_clients}",
+            "link.transport=socket",
+            *overrides,
+        ]
         self._env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_") and k not in _DIST_VARS}
         self._env.setdefault("PYTHONUNBUFFERED", "1")
         self._env["PYTHONPATH"] = _this_checkout_first(self._env.get("PYTHONPATH"))
@@ -93,9 +100,7 @@ class EdgeFederation:
         return f"exit codes: {codes}\n" + describe_logs(self.run_dir, "")
 
 
-def run_edge_federation(
-    config: str | Path, overrides: Sequence[str] = (), *, num_clients: int, run_dir: str | Path, timeout_s: float
-) -> None:
+def run_edge_federation(config: str | Path, overrides: Sequence[str] = (), *, num_clients: int, run_dir: str | Path, timeout_s: float) -> None:
     """Run a whole socket-link federation and wait; FederationFailed (with the logs) unless every process exits 0."""
     deadline = time.monotonic() + timeout_s
     with EdgeFederation(config, overrides, num_clients=num_clients, run_dir=run_dir) as federation:

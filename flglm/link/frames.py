@@ -147,9 +147,7 @@ def encode(frame: Frame) -> list[memoryview | bytes]:
     _check_u(frame.client_id, 32, "client id")
     _check_u(frame.round, 63, "round")
     _check_u(frame.step, 63, "step")
-    prefix = PREFIX.pack(
-        MAGIC, VERSION, frame.type, frame.method, kind_code, frame.client_id, frame.round, frame.step, body_length, len(heads)
-    )
+    prefix = PREFIX.pack(MAGIC, VERSION, frame.type, frame.method, kind_code, frame.client_id, frame.round, frame.step, body_length, len(heads))
     return [prefix + b"".join(heads), *(d for d in data if d.nbytes)]
 
 
