@@ -72,6 +72,7 @@ class Edge:
         self.max_connections = max_connections
         self.max_per_client = max_connections_per_client
         self.stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
         self._connections: list[_Connection] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -80,6 +81,10 @@ class Edge:
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._handlers = {F.Method.HANDSHAKE: self._handshake, F.Method.EXCHANGE: self._exchange, F.Method.SEALED: self._sealed}
         self._acceptor = threading.Thread(target=self._accept_loop, name="edge-accept", daemon=True)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
 
     def start(self) -> tuple[str, int]:
         self._acceptor.start()
@@ -100,10 +105,10 @@ class Edge:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Connection(sock, f"{peer[0]}:{peer[1]}", time.monotonic())
             if not self._admit(conn):
-                self.stats["refused_full"] += 1
+                self._count("refused_full", 1)
                 _close(sock)
                 continue
-            self.stats["accepted"] += 1
+            self._count("accepted", 1)
             threading.Thread(target=self._serve, args=(conn,), name=f"edge-{conn.peer}", daemon=True).start()
 
     def _admit(self, conn: _Connection) -> bool:
@@ -124,7 +129,7 @@ class Edge:
     def _prove(self, conn: _Connection) -> None:
         """``conn`` spoke a sealed message that opened; keep at most ``max_per_client`` of its client's."""
         conn.proven = True
-        self.stats["proven_connections"] += 1
+        self._count("proven_connections", 1)
         with self._lock:
             mine = sorted((c for c in self._connections if c.proven and not c.closed and c.client_id == conn.client_id), key=lambda c: c.opened)
             for old in mine[: max(0, len(mine) - self.max_per_client)]:
@@ -136,7 +141,7 @@ class Edge:
                 return
             conn.closed = True
         if counter:
-            self.stats[counter] += 1
+            self._count(counter)
         log.log(logging.INFO if conn.proven else logging.WARNING, "edge: closing %s (client %s): %s", conn.peer, conn.client_id, why)
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
@@ -166,20 +171,20 @@ class Edge:
                 else:
                     conn.sock.settimeout(self.call_timeout_s)
                 frame = F.read_body(prefix, reader)
-                self.stats["frames_in"] += 1
-                self.stats["bytes_in"] += reader.bytes
+                self._count("frames_in", 1)
+                self._count("bytes_in", reader.bytes)
                 F.check_request(frame)
                 conn.busy = True
                 try:
                     reply = self._handlers[frame.method](conn, frame)
-                    self.stats["bytes_out"] += send_all(conn.sock, F.encode(reply), time.monotonic() + self.call_timeout_s)
+                    self._count("bytes_out", send_all(conn.sock, F.encode(reply), time.monotonic() + self.call_timeout_s))
                 finally:
                     conn.busy = False
-                self.stats["frames_out"] += 1
+                self._count("frames_out", 1)
                 if reply.type == F.FrameType.ERROR and unproven and isinstance(reply.error, ChannelError):
                     self._drop(conn, f"refused before proving itself: {reply.error}", "refused_unproven")
         except F.FrameError as exc:
-            self.stats["malformed_frames"] += 1
+            self._count("malformed_frames", 1)
             self._refuse(conn, exc, prefix)
         except TimeoutError:
             self._drop(conn, "no frame in time", "timeouts")
@@ -229,7 +234,7 @@ class Edge:
     def _handshake(self, conn: _Connection, frame: F.Frame) -> F.Frame:
         reply = self._call(frame, self.endpoint.handshake, frame.client_id, frame.tensors[0])
         if reply.type == F.FrameType.ERROR:
-            self.stats["handshakes_refused"] += 1
+            self._count("handshakes_refused", 1)
             log.warning("edge: %s refused at the handshake as client %d: %s", conn.peer, frame.client_id, reply.error)
             self._refuse_after(conn, reply)
         else:
