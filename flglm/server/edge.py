@@ -5,14 +5,15 @@ endpoint's three entries through a fixed table; nothing else of the server is re
 byte is unpickled, and no torch RPC agent is involved. One thread per connection, at most
 ``max_connections`` of them.
 
-With encryption on, a new connection may send only a handshake frame (at most
+A new connection's first frame must come within ``first_frame_timeout_s``. With encryption
+on, it may be only a handshake frame (at most
 :data:`~flglm.link.frames.HANDSHAKE_FRAME_BYTES`, within ``first_frame_timeout_s``); it speaks
 for the client id of that handshake from then on, and is *proven* once a sealed message of it
 has opened. A connection refused at the handshake, or whose first sealed message does not
 open, is answered, closed, logged and counted, so a stranger's work is bounded: one small
 frame, or one handshake with a public key and one failed decryption. When the edge is full,
-the oldest unproven connection makes room (an honest client proves itself within
-milliseconds of connecting); proven connections are capped per client.
+the oldest unproven connection makes room, those that never shook hands first (an honest
+client shakes hands as soon as it connects); proven connections are capped per client.
 """
 
 from __future__ import annotations
@@ -155,16 +156,17 @@ class Edge:
         try:
             while not conn.closed:
                 prefix = None
-                first = self.encrypted and not conn.handshaken
-                unproven = self.encrypted and not conn.proven
+                first = not conn.handshaken
+                unproven = not conn.proven
                 # A new connection has first_frame_timeout_s for its handshake; a handshaken one not
                 # yet proven (an honest client loads its data between handshake and join) waits up to
                 # call_timeout_s, and the edge closes it first when full; a proven one may stay idle.
                 wait = self.first_frame_timeout_s if first else self.call_timeout_s if unproven else None
                 reader = SocketReader(conn.sock, None if wait is None else time.monotonic() + wait)
-                prefix = F.read_prefix(reader, F.FrameLimits(max_frame_bytes=2**63) if first else self.limits)
+                handshake_first = first and self.encrypted
+                prefix = F.read_prefix(reader, F.FrameLimits(max_frame_bytes=2**63) if handshake_first else self.limits)
                 self._check_speaker(conn, prefix)
-                if first and prefix.body_length > F.HANDSHAKE_FRAME_BYTES:
+                if handshake_first and prefix.body_length > F.HANDSHAKE_FRAME_BYTES:
                     raise F.FrameError(f"a handshake frame is at most {F.HANDSHAKE_FRAME_BYTES} bytes, got {prefix.body_length}")
                 if unproven:
                     reader.deadline = time.monotonic() + self.first_frame_timeout_s
@@ -181,6 +183,9 @@ class Edge:
                 finally:
                     conn.busy = False
                 self._count("frames_out", 1)
+                if not self.encrypted and not conn.proven:  # nothing to prove without keys: its first answered frame admits it
+                    conn.client_id, conn.handshaken = frame.client_id, True
+                    self._prove(conn)
                 if reply.type == F.FrameType.ERROR and unproven and isinstance(reply.error, ChannelError):
                     self._drop(conn, f"refused before proving itself: {reply.error}", "refused_unproven")
         except F.FrameError as exc:
