@@ -1,4 +1,5 @@
-"""Command line: ``flglm train`` (one federation process, under torchrun), ``flglm centralized``
+"""Command line: ``flglm train`` (one federation process, under torchrun), ``flglm client`` (a client of a
+socket-link federation, on its own), ``flglm centralized``
 (the whole model in one process), ``flglm generate`` (text through the trained split model),
 ``flglm export`` (merge a run's parts into one HF directory), ``flglm keygen`` (identity keys
 for encrypted federations), ``flglm attack`` (what a curious server or peer recovers of a
@@ -41,10 +42,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        env = read_env(dynamic=cfg.federation.membership == "dynamic")
-        role = role_for_rank(
-            env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers
-        )
+        if cfg.link.transport == "socket":  # only the server: each client is started with `flglm client`
+            from flglm.distributed import read_server_env
+            from flglm.roles import edge_server_role
+
+            env = read_server_env()
+            role = edge_server_role(env.rank, env.world_size)
+        else:
+            env = read_env(dynamic=cfg.federation.membership == "dynamic")
+            role = role_for_rank(
+                env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers
+            )
     except (ConfigError, RuntimeError, ValueError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
@@ -57,6 +65,37 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         run_server(cfg, env, role)
     else:
         run_client(cfg, env, role)
+    return 0
+
+
+def client_main(argv: Sequence[str] | None = None) -> int:
+    """``flglm client``: one client of a socket-link federation, on its own (no torchrun, no RPC):
+    it needs its key, its data, the config and the server's edge address."""
+    parser = _parser("flglm client", "run one client of a federation whose server listens on an edge (link.transport=socket)")
+    parser.add_argument("--client", type=int, required=True, help="this client's index (its key is client{i}.key)")
+    parser.add_argument("--server", required=True, help="the server's edge, HOST:PORT (see the server's run_dir/edge.json)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: every core of this machine)")
+    args = parser.parse_args(argv)
+    from flglm.distributed import configure_threads
+    from flglm.jobs.edge_link import parse_address
+    from flglm.jobs.train import run_client, setup_logging
+    from flglm.roles import edge_client_role
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.link.transport != "socket":
+            raise ValueError(f"flglm client needs link.transport=socket in the config, got {cfg.link.transport!r}")
+        address = parse_address(args.server)
+        role = edge_client_role(args.client, num_clients=cfg.federation.num_clients)
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    except (ConfigError, ValueError) as err:
+        print(f"flglm: error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(Path(cfg.run_dir), role.worker_name)
+    threads = configure_threads(1, args.threads)
+    log.info("%s: server edge %s:%d, %d thread(s)", role.worker_name, *address, threads)
+    run_client(cfg, None, role, edge_address=address)
     return 0
 
 
@@ -278,6 +317,7 @@ def tokenizer_main(argv: Sequence[str] | None = None) -> int:
 
 COMMANDS = {
     "train": train_main,
+    "client": client_main,
     "centralized": centralized_main,
     "generate": generate_main,
     "export": export_main,

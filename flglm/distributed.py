@@ -95,6 +95,15 @@ def launched_distributed(environ: Mapping[str, str] | None = None) -> bool:
     return "RANK" in (os.environ if environ is None else environ)
 
 
+def read_server_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """The server of a socket-link federation: torchrun's variables if torchrun started it, else
+    one process on its own (it needs no rendezvous: its clients reach its edge)."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ:
+        return read_env(environ)
+    return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="", master_port=0)
+
+
 def threads_per_process(processes_on_this_machine: int, cores: int | None = None) -> int:
     cores = cores or os.cpu_count() or 1
     return max(1, cores // max(1, processes_on_this_machine))

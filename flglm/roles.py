@@ -63,6 +63,20 @@ def role_for_rank(rank: int, world_size: int, *, num_clients: int, sub_servers: 
     return Role("client", client_index=client, server_index=client % sub_servers, sub_servers=sub_servers)
 
 
+def edge_server_role(rank: int, world_size: int) -> Role:
+    """The server of a socket-link federation: its clients are not processes of its world."""
+    if world_size != 1 or rank != 0:
+        raise ValueError(f"link.transport=socket: start the server as one process (rank 0 of 1), got rank {rank} of {world_size}")
+    return Role("server")
+
+
+def edge_client_role(client_index: int, *, num_clients: int) -> Role:
+    """Client ``client_index`` of a socket-link federation, started on its own (no rank)."""
+    if not 0 <= client_index < num_clients:
+        raise ValueError(f"client {client_index} is not one of the federation's clients 0..{num_clients - 1}")
+    return Role("client", client_index=client_index)
+
+
 def generation_role(rank: int, world_size: int, *, client_index: int, num_clients: int) -> Role:
     """Roles of a generation job (``flglm generate``): rank 0 serves the middle stack, rank 1 is
     client ``client_index`` with the prompts. One server even if training was hierarchical: the

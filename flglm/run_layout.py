@@ -41,3 +41,8 @@ def server_memory_path(run_dir: str | Path) -> Path:
 def rendezvous_path(run_dir: str | Path) -> Path:
     """Where the server of a dynamic federation writes its rendezvous store's address."""
     return Path(run_dir) / "rendezvous.json"
+
+
+def edge_address_path(run_dir: str | Path) -> Path:
+    """Where the server of a socket-link federation writes its edge's address (``link.edge_port=0``: a free port)."""
+    return Path(run_dir) / "edge.json"

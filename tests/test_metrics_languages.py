@@ -22,7 +22,7 @@ from torchmetrics.text import ROUGEScore
 
 from flglm.client.lm import FullCausalLM
 from flglm.config import OptimConfig, RunConfig
-from flglm.jobs.federation_summary import federation_metrics, integer_counts
+from flglm.jobs.summaries import federation_metrics, integer_counts
 from flglm.models import build_full_model
 from flglm.tasks import GenerationTask, LanguageModelingTask
 from flglm.tasks.text_metrics import TextOverlapMetrics, metric_tokens, rouge_normalize

@@ -17,6 +17,7 @@ from flglm.config.schema import (
     FaultsConfig,
     FederationConfig,
     GenerationConfig,
+    LinkConfig,
     ModelConfig,
     OptimConfig,
     PeftConfig,
@@ -31,7 +32,7 @@ from flglm.config.validation import CHOICES, ConfigError, validate
 
 __all__ = [
     "CHOICES", "DATA_FORMATS", "FILE_FORMATS", "PRIVATE_BLOCKS", "SUMMARIZATION_FORMATS", "SUPERGLUE_FORMATS", "ClientConfig", "ConfigError", "CryptoConfig",
-    "DataConfig", "FaultsConfig", "FederationConfig", "GenerationConfig", "ModelConfig", "OptimConfig", "PeftConfig", "PrivacyConfig",
+    "DataConfig", "FaultsConfig", "FederationConfig", "GenerationConfig", "LinkConfig", "ModelConfig", "OptimConfig", "PeftConfig", "PrivacyConfig",
     "RunConfig", "ServerConfig", "SplitConfig", "TaskConfig", "TrainerConfig", "fingerprint", "load_config", "to_dict", "to_yaml",
     "validate",
 ]

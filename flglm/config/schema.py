@@ -34,6 +34,7 @@ GradientClipAlgorithm = Literal["norm", "value"]
 WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
 TokenizerKind = Literal["word", "byte_bpe", "bytes"]
 MetricTokenizer = Literal["auto", "whitespace", "char", "model"]
+LinkTransport = Literal["rpc", "socket"]
 
 SUPERGLUE_FORMATS: tuple[str, ...] = get_args(SuperGlueFormat)
 SUMMARIZATION_FORMATS: tuple[str, ...] = get_args(SummarizationFormat)
@@ -217,6 +218,24 @@ PRIVATE_BLOCKS: tuple[str, ...] = get_args(PrivateBlock)
 
 
 @dataclass(kw_only=True)
+class LinkConfig:
+    transport: LinkTransport = "rpc"
+    """``rpc``: torch RPC among processes torchrun starts (one organisation); ``socket``: clients reach the server's edge by TCP frames only."""
+    edge_host: str = "127.0.0.1"
+    """socket: the address the server's edge listens on (``0.0.0.0`` to accept other machines)."""
+    edge_port: int = 0
+    """socket: the edge's port; 0 picks a free one, written to ``run_dir/edge.json``."""
+    max_frame_mb: float = 1024.0
+    """socket: larger frames are refused before anything is allocated."""
+    first_frame_timeout_s: float = 10.0
+    """socket: a connection not yet proven by a sealed message is closed if a frame does not come within this time."""
+    max_connections: int = 256
+    """socket: connections the edge holds at once; when full, the oldest one not yet proven is closed."""
+    max_connections_per_client: int = 4
+    """socket: proven connections kept per client (the oldest is closed first)."""
+
+
+@dataclass(kw_only=True)
 class PrivacyConfig:
     """Defenses against a curious server (``flglm.privacy.defenses``); all off by default.
 
@@ -355,5 +374,6 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 

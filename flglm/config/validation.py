@@ -252,6 +252,24 @@ def _validate_link(cfg: RunConfig) -> None:
         raise ConfigError("federation.membership=dynamic runs one server process; hierarchical sub-servers need torchrun (static)")
     if (faults.drop_request or faults.drop_reply) and f.max_retries == 0:
         raise ConfigError("faults.drop_request/drop_reply lose messages; they need federation.max_retries >= 1")
+    _validate_socket_link(cfg)
+
+
+def _validate_socket_link(cfg: RunConfig) -> None:
+    link = cfg.link
+    if not 0 <= link.edge_port < 65536:
+        raise ConfigError(f"link.edge_port must be in [0, 65535] (0: a free port), got {link.edge_port}")
+    for key, value in (("link.max_frame_mb", link.max_frame_mb), ("link.first_frame_timeout_s", link.first_frame_timeout_s)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{key} must be finite and > 0, got {value}")
+    if link.max_connections < 1 or link.max_connections_per_client < 1:
+        raise ConfigError("link.max_connections and link.max_connections_per_client must be >= 1")
+    if link.transport != "socket":
+        return
+    if cfg.federation.membership != "static":
+        raise ConfigError("link.transport=socket needs no RPC group (clients come and go on their own): leave federation.membership=static")
+    if cfg.server.sub_servers > 1 or cfg.server.parallelism == "hierarchical":
+        raise ConfigError("link.transport=socket serves from one server process for now; hierarchical sub-servers need link.transport=rpc")
 
 
 def _validate_sub_servers(cfg: RunConfig) -> None:

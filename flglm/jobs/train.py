@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning.pytorch.utilities import rank_zero
-from lightning_fabric.utilities import rank_zero as fabric_rank_zero
 from torch.distributed import rpc
 from torch.utils.data import DataLoader
 
@@ -44,9 +41,10 @@ from flglm.data.loading import (
     train_path,
 )
 from flglm.data.sampler import ResumableSampler
-from flglm.devices import lightning_accelerator, memory_summary, peak_memory, resolve_device
+from flglm.devices import memory_summary, peak_memory, resolve_device
 from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
-from flglm.jobs.federation_summary import federation_metrics, integer_counts
+from flglm.jobs.summaries import federation_metrics, integer_counts, merge_server_summaries
+from flglm.jobs.trainer import make_trainer
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
 from flglm.models.pretrained import record_loading
@@ -62,92 +60,6 @@ from flglm.tasks import build_task
 from flglm.tensor_files import save_tensors, write_json
 
 log = logging.getLogger("flglm")
-
-
-class StandaloneEnvironment(LightningEnvironment):
-    """Each client's Trainer is a single-process job, even though torchrun started it.
-
-    torchrun's RANK/WORLD_SIZE describe the federation, not a data-parallel job; this
-    environment keeps Lightning from reading them.
-    """
-
-    @staticmethod
-    def detect() -> bool:
-        return False
-
-    @property
-    def creates_processes_externally(self) -> bool:
-        return False
-
-    def world_size(self) -> int:
-        return 1
-
-    def global_rank(self) -> int:
-        return 0
-
-    def local_rank(self) -> int:
-        return 0
-
-    def node_rank(self) -> int:
-        return 0
-
-
-def setup_logging(run_dir: Path, name: str) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s [{name}] %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / f"{name}.log")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-
-
-def _loggers(out_dir: Path) -> list[Logger]:
-    """CSV always; TensorBoard too when it is installed."""
-    loggers: list[Logger] = [CSVLogger(str(out_dir), name="logs", version="")]
-    if _tensorboard_available():
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(out_dir), name="tensorboard", version=""))
-    return loggers
-
-
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ModuleNotFoundError:
-        try:
-            import tensorboardX  # noqa: F401
-        except ModuleNotFoundError:
-            return False
-    return True
-
-
-def make_trainer(cfg: RunConfig, out_dir: Path, callbacks: list[L.Callback], device: torch.device | None = None) -> L.Trainer:
-    """A single-process Trainer on ``device`` configured from ``cfg.trainer``."""
-    rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
-    fabric_rank_zero.rank_zero_only.rank = 0  # type: ignore[attr-defined]
-    t = cfg.trainer
-    return L.Trainer(
-        **lightning_accelerator(device or torch.device("cpu")),
-        num_nodes=1,
-        plugins=[StandaloneEnvironment()],
-        max_epochs=t.max_epochs,
-        max_steps=t.max_steps,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        gradient_clip_algorithm=t.gradient_clip_algorithm if t.gradient_clip_val is not None else None,
-        precision=t.precision,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=t.num_sanity_val_steps,
-        limit_val_batches=t.limit_val_batches,
-        logger=_loggers(out_dir),
-        callbacks=callbacks,
-        default_root_dir=str(out_dir),
-    )
 
 
 def _loaders(
@@ -217,7 +129,7 @@ def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, Pa
     return session, masker
 
 
-def client_link(cfg: RunConfig, server: rpc.RRef | str, index: int, session: ClientSession | None) -> ServerLink:
+def client_link(cfg: RunConfig, server: rpc.RRef | str | Transport, index: int, session: ClientSession | None) -> ServerLink:
     """Client ``index``'s link to the server (an RRef to its endpoint, or, in a dynamic
     federation, the server's worker name), with the configured timeout and resends (and, for
     testing, the configured fault injection)."""
@@ -225,6 +137,8 @@ def client_link(cfg: RunConfig, server: rpc.RRef | str, index: int, session: Cli
     transport: Transport = (
         RpcFunctionTransport(server, timeout_s=cfg.server.rpc_timeout_s)
         if isinstance(server, str)
+        else server
+        if hasattr(server, "call")
         else RpcTransport(server, timeout_s=cfg.server.rpc_timeout_s)
     )
     if faults.drop_request or faults.drop_reply or faults.duplicate:
@@ -287,12 +201,14 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
         clients,
     )
     try:
-        with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
+        with _server_link(cfg, env, role, endpoint) as edge:
             if env.dynamic:
                 publish_rendezvous(run_dir, env)
             server.wait_until_done(timeout=cfg.server.startup_timeout_s)
             own = server.summary()
             own["link"] = endpoint.summary()
+            if edge is not None:
+                own["edge"] = edge.summary()
             parts = server.sync.gather_json(own) if server.sync is not None else [own]
             summary = merge_server_summaries(parts)
             summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
@@ -311,6 +227,44 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     return summary
 
 
+def _server_link(cfg: RunConfig, env: DistEnv, role: Role, endpoint: ServerEndpoint) -> AbstractContextManager[Any]:
+    """How clients reach this server: its edge (``link.transport=socket``; yields the Edge) or torch RPC (yields None)."""
+    if cfg.link.transport == "socket":
+        from flglm.jobs.edge_link import serving_edge
+
+        return serving_edge(cfg, endpoint, role)
+    return rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s)
+
+
+@contextmanager
+def _client_link_of(
+    cfg: RunConfig, env: DistEnv | None, role: Role, session: ClientSession | None, edge_address: tuple[str, int] | None
+) -> Iterator[ServerLink]:
+    """This client's link for the block's duration: over the server's edge, or torch RPC."""
+    assert role.client_index is not None
+    if cfg.link.transport == "socket":
+        from flglm.jobs.edge_link import edge_transport
+
+        if edge_address is None:
+            raise ValueError("link.transport=socket: start the client with `flglm client --server HOST:PORT`")
+        transport = edge_transport(cfg, edge_address)
+        try:
+            yield client_link(cfg, transport, role.client_index, session)
+        except BaseException:
+            log.exception("%s failed", role.worker_name)
+            raise
+        finally:
+            transport.close()
+        return
+    assert env is not None
+    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
+        if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
+            yield client_link(cfg, role.server_name, role.client_index, session)
+        else:
+            rref = rpc.remote(role.server_name, rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
+            yield client_link(cfg, rref, role.client_index, session)
+
+
 def publish_rendezvous(run_dir: Path, env: DistEnv) -> Path:
     """Write where the server's rendezvous store listens (``run_dir/rendezvous.json``), so
     clients of a dynamic federation started with ``MASTER_PORT=0`` on the server find it."""
@@ -320,48 +274,14 @@ def publish_rendezvous(run_dir: Path, env: DistEnv) -> Path:
     return path
 
 
-def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One summary from each sub-server's: counts added up, clients merged, each sub-server kept.
-
-    The middle stack's hash shows the replicas ended identical after the final synchronisation."""
-    if len(parts) == 1:
-        return dict(parts[0])
-
-    def add(dicts: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for d in dicts:
-            for key, value in d.items():
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    out.setdefault(key, value)
-                elif key == "elapsed_s":
-                    out[key] = max(out.get(key, 0.0), value)
-                else:
-                    out[key] = out.get(key, 0) + value
-        return out
-
-    clients: dict[str, Any] = {}
-    for part in parts:
-        clients.update(part["clients"])
-    return {
-        "server": add([p["server"] for p in parts]),
-        "link": add([p["link"] for p in parts]),
-        "clients": dict(sorted(clients.items(), key=lambda item: int(item[0]))),
-        "sub_servers": [{"server": p["server"], "link": p["link"], "clients": sorted(p["clients"], key=int)} for p in parts],
-    }
-
-
-def run_client(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, float]:
-    """Train this client's task through the split; return its final metrics."""
+def run_client(cfg: RunConfig, env: DistEnv | None, role: Role, *, edge_address: tuple[str, int] | None = None) -> dict[str, float]:
+    """Train this client's task through the split; return its final metrics. ``edge_address``:
+    the server's edge (``link.transport=socket``; no RPC, ``env`` unused)."""
     assert role.client_index is not None
     index = role.client_index
     out_dir = Path(cfg.run_dir) / role.worker_name
     session, masker = client_session(cfg, index)  # a missing key file fails here
-    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
-        if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
-            link = client_link(cfg, role.server_name, index, session)
-        else:
-            rref = rpc.remote(role.server_name, rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
-            link = client_link(cfg, rref, index, session)
+    with _client_link_of(cfg, env, role, session, edge_address) as link:
         callbacks: list[L.Callback] = []
         if session is not None:
             encryption = EncryptionCallback(link, rekey_each_epoch=cfg.crypto.rekey_each_epoch)

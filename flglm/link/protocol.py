@@ -80,6 +80,9 @@ WIRE_KINDS: tuple[str, ...] = (
 header carries the index): a new kind goes at the end. ``test`` is sealed by the crypto tests
 only; the endpoint handles no such kind."""
 
+KINDS: tuple[str, ...] = tuple(kind for kind in WIRE_KINDS if kind in REPLY_KIND)
+"""The request kinds, in wire-code order (the socket link's frames carry index + 1; 0: none)."""
+
 AUTOCAST_CODES = list(AUTOCAST_DTYPES)
 MAX_JSON_BYTES = 1 << 16
 

@@ -1,10 +1,11 @@
-"""The federation's figures in the server's summary, from each client's final metrics."""
+"""The server's summary: the federation's figures from each client's final metrics, and one summary from each sub-server's."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-__all__ = ["MAX_COUNTS", "SUMMED_COUNTS", "federation_metrics", "integer_counts"]
+__all__ = ["MAX_COUNTS", "SUMMED_COUNTS", "federation_metrics", "integer_counts", "merge_server_summaries"]
 
 SUMMED_COUNTS: tuple[str, ...] = ("steps", "samples", "resent_messages")
 """Counts whose federation figure is the clients' total (an integer)."""
@@ -37,3 +38,34 @@ def federation_metrics(clients: dict[str, dict[str, float]]) -> dict[str, float]
 def integer_counts(metrics: dict[str, float]) -> dict[str, float]:
     """``metrics`` with its counts as integers (the link carries every metric as a float)."""
     return {k: round(v) if k in SUMMED_COUNTS + MAX_COUNTS else v for k, v in metrics.items()}
+
+
+def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary from each sub-server's: counts added up, clients merged, each sub-server kept.
+
+    The middle stack's hash shows the replicas ended identical after the final synchronisation."""
+    if len(parts) == 1:
+        return dict(parts[0])
+
+    def add(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for d in dicts:
+            for key, value in d.items():
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    out.setdefault(key, value)
+                elif key == "elapsed_s":
+                    out[key] = max(out.get(key, 0.0), value)
+                else:
+                    out[key] = out.get(key, 0) + value
+        return out
+
+    clients: dict[str, Any] = {}
+    for part in parts:
+        clients.update(part["clients"])
+    return {
+        "server": add([p["server"] for p in parts]),
+        "link": add([p["link"] for p in parts]),
+        **({"edge": add([p["edge"] for p in parts])} if all("edge" in p for p in parts) else {}),
+        "clients": dict(sorted(clients.items(), key=lambda item: int(item[0]))),
+        "sub_servers": [{"server": p["server"], "link": p["link"], "clients": sorted(p["clients"], key=int)} for p in parts],
+    }
