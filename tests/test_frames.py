@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flglm.crypto.channel import HandshakeError, ReplayError
+from flglm.crypto.errors import HandshakeError, ReplayError
 from flglm.link import frames as F
 from flglm.link.messages import InvalidMessageError
 from flglm.link.protocol import KINDS, REPLY_KIND

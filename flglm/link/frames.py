@@ -24,16 +24,7 @@ from enum import IntEnum
 
 import torch
 
-from flglm.crypto.channel import (
-    ChannelError,
-    HandshakeError,
-    MalformedError,
-    OversizeError,
-    RekeyRequired,
-    ReplayError,
-    SessionError,
-    TamperError,
-)
+from flglm.crypto.errors import ChannelError, HandshakeError, MalformedError, OversizeError, RekeyRequired, ReplayError, SessionError, TamperError
 from flglm.link.messages import InvalidMessageError
 from flglm.link.protocol import KINDS
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from flglm.crypto.channel import ChannelError
+from flglm.crypto.errors import ChannelError
 from flglm.link import frames as F
 from flglm.link.rpc_entries import EndpointSurface
 from flglm.link.socket_transport import SocketReader, send_all
