@@ -40,7 +40,8 @@ def centralized_worker(config: str | Path, overrides: list[str]) -> None:
     import torch
 
     from flglm.config import load_config
-    from flglm.jobs.train import run_centralized, save_run_config, setup_logging
+    from flglm.jobs.train import run_centralized, save_run_config
+    from flglm.jobs.trainer import setup_logging
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides)

@@ -37,7 +37,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     ``federation.membership=dynamic``): read config and environment, take the rank's role."""
     args = _parser("flglm train", "run one process of a federation (use under torchrun)").parse_args(argv)
     from flglm.distributed import configure_threads, read_env
-    from flglm.jobs.train import run_client, run_server, save_run_config, setup_logging
+    from flglm.jobs.train import run_client, run_server, save_run_config
+    from flglm.jobs.trainer import setup_logging
     from flglm.roles import role_for_rank
 
     try:
@@ -78,7 +79,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from flglm.distributed import configure_threads
     from flglm.jobs.edge_link import parse_address
-    from flglm.jobs.train import run_client, setup_logging
+    from flglm.jobs.train import run_client
+    from flglm.jobs.trainer import setup_logging
     from flglm.roles import edge_client_role
 
     try:
@@ -107,7 +109,8 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
     from flglm.distributed import configure_threads
-    from flglm.jobs.train import run_centralized, setup_logging
+    from flglm.jobs.train import run_centralized
+    from flglm.jobs.trainer import setup_logging
 
     setup_logging(Path(cfg.run_dir), "centralized")
     configure_threads(1)
@@ -177,7 +180,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 def _generate_worker(cfg, args: argparse.Namespace, prompts: list[str], weights: Path | None, out: Path) -> int:
     from flglm.distributed import configure_threads, read_env
     from flglm.jobs.generate import generate_as_client, serve_generation
-    from flglm.jobs.train import setup_logging
+    from flglm.jobs.trainer import setup_logging
     from flglm.roles import generation_role
 
     env = read_env()
