@@ -382,6 +382,8 @@ class RunConfig:
     """Continue from the newest checkpoint round that the server and every client have (see
     ``server.checkpoint_every``); start fresh when there is none. Set it from the first start to
     let ``torchrun --max-restarts`` restart a failed federation where it left off."""
+    overwrite: bool = False
+    """Start on a run_dir holding a finished run (summary.json): the old run is moved aside to ``RUN_DIR.old-<UTC time>``."""
     model: ModelConfig = field(default_factory=ModelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -664,6 +666,7 @@ def fingerprint(cfg: RunConfig) -> str:
     shared = to_dict(cfg)
     shared.pop("run_dir")
     shared.pop("resume")
+    shared.pop("overwrite")
     shared.pop("generation")
     shared.pop("faults")
     shared["crypto"].pop("key_dir")

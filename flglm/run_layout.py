@@ -31,3 +31,8 @@ def checkpoint_dir(run_dir: str | Path, party: str) -> Path:
 def rendezvous_path(run_dir: str | Path) -> Path:
     """Where the server of a dynamic federation writes its rendezvous store's address."""
     return Path(run_dir) / "rendezvous.json"
+
+
+def summary_path(run_dir: str | Path) -> Path:
+    """The federation's summary: the server writes it last, so it marks a finished run."""
+    return Path(run_dir) / "summary.json"

@@ -31,7 +31,7 @@ from flglm.client.lm import FullCausalLM, SplitCausalLM
 from flglm.client.module import SplitClientModule
 from flglm.client.remote import RemoteMiddle
 from flglm.client.server_link import ServerLink
-from flglm.config import RunConfig, fingerprint, to_yaml
+from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
 from flglm.data import Example, tokenizer_fingerprint
@@ -49,8 +49,9 @@ from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransp
 from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
 from flglm.privacy.defenses import client_defenses
 from flglm.resume import RoundCheckpoints
+from flglm.run_dirs import save_run_config
 from flglm.roles import Role, clients_of
-from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path, rendezvous_path
+from flglm.run_layout import checkpoint_dir, client_weights_path, middle_weights_path, rendezvous_path, summary_path
 from flglm.server.endpoint import ServerEndpoint
 from flglm.server.middle_server import MiddleServer
 from flglm.server.serving.parallelism import choose_parallelism, free_memory_bytes
@@ -88,14 +89,21 @@ class StandaloneEnvironment(LightningEnvironment):
         return 0
 
 
-def setup_logging(run_dir: Path, name: str) -> None:
+def setup_logging(run_dir: Path, name: str) -> logging.Logger:
+    """Log to stderr and to ``run_dir/logs/<name>.log`` (appended: an earlier attempt's lines stay);
+    return a logger that writes to the file only (a failure's traceback goes there, not to stderr)."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s [{name}] %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "logs" / f"{name}.log")):
+    file_handler = logging.FileHandler(run_dir / "logs" / f"{name}.log")
+    for handler in (logging.StreamHandler(sys.stderr), file_handler):
         handler.setFormatter(fmt)
         root.addHandler(handler)
+    file_only = logging.getLogger(f"flglm.file.{name}")
+    file_only.propagate = False
+    file_only.addHandler(file_handler)
+    return file_only
 
 
 def _loggers(out_dir: Path) -> list[Logger]:
@@ -287,7 +295,8 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
             summary["config_fingerprint"] = fingerprint(cfg)
             if role.is_coordinator:
                 save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
-                write_json(summary, run_dir / "summary.json")
+                save_run_config(cfg)  # with the results only: a failed start leaves an older run's config.yaml alone
+                write_json(summary, summary_path(run_dir))  # last: it marks the run finished
                 log.info("federation done: %s", summary["federation"])
             if env.dynamic and not wait_until_answered(timeout_s=cfg.server.rpc_timeout_s):
                 log.warning("%s: shutting down with answers still in progress", role.worker_name)
@@ -437,9 +446,3 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     save_tensors(module.client_state_dict(), out_dir / "model.safetensors")
     write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
     return metrics
-
-
-def save_run_config(cfg: RunConfig) -> None:
-    path = Path(cfg.run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
