@@ -37,9 +37,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     ``federation.membership=dynamic``): read config and environment, take the rank's role."""
     args = _parser("flglm train", "run one process of a federation (use under torchrun)").parse_args(argv)
     from flglm.distributed import configure_threads, read_env
-    from flglm.jobs.train import run_client, run_server, save_run_config
+    from flglm.jobs.train import run_client, run_server
     from flglm.jobs.trainer import setup_logging
     from flglm.roles import role_for_rank
+    from flglm.run_dirs import RunDirError, check_run_dir, finished, move_aside, wait_until_moved
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -54,18 +55,30 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             role = role_for_rank(
                 env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers
             )
+        run_dir = Path(cfg.run_dir)
+        check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before this process writes anything
+        if cfg.overwrite and not cfg.resume and finished(run_dir):
+            if env.local_rank == 0:  # one process per machine renames it; the others wait for that
+                print(f"flglm: overwrite=true: moved the finished run to {move_aside(run_dir)}", file=sys.stderr)
+            else:
+                wait_until_moved(run_dir, timeout_s=cfg.server.startup_timeout_s)
+    except RunDirError as err:
+        if env.local_rank == 0:  # every process refuses; one says why
+            print(f"flglm: error: {err}", file=sys.stderr)
+        return 2
     except (ConfigError, RuntimeError, ValueError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
-    setup_logging(Path(cfg.run_dir), role.worker_name)
+    file_log = setup_logging(run_dir, role.worker_name)
     threads = configure_threads(env.local_world_size, cfg.server.num_threads if role.kind == "server" else 0)
     log.info("%s (rank %d of %d), %d thread(s)", role.worker_name, env.rank, env.world_size, threads)
-    if role.kind == "server":
-        if role.is_coordinator:
-            save_run_config(cfg)
-        run_server(cfg, env, role)
-    else:
-        run_client(cfg, env, role)
+    try:
+        if role.kind == "server":
+            run_server(cfg, env, role)
+        else:
+            run_client(cfg, env, role)
+    except Exception as err:  # noqa: BLE001 - reported once, in one line; the traceback goes to the log file
+        return _report_failure(run_dir, role.worker_name, env.rank, err, file_log)
     return 0
 
 
@@ -99,6 +112,18 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     log.info("%s: server edge %s:%d, %d thread(s)", role.worker_name, *address, threads)
     run_client(cfg, None, role, edge_address=address)
     return 0
+
+
+def _report_failure(run_dir: Path, process: str, rank: int, err: Exception, file_log: logging.Logger) -> int:
+    """A failed process: its error to ``logs/<process>.error.json`` (the launcher reports the
+    first one), the traceback to its log file, one line to stderr (under a bare torchrun, each
+    failing process prints its own line); exit code 1."""
+    from flglm.run_dirs import record_error
+
+    record = record_error(run_dir, process, rank, err)
+    file_log.error("failed: %s", record.line(), exc_info=err)
+    print(f"flglm: error: {record.line()} (traceback in {run_dir / 'logs' / (process + '.log')})", file=sys.stderr)
+    return 1
 
 
 def centralized_main(argv: Sequence[str] | None = None) -> int:
@@ -185,12 +210,16 @@ def _generate_worker(cfg, args: argparse.Namespace, prompts: list[str], weights:
 
     env = read_env()
     role = generation_role(env.rank, env.world_size, client_index=args.client, num_clients=cfg.federation.num_clients)
-    setup_logging(Path(cfg.run_dir), f"generate-{role.worker_name}")
+    name = f"generate-{role.worker_name}"
+    file_log = setup_logging(Path(cfg.run_dir), name)
     configure_threads(env.local_world_size)
-    if role.kind == "server":
-        serve_generation(cfg, env, client_index=args.client, weights=weights)
-    else:
-        generate_as_client(cfg, env, role, prompts=prompts, weights=weights, out=out)
+    try:
+        if role.kind == "server":
+            serve_generation(cfg, env, client_index=args.client, weights=weights)
+        else:
+            generate_as_client(cfg, env, role, prompts=prompts, weights=weights, out=out)
+    except Exception as err:  # noqa: BLE001 - reported once (see _report_failure)
+        return _report_failure(Path(cfg.run_dir), name, env.rank, err, file_log)
     return 0
 
 

@@ -46,3 +46,8 @@ def rendezvous_path(run_dir: str | Path) -> Path:
 def edge_address_path(run_dir: str | Path) -> Path:
     """Where the server of a socket-link federation writes its edge's address (``link.edge_port=0``: a free port)."""
     return Path(run_dir) / "edge.json"
+
+
+def summary_path(run_dir: str | Path) -> Path:
+    """The federation's summary: the server writes it last, so it marks a finished run."""
+    return Path(run_dir) / "summary.json"

@@ -74,6 +74,7 @@ def fingerprint(cfg: RunConfig) -> str:
     shared = to_dict(cfg)
     shared.pop("run_dir")
     shared.pop("resume")
+    shared.pop("overwrite")
     shared.pop("generation")
     shared.pop("faults")
     shared.pop("client")  # where a process computes is its own machine's business

@@ -361,6 +361,8 @@ class RunConfig:
     """Everything a run writes goes under this directory."""
     resume: bool = False
     """Continue from the newest checkpoint round every party has (fresh if none); set it from the first start for ``torchrun --max-restarts``."""
+    overwrite: bool = False
+    """Start on a run_dir holding a finished run (summary.json): the old run is moved aside to ``RUN_DIR.old-<UTC time>``."""
     model: ModelConfig = field(default_factory=ModelConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)

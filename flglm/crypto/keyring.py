@@ -29,11 +29,31 @@ def _name(role: str, client: int | None = None) -> str:
 
 def _need(path: Path, key_dir: Path, num_clients: int) -> Path:
     if not path.is_file():
-        raise MissingKeyError(
-            f"key file {path} not found (crypto.key_dir={key_dir}); create a set with "
-            f"`flglm keygen --dir {key_dir} --clients {num_clients}` or turn encryption off with crypto.enabled=false"
-        )
+        raise MissingKeyError(f"key file {path} not found (crypto.key_dir={key_dir}); {_advice(path, key_dir, num_clients)}")
     return path
+
+
+def _advice(path: Path, key_dir: Path, num_clients: int) -> str:
+    """A command that works here: the whole set only into an empty key_dir (keygen never
+    overwrites), else this one identity (a .pub is another party's: it sends it)."""
+    off = "or turn encryption off with crypto.enabled=false"
+    if not key_dir.is_dir() or not any(key_dir.glob("*.key")) and not any(key_dir.glob("*.pub")):
+        return f"create a set with `flglm keygen --dir {key_dir} --clients {num_clients}` {off}"
+    private = path.with_suffix(".key")
+    if path.suffix == ".pub" and private.exists():
+        return f"{private} exists without its public key: move it aside and run `flglm keygen --out {private}`, {off}"
+    if path.suffix == ".pub":
+        return (
+            f"copy {path.name} from the party that holds {private.name} (it creates one with `flglm keygen --out {private.name}`), "
+            f"list it in the config instead, {off}"
+        )
+    public = path.with_suffix(".pub")
+    if public.exists():
+        return (
+            f"{public.name} is here without its private key: copy {path.name} from where it was made, or make a new identity with "
+            f"`rm {public} && flglm keygen --out {path}` and give the new {public.name} to the other parties, {off}"
+        )
+    return f"create this identity with `flglm keygen --out {path}` (and give its .pub to the other parties) {off}"
 
 
 @dataclass(frozen=True)

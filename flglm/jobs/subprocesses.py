@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from flglm.run_dirs import first_error
 from flglm.run_layout import rendezvous_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,19 +42,47 @@ class FederationRun:
     run_dir: Path | None
 
 
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+def _tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
 
 
-def describe_logs(run_dir: Path | None, output: str) -> str:
+def _logs(run_dir: Path | None) -> list[Path]:
+    if run_dir is None:
+        return []
+    return sorted([*(run_dir / "logs").glob("*.log"), *(run_dir / "logs").glob("*.out")])
+
+
+def log_sizes(run_dir: Path | None) -> dict[Path, int]:
+    """Each log's size now: what a later attempt appends starts there (logs are appended to)."""
+    return {log: log.stat().st_size for log in _logs(run_dir)}
+
+
+def describe_logs(run_dir: Path | None, output: str, *, since: dict[Path, int] | None = None) -> str:
+    """torchrun's output and the tail of each log; with ``since`` (from :func:`log_sizes`), only
+    what this attempt wrote: an earlier run's logs in the same directory are left out."""
     parts = [f"--- torchrun output (tail) ---\n{output[-6000:]}"] if output else []
-    logs = sorted([*(run_dir / "logs").glob("*.log"), *(run_dir / "logs").glob("*.out")]) if run_dir is not None else []
-    for log in logs:
-        parts.append(f"--- {log.name} (tail) ---\n{_tail(log)}")
+    for log in _logs(run_dir):
+        start = (since or {}).get(log, 0)
+        try:
+            with log.open("rb") as handle:
+                handle.seek(start)
+                text = handle.read().decode(errors="replace")
+        except OSError:
+            text = "(no log)"
+        if since is not None and not text:
+            continue
+        parts.append(f"--- {log.name} (tail) ---\n{_tail(text)}")
     return "\n".join(parts)
+
+
+def failure_message(script: str | Path, returncode: int, run_dir: Path | None, output: str, *, started: float, since: dict[Path, int]) -> str:
+    """The first error a process of this attempt recorded, once, with where its traceback is;
+    without one (a crash, a kill), the attempt's output and logs."""
+    first = first_error(run_dir, since=started) if run_dir is not None else None
+    if first is None:
+        return f"{Path(script).name} exited with {returncode}.\n{describe_logs(run_dir, output, since=since)}"
+    assert run_dir is not None
+    return f"{first.line()}\n(traceback in {run_dir / 'logs' / (first.process + '.log')}; {Path(script).name} exited with {returncode})"
 
 
 def _this_checkout_first(pythonpath: str | None) -> str:
@@ -116,8 +145,9 @@ def run_torchrun(
 
     ``max_restarts``: torchrun restarts all processes this many times after one fails.
 
-    Raises FederationFailed with the output (and the logs under ``run_dir/logs``) on timeout
-    or a non-zero exit. ``stream`` echoes the output (progress bars, logs) while it runs.
+    Raises FederationFailed on timeout or a non-zero exit: with the first error a process
+    recorded (``flglm.run_dirs``), else with the output and what this attempt wrote to the logs
+    under ``run_dir/logs``. ``stream`` echoes the output (progress bars, logs) while it runs.
     """
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
@@ -127,6 +157,7 @@ def run_torchrun(
     env.update(extra_env or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = _this_checkout_first(env.get("PYTHONPATH"))
+    since, started = log_sizes(run_dir), time.time()
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -136,13 +167,13 @@ def run_torchrun(
         kill_tree(proc.pid)
         output, _ = proc.communicate(timeout=30)
         raise FederationFailed(
-            f"{Path(script).name} did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(run_dir, output or '')}"
+            f"{Path(script).name} did not finish within {timeout_s:.0f}s; killed.\n{describe_logs(run_dir, output or '', since=since)}"
         ) from None
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
     if proc.returncode != 0:
-        raise FederationFailed(f"{Path(script).name} exited with {proc.returncode}.\n{describe_logs(run_dir, output)}")
+        raise FederationFailed(failure_message(script, proc.returncode, run_dir, output, started=started, since=since))
     return FederationRun(proc.returncode, output, run_dir)
 
 

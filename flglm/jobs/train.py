@@ -28,7 +28,7 @@ from flglm.client.lm import FullCausalLM, SplitCausalLM
 from flglm.client.module import SplitClientModule
 from flglm.client.remote import RemoteMiddle
 from flglm.client.server_link import ServerLink
-from flglm.config import RunConfig, fingerprint, to_yaml
+from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import load_client_keys, load_server_keys
 from flglm.crypto.sessions import ClientSession, ServerSessions
 from flglm.data import Example, tokenizer_fingerprint, warn_if_many_unknown
@@ -52,7 +52,8 @@ from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan
 from flglm.privacy.defenses import client_defenses
 from flglm.resume import RoundCheckpoints
 from flglm.roles import Role, clients_of
-from flglm.run_layout import checkpoint_dir, client_weights_path, loading_report_path, middle_weights_path, rendezvous_path
+from flglm.run_dirs import save_run_config
+from flglm.run_layout import checkpoint_dir, client_weights_path, loading_report_path, middle_weights_path, rendezvous_path, summary_path
 from flglm.server.endpoint import ServerEndpoint
 from flglm.server.middle_server import MiddleServer
 from flglm.server.serving.parallelism import choose_parallelism, free_memory_bytes
@@ -218,7 +219,8 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
             summary["memory"] = memory_summary(peak_memory(device), summary["clients"])
             if role.is_coordinator:
                 save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
-                write_json(summary, run_dir / "summary.json")
+                save_run_config(cfg)  # with the results only: a failed start leaves an older run's config.yaml alone
+                write_json(summary, summary_path(run_dir))  # last: it marks the run finished
                 log.info("federation done: %s", summary["federation"])
             if env.dynamic and not wait_until_answered(timeout_s=cfg.server.rpc_timeout_s):
                 log.warning("%s: shutting down with answers still in progress", role.worker_name)
@@ -363,9 +365,3 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     save_tensors(module.client_state_dict(), out_dir / "model.safetensors")
     write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
     return metrics
-
-
-def save_run_config(cfg: RunConfig) -> None:
-    path = Path(cfg.run_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
