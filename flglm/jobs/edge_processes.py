@@ -14,20 +14,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from flglm.jobs.subprocesses import TRAIN_SCRIPT, FederationFailed, FederationProcess, _this_checkout_first, describe_logs, kill_tree
+from flglm.jobs.subprocesses import TRAIN_SCRIPT, FederationFailed, FederationProcess, ProcessGroup, _this_checkout_first
 from flglm.run_layout import edge_address_path
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class EdgeFederation:
+class EdgeFederation(ProcessGroup):
     """The processes of one socket-link federation (``link.transport=socket``)."""
 
     def __init__(self, config: str | Path, overrides: Sequence[str] = (), *, num_clients: int, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
+        super().__init__(run_dir)
         self.num_clients = num_clients
         self._args = [
             "--config",
@@ -41,13 +39,6 @@ class EdgeFederation:
         self._env.setdefault("PYTHONUNBUFFERED", "1")
         self._env["PYTHONPATH"] = _this_checkout_first(self._env.get("PYTHONPATH"))
         self.address: tuple[str, int] | None = None
-        self.processes: list[FederationProcess] = []
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
-        self.kill_all()
 
     def _start(self, name: str, cmd: list[str]) -> FederationProcess:
         logs = self.run_dir / "logs"
@@ -80,34 +71,3 @@ class EdgeFederation:
         server = f"{self.address[0]}:{self.address[1]}"
         cmd = [sys.executable, "-m", "flglm.cli", "client", f"--client={index}", f"--server={server}", f"--threads={threads}"]
         return self._start(f"client{index}", [*cmd, *self._args, *overrides])
-
-    def wait(self, process: FederationProcess, *, timeout_s: float) -> int:
-        """``process``'s exit code; on timeout every process is killed and FederationFailed carries the logs."""
-        try:
-            return process.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill_all()
-            raise FederationFailed(f"{process.name} did not finish within {timeout_s:.0f}s; killed.\n{self.describe()}") from None
-
-    def kill_all(self) -> None:
-        for process in self.processes:
-            if process.popen.poll() is None:
-                kill_tree(process.popen.pid)
-                process.popen.wait(timeout=10)
-
-    def describe(self) -> str:
-        codes = ", ".join(f"{p.name} (pid {p.popen.pid}): {p.popen.poll()}" for p in self.processes)
-        return f"exit codes: {codes}\n" + describe_logs(self.run_dir, "")
-
-
-def run_edge_federation(config: str | Path, overrides: Sequence[str] = (), *, num_clients: int, run_dir: str | Path, timeout_s: float) -> None:
-    """Run a whole socket-link federation and wait; FederationFailed (with the logs) unless every process exits 0."""
-    deadline = time.monotonic() + timeout_s
-    with EdgeFederation(config, overrides, num_clients=num_clients, run_dir=run_dir) as federation:
-        server = federation.start_server(timeout_s=timeout_s)
-        clients = [federation.start_client(i) for i in range(num_clients)]
-        for process in [*clients, server]:
-            code = federation.wait(process, timeout_s=max(1.0, deadline - time.monotonic()))
-            if code != 0:
-                federation.kill_all()
-                raise FederationFailed(f"{process.name} exited with {code}.\n{federation.describe()}")

@@ -221,7 +221,42 @@ class FederationProcess:
     output: Path
 
 
-class DynamicFederation:
+class ProcessGroup:
+    """Processes of one federation started on their own (not by torchrun), killed together on exit
+    from the context: what :class:`DynamicFederation` and the socket link's federations share."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.processes: list[FederationProcess] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self.kill_all()
+
+    def wait(self, process: FederationProcess, *, timeout_s: float) -> int:
+        """``process``'s exit code; on timeout every process is killed and FederationFailed carries the logs."""
+        try:
+            return process.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise FederationFailed(f"{process.name} did not finish within {timeout_s:.0f}s; killed.\n{self.describe()}") from None
+
+    def kill_all(self) -> None:
+        """SIGKILL every process (and its children) still running."""
+        for process in self.processes:
+            if process.popen.poll() is None:
+                kill_tree(process.popen.pid)
+                process.popen.wait(timeout=10)
+
+    def describe(self) -> str:
+        """Exit codes and the tail of every log, for a failure message."""
+        codes = ", ".join(f"{p.name} (pid {p.popen.pid}): {p.popen.poll()}" for p in self.processes)
+        return f"exit codes: {codes}\n" + describe_logs(self.run_dir, "")
+
+
+class DynamicFederation(ProcessGroup):
     """The processes of a dynamic federation (``federation.membership=dynamic``), each started
     on its own: the server (rank 0, hosting the rendezvous store on a free port), then clients,
     any of which may be killed and started again. Use as a context manager: on exit every
@@ -244,7 +279,7 @@ class DynamicFederation:
         run_dir: str | Path,
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        super().__init__(run_dir)
         self.num_clients = num_clients
         self._args = [
             "--config", str(config), f"run_dir={self.run_dir}", f"federation.num_clients={num_clients}",
@@ -257,13 +292,6 @@ class DynamicFederation:
         world = str(num_clients + 1)
         self._env.update({"WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1"})
         self._port: int | None = None
-        self.processes: list[FederationProcess] = []
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
-        self.kill_all()
 
     def _start(self, name: str, rank: int, port: int, overrides: Sequence[str]) -> FederationProcess:
         logs = self.run_dir / "logs"
@@ -302,23 +330,3 @@ class DynamicFederation:
         if not 0 <= index < self.num_clients:
             raise ValueError(f"client {index} is not one of the federation's clients 0..{self.num_clients - 1}")
         return self._start(f"client{index}", index + 1, port, overrides)
-
-    def wait(self, process: FederationProcess, *, timeout_s: float) -> int:
-        """``process``'s exit code; on timeout every process is killed and FederationFailed carries the logs."""
-        try:
-            return process.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill_all()
-            raise FederationFailed(f"{process.name} did not finish within {timeout_s:.0f}s; killed.\n{self.describe()}") from None
-
-    def kill_all(self) -> None:
-        """SIGKILL every process (and its children) still running."""
-        for process in self.processes:
-            if process.popen.poll() is None:
-                kill_tree(process.popen.pid)
-                process.popen.wait(timeout=10)
-
-    def describe(self) -> str:
-        """Exit codes and the tail of every log, for a failure message."""
-        codes = ", ".join(f"{p.name} (pid {p.popen.pid}): {p.popen.poll()}" for p in self.processes)
-        return f"exit codes: {codes}\n" + describe_logs(self.run_dir, "")
