@@ -347,6 +347,30 @@ def tokenizer_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """Finished runs side by side: a table of final metrics, the ratio to the reference run, the loss curves."""
+    parser = argparse.ArgumentParser(
+        prog="flglm compare",
+        description="compare finished runs (federated and centralized): a table, ratios to the reference, a loss-curve plot",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a federation's run_dir (summary.json), a centralized run's, or both (make demo's)")
+    parser.add_argument("--out", default=None, help="where comparison.json and loss_curves.png go (default: the first RUN_DIR)")
+    args = parser.parse_args(argv)
+    from flglm.jobs.compare import CompareError, compare_runs, write_comparison
+
+    try:
+        comparison = compare_runs(args.run_dirs)
+    except CompareError as err:
+        print(f"flglm compare: error: {err}", file=sys.stderr)
+        return 2
+    print(comparison.table())
+    print()
+    print("\n".join(comparison.ratio_lines()))
+    json_path, plot_path = write_comparison(comparison, args.out or args.run_dirs[0])
+    print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
 COMMANDS = {
     "train": train_main,
     "client": client_main,
@@ -356,6 +380,7 @@ COMMANDS = {
     "keygen": keygen_main,
     "attack": attack_main,
     "tokenizer": tokenizer_main,
+    "compare": compare_main,
 }
 
 

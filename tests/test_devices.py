@@ -21,7 +21,7 @@ from flglm.models.adapters import ADAPTERS
 from flglm.models.dtypes import requested_dtype
 from flglm.models.lora import LORA_MARK
 from flglm.models.prefix import PREFIX_MODULE
-from tests.test_split import _layer_index, _padded_batch, _positions, _split_lm
+from tests.test_split import _layer_index, _padded_batch, _positions, _split_lm, move_lora_adapters
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
@@ -144,13 +144,7 @@ def test_bf16_split_equals_the_bf16_whole_model(arch: str, tiny_model_configs: d
         cfg = make_run_config(tiny_model_configs[arch], f"model.dtype={dtype}", "peft.method=lora", "peft.lora_r=4")
         lm, server = _split_lm(cfg)
         full = build_full_model(cfg.model, cfg.peft)
-        with torch.no_grad():
-            full_params = dict(full.named_parameters())
-            for name, param in [*lm.blocks.hf.named_parameters(), *server.middle.hf.named_parameters()]:
-                if ".lora_B." in name:
-                    value = torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
-                    param.copy_(value)
-                    full_params[name].copy_(value)
+        move_lora_adapters(lm, server, full)
         ids, mask = _padded_batch()
         # Execute
         with torch.no_grad():

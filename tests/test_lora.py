@@ -22,6 +22,7 @@ from tests.test_split import (
     _run_both,
     _split_lm,
     assert_base_unchanged,
+    move_lora_adapters,
     snapshot,
     train_steps,
 )
@@ -36,14 +37,8 @@ def test_split_with_lora_equals_the_whole_model_with_lora(
     cfg = make_run_config(tiny_model_configs[arch], *LORA)
     lm, server = _split_lm(cfg)
     full = build_full_model(cfg.model, cfg.peft)
-    # B starts at zero: make the adapters matter by moving them, identically on both models
-    with torch.no_grad():
-        full_params = dict(full.named_parameters())
-        for name, param in [*lm.blocks.hf.named_parameters(), *server.middle.hf.named_parameters()]:
-            if ".lora_B." in name:
-                value = torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
-                param.copy_(value)
-                full_params[name].copy_(value)
+    move_lora_adapters(lm, server, full)
+    full_params = dict(full.named_parameters())
     _run_both(lm, full)
 
     split_params = [*lm.blocks.hf.named_parameters(), *server.middle.hf.named_parameters()]

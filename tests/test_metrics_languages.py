@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TINY_MODEL_CONFIGS
 from torchmetrics.text import ROUGEScore
 
@@ -27,7 +26,7 @@ from flglm.models import build_full_model
 from flglm.tasks import GenerationTask, LanguageModelingTask
 from flglm.tasks.text_metrics import TextOverlapMetrics, metric_tokens, rouge_normalize
 from tests.test_split import _split_lm
-from tests.test_tasks import _train_and_validate
+from tests.test_tasks import _train_and_validate, text_token_losses
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -245,14 +244,8 @@ def test_perplexity_is_exp_of_the_token_weighted_mean_loss_over_the_whole_dev_se
 
     # Assert: every next token of every dev text, from the Hugging Face model's own logits.
     assert isinstance(module, LanguageModelingTask)
-    total, count, batch_means = 0.0, 0, []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        with torch.no_grad():
-            logits = lm.hf(input_ids=torch.tensor([ids])).logits[0].float()
-        loss = float(F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum"))
-        total, count = total + loss, count + len(ids) - 1
-        batch_means.append(loss / (len(ids) - 1))
+    total, count = text_token_losses(lm, tokenizer, texts)
+    batch_means = [loss / n for loss, n in (text_token_losses(lm, tokenizer, [t]) for t in texts)]
     assert math.isclose(metrics["val_loss"], total / count, rel_tol=1e-5)
     assert math.isclose(metrics["val_ppl"], math.exp(total / count), rel_tol=1e-5)
     assert math.isclose(metrics["val_ppl"], math.exp(metrics["val_loss"]), rel_tol=1e-6)

@@ -66,6 +66,18 @@ def _split_lm(cfg: RunConfig) -> tuple[SplitCausalLM, MiddleServer]:
     return SplitCausalLM(ClientBlocks(cfg.model, plan, cfg.peft), RemoteMiddle(link, server_info=info)), server
 
 
+def move_lora_adapters(lm: SplitCausalLM, server: MiddleServer, full: torch.nn.Module) -> None:
+    """LoRA's B starts at zero: move every adapter B off it, identically in the split and the
+    whole model, so the adapters matter to what is compared."""
+    with torch.no_grad():
+        full_params = dict(full.named_parameters())
+        for name, param in [*lm.blocks.hf.named_parameters(), *server.middle.hf.named_parameters()]:
+            if ".lora_B." in name:
+                value = torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
+                param.copy_(value)
+                full_params[name].copy_(value)
+
+
 def train_steps(lm: SplitCausalLM, *, steps: int, lr: float) -> None:
     """Real training steps through the split (next-token loss on the padded batch, padding not a
     target): the client's AdamW on what trains, the server's step over the link after each."""

@@ -247,6 +247,19 @@ def test_classification_accuracy_f1_and_loss_match_predictions_counted_by_hand(m
 # ---------------------------------------------------------------------- language modeling
 
 
+def text_token_losses(lm: FullCausalLM, tokenizer: Any, texts: list[str]) -> tuple[float, int]:
+    """The summed next-token cross entropy of ``texts`` (one at a time: no padding, no batching)
+    from the Hugging Face model's own logits, and the number of predicted tokens."""
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            logits = lm.hf(input_ids=torch.tensor([ids])).logits[0].float()
+        total += float(F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum"))
+        count += len(ids) - 1
+    return total, count
+
+
 def test_language_modeling_perplexity_is_exp_of_the_mean_token_cross_entropy(make_run_config: Callable[..., RunConfig], tmp_path: Path) -> None:
     # Prepare: texts of different lengths (so padding is in play), the whole model.
     records = _sentiment_records(24, seed=2)
@@ -272,13 +285,7 @@ def test_language_modeling_perplexity_is_exp_of_the_mean_token_cross_entropy(mak
 
     # Assert: every next token of every dev text, from the Hugging Face model's own logits.
     assert isinstance(module, LanguageModelingTask)
-    total, count = 0.0, 0
-    for record in records[16:]:
-        ids = tokenizer(record["text"])["input_ids"]
-        with torch.no_grad():
-            logits = lm.hf(input_ids=torch.tensor([ids])).logits[0].float()
-        total += float(F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum"))
-        count += len(ids) - 1
+    total, count = text_token_losses(lm, tokenizer, [r["text"] for r in records[16:]])
     assert math.isclose(metrics["val_ppl"], math.exp(total / count), rel_tol=1e-5)
     assert math.isclose(metrics["val_loss"], total / count, rel_tol=1e-5)  # one dev batch
 

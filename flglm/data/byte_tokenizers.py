@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from flglm.data.tokenizer import SPECIAL_TOKENS
+from flglm.data.tokenizer import SPECIAL_TOKENS, wrap_tokenizer
 
 __all__ = ["byte_vocabulary_tokenizer", "bytes_to_unicode", "train_byte_bpe_tokenizer"]
 
@@ -46,25 +46,6 @@ def bytes_to_unicode() -> dict[int, str]:
     return {byte: chr(char) for byte, char in zip(printable, chars)}
 
 
-def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    """Special tokens, BOS template and the transformers wrapper, as for the word tokenizer."""
-    specials = list(SPECIAL_TOKENS.values())
-    tokenizer.add_special_tokens(specials)
-    bos = SPECIAL_TOKENS["bos"]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token=SPECIAL_TOKENS["pad"],
-        bos_token=SPECIAL_TOKENS["bos"],
-        eos_token=SPECIAL_TOKENS["eos"],
-        unk_token=SPECIAL_TOKENS["unk"],
-        padding_side="right",
-        clean_up_tokenization_spaces=False,  # decode(encode(x)) == x exactly
-    )
-
-
 def _byte_level(tokenizer: Tokenizer) -> Tokenizer:
     # No prefix space: it would add a character that decoding cannot tell from the text's own.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -77,7 +58,7 @@ def byte_vocabulary_tokenizer() -> PreTrainedTokenizerFast:
     specials = list(SPECIAL_TOKENS.values())
     byte_chars = bytes_to_unicode()
     vocab = {token: index for index, token in enumerate([*specials, *(byte_chars[b] for b in range(256))])}
-    return _wrap(_byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[]))))
+    return wrap_tokenizer(_byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[]))))
 
 
 def train_byte_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, required: Iterable[str] = ()) -> PreTrainedTokenizerFast:
@@ -107,4 +88,4 @@ def train_byte_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, required:
     words = sorted({word for text in required for word in text.split()})
     if words:
         tokenizer.add_tokens([AddedToken(word, single_word=True, normalized=False) for word in words])
-    return _wrap(tokenizer)
+    return wrap_tokenizer(tokenizer)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flglm.data.formats import Row
-from flglm.data.readers import DataFormatError, Example
+from flglm.data.readers import DataFormatError, Example, integer_label
 from flglm.data.summarization import ARTICLE_FIELDS, SUMMARY_FIELDS
 
 __all__ = ["classification_examples", "generation_examples", "text_examples", "token_blocks"]
@@ -41,18 +41,12 @@ def _string(row: Row, names: Sequence[str], role: str, path: Path) -> str:
 
 def _label(row: Row, name: str, path: Path) -> int:
     _, value = _value(row, (name,), "label", path)
-    if isinstance(value, bool):  # before int: bool is an int subclass but means a binary label
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise DataFormatError(
-        path, f"row {row.index}: label field {name!r} is {type(value).__name__} {value!r}, expected an integer", line=row.line
-    )
+    label = integer_label(value)
+    if label is None:
+        raise DataFormatError(
+            path, f"row {row.index}: label field {name!r} is {type(value).__name__} {value!r}, expected an integer", line=row.line
+        )
+    return label
 
 
 def classification_examples(rows: Sequence[Row], path: str | Path, *, text_field: str, label_field: str | None) -> list[Example]:

@@ -98,12 +98,14 @@ def _read_raw(cfg: RunConfig, path: str) -> list[Example]:
     return text_examples(rows, path, text_field=cfg.data.text_field)
 
 
-def _read(cfg: RunConfig, path: str, max_rows: int | None) -> list[Example]:
-    """The file's examples; plain text becomes ``data.max_length`` token blocks (``max_rows`` counts blocks)."""
+def _read(cfg: RunConfig, path: str, max_rows: int | None, tokenizer: Any | None = None) -> list[Example]:
+    """The file's examples; plain text becomes ``data.max_length`` token blocks (``max_rows`` counts
+    blocks) cut by ``tokenizer`` (None: the federation's, built here)."""
     examples = _read_raw(cfg, path)
     if _is_plain_text(cfg, path):
         # The federation's tokenizer is a pure function of the config, so every process cuts the same blocks.
-        examples = token_blocks([e.text for e in examples], build_tokenizer(cfg, save=False), cfg.data.max_length, source=path)
+        tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg, save=False)
+        examples = token_blocks([e.text for e in examples], tokenizer, cfg.data.max_length, source=path)
     return examples[:max_rows] if max_rows is not None else examples
 
 
@@ -132,17 +134,19 @@ def train_path(cfg: RunConfig, client_index: int | None) -> str:
     return cfg.data.train_path
 
 
-def _union(cfg: RunConfig, template: str, max_rows: int | None) -> list[Example]:
+def _union(cfg: RunConfig, template: str, max_rows: int | None, tokenizer: Any | None) -> list[Example]:
     """Every client's file, in client order, each cut to ``max_rows`` as that client's run cuts it."""
     clients = range(cfg.federation.num_clients)
-    return [e for index in clients for e in _read(cfg, client_path(template, index), max_rows)]
+    return [e for index in clients for e in _read(cfg, client_path(template, index), max_rows, tokenizer)]
 
 
-def all_train_examples(cfg: RunConfig) -> list[Example]:
-    """The whole training data (the centralized run's; the union of all partitions or clients' files)."""
+def all_train_examples(cfg: RunConfig, *, tokenizer: Any | None = None) -> list[Example]:
+    """The whole training data (the centralized run's; the union of all partitions or clients' files).
+
+    ``tokenizer`` (the federation's, if the caller has it) cuts plain text into blocks; else it is built."""
     if "{client}" in cfg.data.train_path:
-        return _union(cfg, cfg.data.train_path, cfg.data.max_train_rows)
-    examples = _read(cfg, train_path(cfg, None), cfg.data.max_train_rows)
+        return _union(cfg, cfg.data.train_path, cfg.data.max_train_rows, tokenizer)
+    examples = _read(cfg, train_path(cfg, None), cfg.data.max_train_rows, tokenizer)
     if cfg.data.partition == "iid":
         # Equal shares keep every client's epoch the same length; the < num_clients
         # remainder rows are left out, here too, so both runs see the same union.
@@ -151,13 +155,13 @@ def all_train_examples(cfg: RunConfig) -> list[Example]:
     return examples
 
 
-def client_train_examples(cfg: RunConfig, client_index: int) -> list[Example]:
-    """Client ``client_index``'s training examples, in file order."""
+def client_train_examples(cfg: RunConfig, client_index: int, *, tokenizer: Any | None = None) -> list[Example]:
+    """Client ``client_index``'s training examples, in file order (``tokenizer``: as for :func:`all_train_examples`)."""
     if cfg.data.partition == "none":
-        examples = _read(cfg, train_path(cfg, client_index), cfg.data.max_train_rows)
+        examples = _read(cfg, train_path(cfg, client_index), cfg.data.max_train_rows, tokenizer)
         check_partition([examples], 0, f"client {client_index}'s own file {train_path(cfg, client_index)}")
         return examples
-    examples = all_train_examples(cfg)
+    examples = all_train_examples(cfg, tokenizer=tokenizer)
     labels = [e.label for e in examples] if cfg.data.partition == "dirichlet" else None
     if labels is not None and any(label is None for label in labels):
         raise ConfigError("data.partition=dirichlet needs labelled training data (data.label_field)")
@@ -174,15 +178,16 @@ def client_train_examples(cfg: RunConfig, client_index: int) -> list[Example]:
     return [examples[i] for i in mine]
 
 
-def dev_examples(cfg: RunConfig, client_index: int | None = None) -> list[Example] | None:
-    """The validation examples: client ``client_index``'s file, or with None the union of all clients'."""
+def dev_examples(cfg: RunConfig, client_index: int | None = None, *, tokenizer: Any | None = None) -> list[Example] | None:
+    """The validation examples: client ``client_index``'s file, or with None the union of all clients'
+    (``tokenizer``: as for :func:`all_train_examples`)."""
     if cfg.data.dev_path is None:
         return None
     if "{client}" in cfg.data.dev_path:
         if client_index is None:
-            return _union(cfg, cfg.data.dev_path, cfg.data.max_dev_rows)
-        return _read(cfg, client_path(cfg.data.dev_path, client_index), cfg.data.max_dev_rows)
-    return _read(cfg, cfg.data.dev_path, cfg.data.max_dev_rows)
+            return _union(cfg, cfg.data.dev_path, cfg.data.max_dev_rows, tokenizer)
+        return _read(cfg, client_path(cfg.data.dev_path, client_index), cfg.data.max_dev_rows, tokenizer)
+    return _read(cfg, cfg.data.dev_path, cfg.data.max_dev_rows, tokenizer)
 
 
 def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
@@ -210,7 +215,7 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
     if cfg.data.tokenizer == "bytes":
         tokenizer = byte_vocabulary_tokenizer()
         if save:
-            save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
+            save_run_tokenizer(cfg, tokenizer)
         return tokenizer
     if cfg.data.partition == "none":
         raise ConfigError(
@@ -234,8 +239,15 @@ def build_tokenizer(cfg: RunConfig, *, save: bool) -> Any:
     else:
         tokenizer = train_word_tokenizer(texts, vocab_size=cfg.data.tokenizer_vocab_size, required=required)
     if save:
-        save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
+        save_run_tokenizer(cfg, tokenizer)
     return _checked(cfg, tokenizer, "the tokenizer trained on data.train_path")
+
+
+def save_run_tokenizer(cfg: RunConfig, tokenizer: Any) -> None:
+    """Write a tokenizer this run built (byte vocabulary, trained) to ``run_dir/tokenizer``, so the
+    run can be reused; one that came from ``model.path`` or ``data.tokenizer_path`` stays where it is."""
+    if cfg.data.tokenizer_path is None and not (cfg.model.path is not None and has_tokenizer(cfg.model.path)):
+        save_tokenizer(tokenizer, tokenizer_dir(cfg.run_dir))
 
 
 TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.json")

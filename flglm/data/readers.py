@@ -122,9 +122,10 @@ def _column(header: list[str], field: str, path: Path) -> int:
         ) from None
 
 
-def _json_label(value: Any, path: Path, line: int, field: str) -> int:
-    # bool is checked first: it is a subclass of int but means a binary label.
-    if isinstance(value, bool):
+def integer_label(value: Any) -> int | None:
+    """A label as an int: ints, bools (a binary label) and strings holding an int (``"1"``);
+    None for anything else (floats, null, words), which callers report rather than cast."""
+    if isinstance(value, bool):  # before int: bool is an int subclass but means a binary label
         return int(value)
     if isinstance(value, int):
         return value
@@ -132,10 +133,15 @@ def _json_label(value: Any, path: Path, line: int, field: str) -> int:
         try:
             return int(value.strip())
         except ValueError:
-            pass
-    raise DataFormatError(
-        path, f"field {field!r} is not an integer label: {value!r}", line=line
-    )
+            return None
+    return None
+
+
+def _json_label(value: Any, path: Path, line: int, field: str) -> int:
+    label = integer_label(value)
+    if label is None:
+        raise DataFormatError(path, f"field {field!r} is not an integer label: {value!r}", line=line)
+    return label
 
 
 def read_jsonl(

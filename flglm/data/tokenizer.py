@@ -80,11 +80,17 @@ def train_word_tokenizer(
     vocab = {token: index for index, token in enumerate([*specials, *words])}
 
     tokenizer.model = models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"])
+    return wrap_tokenizer(tokenizer)
+
+
+def wrap_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """Special tokens, the BOS template and the transformers wrapper: what every kind of random-init
+    tokenizer (word, byte-level) shares, so tasks treat them alike."""
     # Registered as special so that "[BOS]" in text is one token and decode can skip them.
-    tokenizer.add_special_tokens(specials)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
     bos = SPECIAL_TOKENS["bos"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -93,7 +99,7 @@ def train_word_tokenizer(
         eos_token=SPECIAL_TOKENS["eos"],
         unk_token=SPECIAL_TOKENS["unk"],
         padding_side="right",
-        clean_up_tokenization_spaces=False,  # keep decode(encode(x)) == normalized x
+        clean_up_tokenization_spaces=False,  # decode(encode(x)) == x (normalized x for the word tokenizer)
     )
 
 

@@ -38,6 +38,7 @@ from flglm.data.loading import (
     check_fits_model,
     client_train_examples,
     dev_examples,
+    save_run_tokenizer,
     train_path,
 )
 from flglm.data.sampler import ResumableSampler
@@ -292,9 +293,11 @@ def run_client(cfg: RunConfig, env: DistEnv | None, role: Role, *, edge_address:
             encryption.connect()
             callbacks.append(encryption)
         # Everything that can fail on bad input is checked before joining the federation.
-        train = client_train_examples(cfg, index)
-        dev = dev_examples(cfg, index)
-        tokenizer = build_tokenizer(cfg, save=index == 0)
+        tokenizer = build_tokenizer(cfg, save=False)
+        train = client_train_examples(cfg, index, tokenizer=tokenizer)
+        dev = dev_examples(cfg, index, tokenizer=tokenizer)
+        if index == 0:
+            save_run_tokenizer(cfg, tokenizer)  # after the data read well: a failed start writes nothing
         warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=train_path(cfg, index))
         plan = plan_for(cfg.model, cfg.split)
         device = resolve_device(cfg.client.device, key="client.device", local_rank=env.local_rank if env is not None else 0)
@@ -349,9 +352,10 @@ def run_client(cfg: RunConfig, env: DistEnv | None, role: Role, *, edge_address:
 def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str, float]:
     """Train the whole model on all the training data in one process (the reference)."""
     out_dir = out_dir or Path(cfg.run_dir) / "centralized"
-    train = all_train_examples(cfg)
-    dev = dev_examples(cfg)
-    tokenizer = build_tokenizer(cfg, save=True)
+    tokenizer = build_tokenizer(cfg, save=False)
+    train = all_train_examples(cfg, tokenizer=tokenizer)
+    dev = dev_examples(cfg, tokenizer=tokenizer)
+    save_run_tokenizer(cfg, tokenizer)
     warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=train_path(cfg, None))
     lm = FullCausalLM(build_full_model(cfg.model, cfg.peft))
     check_fits_model(cfg, tokenizer, vocab_size=lm.hf.config.vocab_size, max_positions=lm.max_positions)
