@@ -137,9 +137,12 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
     from flglm.jobs.train import run_centralized
     from flglm.jobs.trainer import setup_logging
 
-    setup_logging(Path(cfg.run_dir), "centralized")
+    file_log = setup_logging(Path(cfg.run_dir), "centralized")
     configure_threads(1)
-    metrics = run_centralized(cfg)
+    try:
+        metrics = run_centralized(cfg)
+    except Exception as err:  # noqa: BLE001 - reported once, in one line; the traceback goes to the log file
+        return _report_failure(Path(cfg.run_dir), "centralized", 0, err, file_log)
     print(metrics)
     return 0
 
@@ -152,6 +155,9 @@ def _generate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     parser.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
+    parser.add_argument(
+        "--raw", action="store_true", help="feed the prompts as they are (default for task.kind=generation: inside task.prompt, as the model trained)"
+    )
     parser.add_argument("--client", type=int, default=0, help="whose client blocks and keys to use")
     parser.add_argument("--weights", help="run directory holding the trained parts (default: the config's run_dir)")
     parser.add_argument("--base", action="store_true", help="generate with the base model (no trained weights)")
@@ -217,7 +223,7 @@ def _generate_worker(cfg, args: argparse.Namespace, prompts: list[str], weights:
         if role.kind == "server":
             serve_generation(cfg, env, client_index=args.client, weights=weights)
         else:
-            generate_as_client(cfg, env, role, prompts=prompts, weights=weights, out=out)
+            generate_as_client(cfg, env, role, prompts=prompts, weights=weights, out=out, raw=args.raw)
     except Exception as err:  # noqa: BLE001 - reported once (see _report_failure)
         return _report_failure(Path(cfg.run_dir), name, env.rank, err, file_log)
     return 0

@@ -237,6 +237,39 @@ def test_centralized_reads_every_clients_file_in_client_order(make_run_config: C
     assert [e.text for e in all_train_examples(capped)] == ["c0 a", "c1 a"]
 
 
+def test_centralized_trains_on_every_clients_own_chinese_file(make_run_config: Callable[..., RunConfig], tmp_path: Path) -> None:
+    # Prepare: two hospitals' JSON arrays of question/answer pairs, a byte vocabulary (shared, no training).
+    for client, rows in enumerate((3, 5)):
+        pairs = [{"question": f"第{client}家医院的问题{i}？", "answer": f"回答{i}。"} for i in range(rows)]
+        (tmp_path / f"qa{client}.json").write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+    cfg = make_run_config(
+        {**TINY_MODEL_CONFIGS["glm"], "vocab_size": 320, "max_position_embeddings": 128},
+        "federation.num_clients=2",
+        f"run_dir={tmp_path / 'run'}",
+        "data.max_length=96",
+        f"data.train_path={tmp_path}/qa{{client}}.json",
+        f"data.dev_path={tmp_path}/qa{{client}}.json",
+        "data.partition=none",
+        "data.prompt_field=question",
+        "data.target_field=answer",
+        "data.tokenizer=bytes",
+        "data.shuffle=false",
+        "task.kind=generation",
+        "task.max_eval_generations=0",
+        "data.batch_size=4",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    )
+
+    # Execute
+    metrics = run_centralized(cfg)
+
+    # Assert: one epoch over both files (3 + 5 pairs, batches of 4), validated on both dev files.
+    assert metrics["samples"] == 8 and metrics["steps"] == 2
+    assert math.isfinite(metrics["val_loss"])
+    assert (tmp_path / "run" / "centralized" / "metrics.json").is_file()
+
+
 def test_centralized_language_modeling_trains_on_text_blocks(make_run_config: Callable[..., RunConfig], tmp_path: Path) -> None:
     # Prepare: a training and a dev text file, cut into 8-token blocks (one dev batch).
     train, dev = tmp_path / "train.txt", tmp_path / "dev.txt"

@@ -45,6 +45,7 @@ from flglm.tasks import (
     PromptCollator,
     Seq2SeqCollator,
     build_task,
+    prompt_rows,
 )
 from tests.test_split import _split_lm
 
@@ -534,3 +535,26 @@ def test_unset_prompt_and_label_words_follow_the_task_and_format(make_run_config
     assert resolved("task.kind=generation", "data.format=cnn_dailymail")[0] == "{text} summary :"
     with pytest.raises(ConfigError, match=r"task.label_words=\['a', 'b'\] has 2 words but data.format=cb has 3 classes"):
         resolved("data.format=cb", "task.label_words=[a,b]")
+
+
+def test_generate_feeds_a_generation_tasks_prompts_as_it_trained_on_them(make_run_config: Callable[..., RunConfig]) -> None:
+    # Prepare: a generation task with a template around the question; one question longer than its budget.
+    from flglm.data.byte_tokenizers import byte_vocabulary_tokenizer
+
+    model = {**TINY_MODEL_CONFIGS["glm"], "vocab_size": 320, "max_position_embeddings": 128}
+    cfg = make_run_config(model, "task.kind=generation", "task.prompt=问：{text} 答：", "data.tokenizer=bytes", "data.max_length=64", "task.max_target_tokens=16")
+    tokenizer = byte_vocabulary_tokenizer()
+    _, collate = build_task(cfg, FullCausalLM(build_full_model(cfg.model)), tokenizer)
+    questions = ["头痛三天了，挂什么科？", "a much longer question " * 8]
+
+    # Execute
+    templated, raw = prompt_rows(cfg, tokenizer, questions), prompt_rows(cfg, tokenizer, questions, raw=True)
+
+    # Assert: exactly the prompt ids validation generates from (template, BOS, the source cut to its budget) ...
+    batch = collate([Example(text=q, target="好") for q in questions])
+    assert templated == [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    assert tokenizer.decode(templated[0], skip_special_tokens=True) == "问：头痛三天了，挂什么科？ 答："
+    # ... and, raw (or for any other task), the text itself after BOS.
+    expected_raw = [[tokenizer.bos_token_id, *tokenizer(q, add_special_tokens=False)["input_ids"]] for q in questions]
+    assert raw == expected_raw
+    assert prompt_rows(make_run_config(model, "data.tokenizer=bytes"), tokenizer, questions) == expected_raw

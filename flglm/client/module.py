@@ -84,7 +84,12 @@ class SplitClientModule(L.LightningModule):
         ``seed + k``); ``on_batch(done, total)`` is called after each batch."""
         rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         bos = tokenizer.bos_token_id
-        rows = [([bos] if bos is not None else []) + r for r in rows]
+        return self.generate_rows([([bos] if bos is not None else []) + r for r in rows], tokenizer, on_batch=on_batch, **settings)
+
+    def generate_rows(
+        self, rows: Sequence[list[int]], tokenizer: Any, *, on_batch: Callable[[int, int], None] | None = None, **settings: Any
+    ) -> list[tuple[str, list[int]]]:
+        """:meth:`generate_with_ids` on prompts already encoded (e.g. in a task's prompt template, as it trained)."""
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:
             raise ValueError(f"every prompt needs at least one token; prompts {empty[:5]} have none")
@@ -92,7 +97,7 @@ class SplitClientModule(L.LightningModule):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         results: list[tuple[str, list[int]]] = []
         for k, start in enumerate(range(0, len(rows), cfg.batch_size)):
-            ids, mask = left_pad(rows[start : start + cfg.batch_size], pad)
+            ids, mask = left_pad(list(rows[start : start + cfg.batch_size]), pad)
             results += self.continuations(self.generate(ids, mask, **{**settings, "seed": cfg.seed + k}), ids.shape[1], tokenizer)
             if on_batch is not None:
                 on_batch(len(results), len(rows))

@@ -24,7 +24,6 @@ from flglm.client.module import SplitClientModule
 from flglm.client.remote import RemoteMiddle
 from flglm.config import RunConfig, fingerprint
 from flglm.data import load_tokenizer, tokenizer_fingerprint
-from flglm.data.chat import chat_prompt
 from flglm.data.loading import build_tokenizer
 from flglm.devices import resolve_device
 from flglm.distributed import DistEnv, rpc_options, rpc_worker
@@ -36,6 +35,7 @@ from flglm.roles import Role
 from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
 from flglm.server.endpoint import ServerEndpoint
 from flglm.server.middle_server import MiddleServer
+from flglm.tasks import prompt_rows
 from flglm.tensor_files import load_tensors, write_json
 
 log = logging.getLogger("flglm")
@@ -88,9 +88,11 @@ def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights
 
 
 def generate_as_client(
-    cfg: RunConfig, env: DistEnv, role: Role, *, prompts: Sequence[str], weights: Path | None, out: Path
+    cfg: RunConfig, env: DistEnv, role: Role, *, prompts: Sequence[str], weights: Path | None, out: Path, raw: bool = False
 ) -> list[dict[str, Any]]:
-    """Rank 1: generate a continuation of each prompt through the split; write them to ``out`` (JSON lines)."""
+    """Rank 1: generate a continuation of each prompt through the split; write them to ``out`` (JSON lines).
+
+    A generation task's prompts go into its prompt template (see :func:`flglm.tasks.prompt_rows`) unless ``raw``."""
     assert role.client_index is not None
     session, _ = client_session(cfg, role.client_index)
     run_dir = Path(cfg.run_dir) if weights is None else weights
@@ -107,9 +109,9 @@ def generate_as_client(
             link.handshake()
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
         module = SplitClientModule(SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard), optim=cfg.optim, generation=cfg.generation)
-        # The rows keep the prompts as given; the model sees them in its chat template if asked.
-        as_seen = [chat_prompt(tokenizer, p) for p in prompts] if cfg.task.chat_template else list(prompts)
-        results = module.generate_with_ids(as_seen, tokenizer, on_batch=lambda done, total: log.info("generated %d of %d prompts", done, total))
+        # The rows keep the prompts as given; the model sees them as the task trained on them.
+        rows_in = prompt_rows(cfg, tokenizer, prompts, raw=raw)
+        results = module.generate_rows(rows_in, tokenizer, on_batch=lambda done, total: log.info("generated %d of %d prompts", done, total))
         rows = [{"prompt": p, "generated": text, "token_ids": ids} for p, (text, ids) in zip(prompts, results)]
         write_json(rows, out)
         link.leave({"prompts": float(len(prompts))})

@@ -356,7 +356,7 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     train = all_train_examples(cfg, tokenizer=tokenizer)
     dev = dev_examples(cfg, tokenizer=tokenizer)
     save_run_tokenizer(cfg, tokenizer)
-    warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=train_path(cfg, None))
+    warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=cfg.data.train_path)  # every client's file, if {client}
     lm = FullCausalLM(build_full_model(cfg.model, cfg.peft))
     check_fits_model(cfg, tokenizer, vocab_size=lm.hf.config.vocab_size, max_positions=lm.max_positions)
     module, collate = build_task(cfg, lm, tokenizer)

@@ -72,7 +72,7 @@ def weight_map(path: str | Path) -> dict[str, str]:
         from safetensors import safe_open
 
         with safe_open(str(single), framework="pt") as reader:
-            return {name: SINGLE_FILE for name in reader.keys()}
+            return {name: SINGLE_FILE for name in reader.keys()}  # noqa: SIM118 - safe_open is no dict
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -25,6 +25,7 @@ __all__ = [
     "Seq2SeqCollator",
     "TextCollator",
     "build_task",
+    "prompt_rows",
 ]
 
 
@@ -37,13 +38,13 @@ def build_task(cfg: RunConfig, lm: nn.Module, tokenizer: Any) -> tuple[SplitClie
     if cfg.task.factory is not None:
         return _own_task(cfg.task.factory)(cfg, lm, tokenizer)
     kind = cfg.task.kind
-    prompt = chat_prompt(tokenizer, task_prompt(cfg)) if cfg.task.chat_template and kind != "language_modeling" else task_prompt(cfg)
+    prompt = _templated_prompt(cfg, tokenizer)
     if kind == "classification":
         collate = PromptCollator(tokenizer, prompt, task_label_words(cfg), cfg.data.max_length, truncation_side(cfg))
         task = ClassificationTask(lm, optim=cfg.optim, generation=cfg.generation, label_token_ids=collate.label_token_ids)
         return task, collate
     if kind == "generation":
-        seq2seq = Seq2SeqCollator(tokenizer, prompt, cfg.data.max_length, cfg.task.max_target_tokens, truncation_side(cfg))
+        seq2seq = _seq2seq_collator(cfg, tokenizer)
         # Validation never generates past the target budget: prompt + output then fit data.max_length,
         # which check_fits_model holds to the model's positions.
         generation = GenerationTask(
@@ -74,3 +75,27 @@ def _own_task(factory: str) -> Callable[[RunConfig, nn.Module, Any], tuple[Split
     if not callable(built):
         raise TypeError(f"task.factory={factory!r}: {module_name}.{function} is not a function")
     return built
+
+
+def _templated_prompt(cfg: RunConfig, tokenizer: Any) -> str:
+    """The task's prompt template (``{text}`` in it), inside the chat template if ``task.chat_template``."""
+    use_chat = cfg.task.chat_template and cfg.task.kind != "language_modeling"
+    return chat_prompt(tokenizer, task_prompt(cfg)) if use_chat else task_prompt(cfg)
+
+
+def _seq2seq_collator(cfg: RunConfig, tokenizer: Any) -> Seq2SeqCollator:
+    return Seq2SeqCollator(tokenizer, _templated_prompt(cfg, tokenizer), cfg.data.max_length, cfg.task.max_target_tokens, truncation_side(cfg))
+
+
+def prompt_rows(cfg: RunConfig, tokenizer: Any, prompts: Sequence[str], *, raw: bool = False) -> list[list[int]]:
+    """Token ids of each prompt as ``flglm generate`` feeds it to the model.
+
+    A generation task's prompt is a source (a question, an article): it is put in the task's prompt
+    template exactly as training and validation put it (``BOS + prefix + source + suffix``, the
+    source cut to its budget). Otherwise, or with ``raw``, the prompt is the text to continue: BOS
+    and its tokens, inside the chat template if ``task.chat_template``."""
+    if cfg.task.kind == "generation" and cfg.task.factory is None and not raw:
+        return _seq2seq_collator(cfg, tokenizer).prompt_rows(prompts)
+    texts = [chat_prompt(tokenizer, p) for p in prompts] if cfg.task.chat_template else list(prompts)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
