@@ -108,9 +108,10 @@ def first_error(run_dir: str | Path, *, since: float) -> ProcessError | None:
     return min(found, key=lambda e: e.time) if found else None
 
 
-def save_run_config(cfg: RunConfig) -> None:
-    """Write ``run_dir/config.yaml`` (what ``flglm generate`` reads) atomically: old file or new, never half."""
-    path = Path(cfg.run_dir) / "config.yaml"
+def save_run_config(cfg: RunConfig, directory: str | Path | None = None) -> None:
+    """Write ``config.yaml`` (what ``flglm generate`` reads) into ``directory`` (default ``run_dir``)
+    atomically: old file or new, never half."""
+    path = Path(directory if directory is not None else cfg.run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(to_yaml(cfg))

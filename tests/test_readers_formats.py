@@ -268,6 +268,11 @@ def test_centralized_trains_on_every_clients_own_chinese_file(make_run_config: C
     assert metrics["samples"] == 8 and metrics["steps"] == 2
     assert math.isfinite(metrics["val_loss"])
     assert (tmp_path / "run" / "centralized" / "metrics.json").is_file()
+    # its config beside its results: what `flglm compare` reads its epochs from
+    from flglm.jobs.compare import compare_runs
+
+    (central,) = compare_runs([tmp_path / "run"]).runs
+    assert central.kind == "centralized" and central.epochs == 1 and len(central.curves["centralized"]) == 2
 
 
 def test_centralized_language_modeling_trains_on_text_blocks(make_run_config: Callable[..., RunConfig], tmp_path: Path) -> None:

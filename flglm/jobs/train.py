@@ -367,5 +367,6 @@ def run_centralized(cfg: RunConfig, *, out_dir: Path | None = None) -> dict[str,
     metrics = _final_metrics(trainer, module, dev_loader)
     metrics["train_time_s"] = round(time.monotonic() - started, 3)
     save_tensors(module.client_state_dict(), out_dir / "model.safetensors")
+    save_run_config(cfg, out_dir)  # beside its results (the run_dir may be a federation's, with its own)
     write_json({"metrics": metrics, "losses": module.loss_history}, out_dir / "metrics.json")
     return metrics
