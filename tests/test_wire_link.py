@@ -1,11 +1,13 @@
 """``link.wire_dtype`` on the link, in one process: narrower hidden states and gradients train
 and decode close to the float32 wire, sealed as before, over LocalTransport and a real socket;
 summary's ``link`` section shows the bytes shrink by the encoding's factor; malformed parts are
-refused with a message naming them. (Real RPC: tests/test_rpc_split.py; float32 unchanged: every
-other suite, which runs the default.)"""
+refused with a message naming them; one real (torchrun'd) int8 federation's summary.json. (Real
+RPC against the whole model: tests/test_rpc_split.py; float32 unchanged: every other suite, which
+runs the default.)"""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,12 +17,14 @@ from typing import Any
 import pytest
 import torch
 from test_encrypted_link import LIMIT, _client_session, _sessions
+from test_federation import write_config
 
 from flglm.client.lm import SplitCausalLM
 from flglm.client.remote import RemoteMiddle
 from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import generate_key_set
+from flglm.jobs.subprocesses import run_federation
 from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError
 from flglm.link.protocol import autocast_code
@@ -237,3 +241,22 @@ def test_a_non_finite_tensor_crosses_exact_so_the_servers_nonfinite_policy_appli
     assert parts[0].dtype == torch.float32 and parts[1].numel() == 0
     assert torch.equal(out, torch.zeros(2, 4, 64)) and server.stats.skipped_nonfinite == 1
     server.close()
+
+
+@pytest.mark.multiprocess
+def test_a_real_int8_federation_reports_its_crossings_in_summary_json(tmp_path: Path) -> None:
+    """torchrun'd server and client: both take link.wire_dtype from the config (else the fingerprint or the parts refuse)."""
+    # Prepare: 4 steps of batch 8 x 32 on the tiny GLM (hidden 32)
+    config = write_config(tmp_path, data={"max_train_rows": 32}, trainer={"max_steps": 4, "gradient_clip_val": None})
+    run_dir = tmp_path / "run"
+
+    # Execute
+    run_federation(config, ["link.wire_dtype=int8", "server.num_threads=1"], num_clients=1, run_dir=run_dir, timeout_s=240)
+
+    # Assert: every crossing at ~0.27 of its exact bytes, both ways; training went on
+    link = json.loads((run_dir / "summary.json").read_text())["link"]
+    assert link["wire_dtype"] == "int8" and link["crossing_exact_bytes_in"] > 0 and link["crossing_exact_bytes_out"] > 0
+    assert 0.25 < link["crossing_bytes_in"] / link["crossing_exact_bytes_in"] <= 0.27
+    assert 0.25 < link["crossing_bytes_out"] / link["crossing_exact_bytes_out"] <= 0.27
+    losses = json.loads((run_dir / "client0" / "metrics.json").read_text())["losses"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
