@@ -66,6 +66,7 @@ def test_missing_train_path_is_named() -> None:
         "model.attn_implementation=flash",
         "peft.method=prefix",
         "server.parallelism=fastest",
+        "link.wire_dtype=int4",
     ],
 )
 def test_choice_validation_names_the_key_and_the_choices(override: str) -> None:
@@ -167,6 +168,7 @@ def test_fingerprint_ignores_run_dir_and_display_but_not_what_is_computed() -> N
         load_config(None, [*REQUIRED, "seed=1"]),
         load_config(None, [*REQUIRED, "model.config.vocab_size=256"]),
         load_config(None, [*REQUIRED, "split.client_tail_layers=2"]),
+        load_config(None, [*REQUIRED, "link.wire_dtype=int8"]),  # both sides must decode what the other encodes
     ]
 
     assert all(fingerprint(other) == fingerprint(cfg) for other in same)

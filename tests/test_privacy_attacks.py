@@ -76,6 +76,19 @@ def test_positive_control_recovers_raw_embeddings(model_config: dict[str, Any], 
     assert A.score(A.nearest_embedding_inversion(seen.view.hidden, embedding), text.input_ids, text.attention_mask).token_accuracy >= POSITIVE_CONTROL_MIN
 
 
+def test_a_narrower_wire_is_no_defence_the_server_inverts_what_it_decodes(model_config: dict[str, Any], make_run_config: Callable[..., RunConfig]) -> None:
+    # int8 quantisation blurs each element by at most half a step of its block: nearest-embedding inversion does not care
+    cfg = make_run_config(model_config, "split.client_head_layers=0", "crypto.enabled=false", "link.wire_dtype=int8")
+    victim, middle = _parties(cfg)
+    text = _text()
+    seen = observe_training_step(cfg, victim, middle, text)
+    embedding = victim.hf.model.embed_tokens.weight
+    sent = embedding[text.input_ids].detach()
+    assert seen.view.hidden.dtype == torch.float32 and not torch.equal(seen.view.hidden, sent)
+    torch.testing.assert_close(seen.view.hidden, sent, atol=float(sent.abs().max()) / 254 * 1.001, rtol=0)
+    assert A.score(A.nearest_embedding_inversion(seen.view.hidden, embedding), text.input_ids, text.attention_mask).token_accuracy >= POSITIVE_CONTROL_MIN
+
+
 def test_negative_control_stays_at_chance(model_config: dict[str, Any], make_run_config: Callable[..., RunConfig]) -> None:
     cfg = make_run_config(model_config)
     victim, _ = _parties(cfg)

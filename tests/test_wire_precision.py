@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flglm.link.wire_precision import BLOCK, WIRE_DTYPES, WireTensor, decode, encode, error_bound
+from flglm.link.wire_precision import BLOCK, WIRE_DTYPES, WireCodec, WireTensor, decode, encode, error_bound
 
 
 def _hidden(seed: int, shape: tuple[int, ...] = (4, 33, 96), scale: float = 3.0) -> torch.Tensor:
@@ -106,3 +106,22 @@ def test_any_tensor_round_trips_within_the_bound(wire_dtype: str, numel: int, ma
     x = torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * magnitude
     back = decode(encode(x, wire_dtype))
     assert bool(((back - x).abs() <= error_bound(x, wire_dtype)).all())
+
+
+@pytest.mark.parametrize("wire_dtype", WIRE_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_crossing_through_the_codec_stays_within_the_bound_in_the_senders_dtype(wire_dtype: str, dtype: torch.dtype) -> None:
+    """What the link does with one hidden-state tensor: pack on the sender, unpack on the receiver."""
+    x = _hidden(6).to(dtype)
+    sender, receiver = WireCodec(wire_dtype), WireCodec(wire_dtype)
+    parts = sender.pack(x)
+    back, rest = receiver.unpack([*parts, torch.ones(2)], "peer", "hidden states")
+    assert back.dtype == dtype and back.shape == x.shape and len(rest) == 1
+    exact = x.float()
+    bound = error_bound(exact, wire_dtype)
+    if dtype == torch.bfloat16 and wire_dtype == "int8":  # the dequantised value is rounded to the sender's bf16 too
+        bound = bound + error_bound(back.float(), "bfloat16")
+    assert bool(((back.float() - exact).abs() <= bound).all())
+    assert receiver.received_bytes == sender.sent_bytes and receiver.received_exact_bytes == sender.sent_exact_bytes == x.numel() * x.element_size()
+    if wire_dtype == "float32":
+        assert len(parts) == 1 and parts[0] is x  # the float32 wire sends the tensor itself, as before

@@ -28,6 +28,7 @@ from flglm.link.protocol import (
     step_control,
 )
 from flglm.link.transport import RetryPolicy, Transport, TransportError, as_transport
+from flglm.link.wire_precision import WireCodec
 
 log = logging.getLogger("flglm.client")
 T = TypeVar("T")
@@ -39,7 +40,9 @@ class ServerLink:
     Each call is one message of the protocol (:mod:`flglm.link.protocol`): in the clear,
     or sealed under this client's session when a :class:`ClientSession` is given. Every call
     carries a timeout (``timeout_s``) and is resent after a loss (``retry``); a message the
-    server refuses raises with the server's message.
+    server refuses raises with the server's message. Hidden states and gradients cross in
+    ``wire_dtype`` (``link.wire_dtype``, the server's own: it is in the config fingerprint),
+    encoded here after the privacy defences (:class:`~flglm.link.wire_precision.WireCodec`).
     """
 
     def __init__(
@@ -50,12 +53,14 @@ class ServerLink:
         timeout_s: float,
         session: ClientSession | None = None,
         retry: RetryPolicy | None = None,
+        wire_dtype: str = "float32",
     ) -> None:
         self.transport = as_transport(target, timeout_s=timeout_s)
         self.client_id = client_id
         self.timeout_s = timeout_s
         self.session = session
         self.retry = retry or RetryPolicy()
+        self.codec = WireCodec(wire_dtype)
         self.retries = 0
         """Messages resent after a transport failure (the server answers a resent one from its record)."""
         self.incarnation = secrets.randbits(61) | 1 << 61  # 19 digits: a join's size does not vary
@@ -144,18 +149,26 @@ class ServerLink:
         (info,) = self.exchange("join", [json_tensor(facts)])
         return json_value(info, "the server's welcome")
 
-    def _crossing(self, header: RequestHeader, crossing: Crossing) -> list[torch.Tensor]:
-        tensors = [crossing.hidden, crossing.attention_mask, crossing.position_ids, autocast_code(header.autocast)]
+    def _crossing(self, crossing: Crossing, control: torch.Tensor) -> list[torch.Tensor]:
+        """The message of a crossing: its hidden states in the wire dtype, the mask, positions and
+        ``control`` exact, and the P-tuning prefixes (exact: the client's own parameters)."""
+        tensors = [*self.codec.pack(crossing.hidden.detach()), crossing.attention_mask, crossing.position_ids, control]
         return tensors if crossing.prefix is None else [*tensors, crossing.prefix]
 
-    def forward(self, header: RequestHeader, crossing: Crossing) -> torch.Tensor:
-        (out,) = self.exchange("forward", self._crossing(header, crossing), step=header.request_id)
+    def _output(self, reply: list[torch.Tensor]) -> torch.Tensor:
+        out, rest = self.codec.unpack(reply, "the server", "its output")
+        if rest:
+            raise InvalidMessageError(f"an output answer carries the hidden states only, got {len(rest)} more tensors")
         return out
+
+    def forward(self, header: RequestHeader, crossing: Crossing) -> torch.Tensor:
+        tensors = self._crossing(crossing, autocast_code(header.autocast))
+        return self._output(self.exchange("forward", tensors, step=header.request_id))
 
     def infer(self, crossing: Crossing) -> torch.Tensor:
         header = self.header()
-        (out,) = self.exchange("infer", self._crossing(header, crossing), step=header.request_id)
-        return out
+        tensors = self._crossing(crossing, autocast_code(header.autocast))
+        return self._output(self.exchange("infer", tensors, step=header.request_id))
 
     def open_decoding(self) -> int:
         """A new decoding session number (the server creates its cache on the first ``decode``)."""
@@ -164,21 +177,19 @@ class ServerLink:
     def decode(self, session: int, past: int, crossing: Crossing) -> torch.Tensor:
         """The middle stack's output for new tokens of a decoding session that has ``past`` cached tokens."""
         header = self.header()
-        tensors = [crossing.hidden, crossing.attention_mask, crossing.position_ids, decode_control(header.autocast, past)]
-        if crossing.prefix is not None:
-            tensors.append(crossing.prefix)
-        (out,) = self.exchange("decode", tensors, round_index=session, step=header.request_id)
-        return out
+        tensors = self._crossing(crossing, decode_control(header.autocast, past))
+        return self._output(self.exchange("decode", tensors, round_index=session, step=header.request_id))
 
     def end_decoding(self, session: int) -> None:
         self.exchange("decode_end", [], round_index=session)
 
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The gradient of the hidden states sent, and of the prefixes sent with them (P-tuning v2)."""
-        reply = self.exchange("backward", [grad], step=header.request_id)
-        if len(reply) not in (1, 2):
-            raise InvalidMessageError(f"a backward answer carries 1 or 2 tensors, got {len(reply)}")
-        return reply[0], (reply[1] if len(reply) == 2 else None)
+        reply = self.exchange("backward", self.codec.pack(grad.detach()), step=header.request_id)
+        grad_in, rest = self.codec.unpack(reply, "the server", "its gradient of the hidden states")
+        if len(rest) > 1:
+            raise InvalidMessageError(f"a backward answer carries the gradient and at most the prefixes' one, got {len(rest)} more tensors")
+        return grad_in, (rest[0] if rest else None)
 
     def grad_norms(self) -> torch.Tensor:
         (norms,) = self.exchange("grad_norms", [])

@@ -35,6 +35,8 @@ WeightDtype = Literal["auto", "float32", "bfloat16", "float16"]
 TokenizerKind = Literal["word", "byte_bpe", "bytes"]
 MetricTokenizer = Literal["auto", "whitespace", "char", "model"]
 LinkTransport = Literal["rpc", "socket"]
+WireDtype = Literal["float32", "bfloat16", "float16", "int8"]
+"""Precisions of hidden states and gradients on the link (``flglm.link.wire_precision``)."""
 
 SUPERGLUE_FORMATS: tuple[str, ...] = get_args(SuperGlueFormat)
 SUMMARIZATION_FORMATS: tuple[str, ...] = get_args(SummarizationFormat)
@@ -233,6 +235,10 @@ class LinkConfig:
     """socket: connections the edge holds at once; when full, the oldest one not yet proven is closed."""
     max_connections_per_client: int = 4
     """socket: proven connections kept per client (the oldest is closed first)."""
+    wire_dtype: WireDtype = "float32"
+    """Precision of the hidden states and gradients that cross (both ways): ``float32`` sends them as computed
+    (exact); ``bfloat16``/``float16`` round each element (half the bytes); ``int8`` is blockwise absmax
+    quantisation, one float32 scale per 64 values (about a quarter). Applied after the privacy defences."""
 
 
 @dataclass(kw_only=True)

@@ -60,8 +60,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
     "uint8": torch.uint8,
     "float64": torch.float64,
+    "int8": torch.int8,
 }
-"""Dtype names allowed on the wire."""
+"""Dtype names allowed on the wire (codes by position: a new one goes at the end; int8 carries ``link.wire_dtype=int8``'s values)."""
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 _DTYPE_CODES = {name: i for i, name in enumerate(DTYPES)}

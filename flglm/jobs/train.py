@@ -153,7 +153,9 @@ def client_link(cfg: RunConfig, server: rpc.RRef | str | Transport, index: int, 
         )
         log.warning("client %d: fault injection on (%s)", index, faults)
     retry = RetryPolicy(max_retries=f.max_retries, backoff_s=f.retry_backoff_s, backoff_max_s=f.retry_backoff_max_s)
-    return ServerLink(transport, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session, retry=retry)
+    return ServerLink(
+        transport, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session, retry=retry, wire_dtype=cfg.link.wire_dtype
+    )
 
 
 def _max_message_bytes(cfg: RunConfig) -> int:

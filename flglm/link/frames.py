@@ -62,9 +62,9 @@ class Method(IntEnum):
 METHOD_OF_NAME = {"handshake": Method.HANDSHAKE, "exchange": Method.EXCHANGE, "sealed": Method.SEALED}
 
 DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool,
+    torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool, torch.int8,
 )  # fmt: skip
-"""Dtypes allowed on the wire; code = index + 1."""
+"""Dtypes allowed on the wire; code = index + 1 (a new one goes at the end: int8 carries ``link.wire_dtype=int8``'s values)."""
 _DTYPE_CODE = {dtype: i + 1 for i, dtype in enumerate(DTYPES)}
 
 ERRORS: tuple[type[Exception], ...] = (

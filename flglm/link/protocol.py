@@ -14,7 +14,8 @@ kind        request tensors (round, step)              reply kind   reply tensor
 ==========  =========================================  ===========  ==========================
 join        [json fingerprints, incarnation]           welcome      [json server facts]
 forward     [hidden, mask, positions, ctrl(, prefix)]  output       [hidden]
-            (step=id; prefix: P-tuning v2 key/values of the server's blocks)
+            (step=id; prefix: P-tuning v2 key/values of the server's blocks; with a
+            narrower ``link.wire_dtype`` every hidden/grad here takes 3 tensors, WireCodec)
 infer       [hidden, mask, positions, ctrl(, prefix)]  output       [hidden]
 decode      [hidden, mask, positions, ctrl2(, prefix)] output       [hidden]
             (round=session, step=id; mask covers cached + new tokens; ctrl2: autocast, cached;
@@ -149,11 +150,13 @@ def parse_step_control(ctrl: object, who: str) -> tuple[int, int, float, float |
     return int(step), int(total), scale, None if math.isnan(clip) else clip
 
 
-def crossing_tensors(tensors: object, who: str, kind: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """A crossing's [hidden, mask, positions, ctrl] and the optional P-tuning prefixes after them."""
+def crossing_tensors(tensors: object, who: str, kind: str, *, hidden_parts: int = 1) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A crossing's [hidden, mask, positions, ctrl] and the optional P-tuning prefixes after them
+    (``hidden_parts``: the tensors the hidden states take in ``link.wire_dtype``, see ``WireCodec``)."""
     count = len(tensors) if isinstance(tensors, (list, tuple)) else 0
-    values = expect_tensors(tensors, 5 if count == 5 else 4, who, kind)
-    return values[:4], (values[4] if len(values) == 5 else None)
+    base = hidden_parts + 3
+    values = expect_tensors(tensors, base + 1 if count == base + 1 else base, who, kind)
+    return values[:base], (values[base] if len(values) == base + 1 else None)
 
 
 def expect_tensors(tensors: object, count: int, who: str, kind: str) -> list[torch.Tensor]:

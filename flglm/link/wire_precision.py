@@ -9,18 +9,21 @@ scale travels beside it (one float32 per block, 1/16 of the int8 payload at bloc
 
 Quantisation happens on the sender after the privacy defences and before sealing; the
 receiver dequantises back to the sender's dtype. The bounds each encoding guarantees are in
-:func:`error_bound`, and tested.
+:func:`error_bound`, and tested. :class:`WireCodec` is what each side of the link uses: the
+message tensors that carry one hidden-state or gradient tensor, and the bytes they cost.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
-WireDtype = Literal["float32", "bfloat16", "float16", "int8"]
+from flglm.config.schema import WireDtype
+from flglm.link.messages import InvalidMessageError
+
 WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
 
 BLOCK = 64
@@ -122,3 +125,112 @@ def _blocks(flat_source: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     return flat.view(-1, BLOCK)
+
+
+# ------------------------------------------------------------------ on the link
+SOURCE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes a sender's tensor may have; a narrowed tensor's third part is the index of its own."""
+_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+
+
+def parts_of(wire_dtype: str) -> int:
+    """How many message tensors carry one hidden-state or gradient tensor: 1 (float32) or 3."""
+    return 1 if wire_dtype == "float32" else 3
+
+
+class WireCodec:
+    """One side's encoder and decoder of the hidden states and gradients it sends and receives.
+
+    ``float32``: a tensor travels as itself, as it always has (bit-identical messages).
+    Narrower: as three tensors ``[values, scales, source]``: the values in the wire dtype,
+    int8's float32 block scales (empty otherwise), and an int64 ``[code]`` naming the sender's
+    dtype (:data:`SOURCE_DTYPES`) so that the receiver computes in the same dtype. A tensor
+    holding NaN or Inf cannot be narrowed (:func:`encode`); it travels exact (values in its
+    own dtype, no scales), so that the receiver's ``server.nonfinite`` policy treats it as
+    with the float32 wire. The counters are what summary.json's ``link`` section reports.
+    """
+
+    def __init__(self, wire_dtype: str = "float32") -> None:
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"link.wire_dtype must be one of {list(WIRE_DTYPES)}, got {wire_dtype!r}")
+        self.wire_dtype = wire_dtype
+        self.sent_bytes = 0
+        """Bytes of the message tensors that carried what this side sent (values, scales, source code)."""
+        self.sent_exact_bytes = 0
+        """The same tensors at the sender's own precision: what ``float32`` would have sent."""
+        self.received_bytes = 0
+        self.received_exact_bytes = 0
+
+    def pack(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """The message tensors that carry ``tensor`` (see the class docstring).
+
+        Raises:
+            ValueError: a dtype outside :data:`SOURCE_DTYPES`, or (``float16``) a value beyond its range.
+        """
+        if self.wire_dtype == "float32":
+            parts = [tensor]
+        else:
+            if tensor.dtype not in SOURCE_DTYPES:
+                raise ValueError(f"only {[str(d) for d in SOURCE_DTYPES]} tensors cross in a wire precision, got {tensor.dtype}")
+            source = torch.tensor([SOURCE_DTYPES.index(tensor.dtype)], dtype=torch.int64)
+            if not bool(torch.isfinite(tensor).all()):
+                parts = [tensor, torch.zeros(0), source]
+            else:
+                narrowed = encode(tensor, self.wire_dtype)
+                parts = [narrowed.values, narrowed.scales if narrowed.scales is not None else torch.zeros(0), source]
+        self.sent_bytes += _nbytes(parts)
+        self.sent_exact_bytes += _nbytes([tensor])
+        return parts
+
+    def unpack(self, tensors: list[torch.Tensor], who: str, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tensor :meth:`pack` put at the head of ``tensors``, at the sender's dtype, and the tensors after it.
+
+        Raises:
+            InvalidMessageError: the parts are missing or do not fit together; names ``who`` and ``what``.
+        """
+        value, rest = unpack(tensors, self.wire_dtype, who, what)
+        self.received_bytes += _nbytes(list(tensors[: parts_of(self.wire_dtype)]))
+        self.received_exact_bytes += _nbytes([value])
+        return value, rest
+
+    def summary(self, *, sent: str, received: str) -> dict[str, int | str]:
+        """The counters under the names of the directions (``sent``/``received``: e.g. ``out``/``in``)."""
+        return {
+            "wire_dtype": self.wire_dtype,
+            f"crossing_bytes_{sent}": self.sent_bytes,
+            f"crossing_exact_bytes_{sent}": self.sent_exact_bytes,
+            f"crossing_bytes_{received}": self.received_bytes,
+            f"crossing_exact_bytes_{received}": self.received_exact_bytes,
+        }
+
+
+def unpack(tensors: list[torch.Tensor], wire_dtype: str, who: str, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:meth:`WireCodec.unpack` without the counting (for readers of recorded messages)."""
+    width = parts_of(wire_dtype)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < width or not all(isinstance(t, torch.Tensor) for t in tensors[:width]):
+        raise InvalidMessageError(f"{who}: {what} must come as {width} tensor(s) (link.wire_dtype={wire_dtype})")
+    parts, rest = list(tensors[:width]), list(tensors[width:])
+    return (parts[0] if width == 1 else _decoded(parts, wire_dtype, who, what)), rest
+
+
+def _decoded(parts: list[torch.Tensor], wire_dtype: str, who: str, what: str) -> torch.Tensor:
+    values, scales, source = parts
+    if source.dtype != torch.int64 or source.shape != (1,) or not 0 <= int(source.item()) < len(SOURCE_DTYPES):
+        raise InvalidMessageError(f"{who}: {what}'s source dtype must be an int64 [code] in 0..{len(SOURCE_DTYPES) - 1}")
+    dtype = SOURCE_DTYPES[int(source.item())]
+    storage = _STORAGE[wire_dtype]
+    exact = values.dtype == dtype and values.dtype != storage
+    if values.dtype != storage and not exact:
+        raise InvalidMessageError(f"{who}: {what} must be {storage} on a {wire_dtype} wire (or exact {dtype}), got {values.dtype}")
+    if (exact or storage != torch.int8) and scales.numel():
+        raise InvalidMessageError(f"{who}: {what} carries block scales, which only int8 values have")
+    if exact:
+        return values
+    try:
+        return decode(WireTensor(values, scales if storage == torch.int8 else None), dtype=dtype)
+    except ValueError as exc:
+        raise InvalidMessageError(f"{who}: {what}: {exc}") from None
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

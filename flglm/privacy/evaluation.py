@@ -132,10 +132,10 @@ def observe_training_step(
         server = MiddleServer(cfg, middle=middle)
         endpoint = CuriousEndpoint(server, sessions)
         wiretap = Wiretap(LocalTransport(endpoint))
-        link = ServerLink(wiretap, client_id=client_index, timeout_s=120, session=client_session)
+        link = ServerLink(wiretap, client_id=client_index, timeout_s=120, session=client_session, wire_dtype=cfg.link.wire_dtype)
         info = link.hello(fingerprint(cfg), "tokenizer")
         if peer_session is not None:  # the peer is a member with its own session
-            ServerLink(LocalTransport(endpoint), client_id=1 - client_index, timeout_s=120, session=peer_session).hello(fingerprint(cfg), "tokenizer")
+            ServerLink(LocalTransport(endpoint), client_id=1 - client_index, timeout_s=120, session=peer_session, wire_dtype=cfg.link.wire_dtype).hello(fingerprint(cfg), "tokenizer")
         guard = PrivacyGuard.from_config(cfg.privacy, client_index=client_index, hidden_size=victim.hidden_size)
         lm = SplitCausalLM(victim, RemoteMiddle(link, server_info=info), guard=guard)
         lm_loss(lm(text.input_ids, text.attention_mask), text).backward()
@@ -279,7 +279,7 @@ def aggregation_leakage(
         endpoint = CuriousEndpoint(server)
         models, links = [], []
         for i in range(n):
-            link = ServerLink(LocalTransport(endpoint), client_id=i, timeout_s=120)
+            link = ServerLink(LocalTransport(endpoint), client_id=i, timeout_s=120, wire_dtype=cfg_n.link.wire_dtype)
             info = link.hello(fingerprint(cfg_n), "tokenizer")
             blocks = client_blocks(cfg_n)
             guard = PrivacyGuard.from_config(cfg.privacy, client_index=i, hidden_size=blocks.hidden_size)

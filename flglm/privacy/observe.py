@@ -17,6 +17,7 @@ import torch
 from torch.futures import Future
 
 from flglm.link.transport import Transport
+from flglm.link.wire_precision import unpack
 from flglm.server.endpoint import Reply, ServerEndpoint, _as_future
 
 
@@ -72,12 +73,14 @@ class CuriousEndpoint(ServerEndpoint):
 
     def training_views(self, client_id: int) -> list[ForwardView]:
         """Each forward of ``client_id`` with the server's answer and the gradient that came back for it."""
-        gradients = {s.step: s.tensors[0] for s in self.of(client_id, "backward")}
+        wire_dtype = self.codec.wire_dtype  # what the server decodes from a narrower wire is what it sees
+        gradients = {s.step: unpack(s.tensors, wire_dtype, "client", "gradient")[0] for s in self.of(client_id, "backward")}
         views = []
         for s in self.of(client_id, "forward"):
             assert s.reply is not None, "a forward without an answer"
-            hidden, mask, pos = s.tensors[:3]
-            views.append(ForwardView(hidden, mask, pos, s.reply[0], gradients.get(s.step)))
+            hidden, (mask, pos, *_) = unpack(s.tensors, wire_dtype, "client", "hidden states")
+            output, _ = unpack(s.reply, wire_dtype, "server", "output")
+            views.append(ForwardView(hidden, mask, pos, output, gradients.get(s.step)))
         return views
 
 

@@ -22,6 +22,7 @@ from flglm.crypto.sessions import ServerSessions
 from flglm.link import protocol as P
 from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes
+from flglm.link.wire_precision import WireCodec, parts_of
 from flglm.server.exactly_once import ReplyRecord
 from flglm.server.middle_server import MiddleServer
 
@@ -63,6 +64,8 @@ class ServerEndpoint:
             "leave": self._leave,
         }
         self.record = ReplyRecord()
+        self.codec = WireCodec(server.cfg.link.wire_dtype)
+        """Hidden states and gradients in ``link.wire_dtype``: decoded as they come in, encoded as they go out."""
         self.wire_bytes_in = 0
         self.wire_bytes_out = 0
         self.payload_bytes_in = 0
@@ -128,7 +131,7 @@ class ServerEndpoint:
             "payload_bytes_out": self.payload_bytes_out,
             "duplicate_messages": self.record.stats.duplicates,
             "stale_messages": self.record.stats.stale,
-        }
+        } | self.codec.summary(sent="out", received="in")
         if self.sessions is not None:
             out |= {"handshakes": self.sessions.handshakes, "rejected_messages": self.sessions.rejected}
         return out
@@ -186,21 +189,28 @@ class ServerEndpoint:
             self.record.forget(client_id)  # a new process: its message keys start over
         return [P.json_tensor(info)]
 
+    def _crossing(self, client_id: int, kind: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """A crossing's [hidden, mask, positions, ctrl] (the hidden states decoded from the wire) and its prefixes."""
+        who = f"client {client_id}"
+        head, prefix = P.crossing_tensors(tensors, who, kind, hidden_parts=parts_of(self.codec.wire_dtype))
+        hidden, rest = self.codec.unpack(head, who, f"a {kind!r} message's hidden states")
+        return [hidden, *rest], prefix
+
     def _forward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "forward")
+        (hidden, mask, pos, ctrl), prefix = self._crossing(client_id, "forward", tensors)
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return _then(self.server.forward(header, Crossing(hidden, mask, pos, prefix)), lambda out: [out])
+        return _then(self.server.forward(header, Crossing(hidden, mask, pos, prefix)), self.codec.pack)
 
     def _infer(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "infer")
+        (hidden, mask, pos, ctrl), prefix = self._crossing(client_id, "infer", tensors)
         header = RequestHeader(client_id, step, P.autocast_name(ctrl, f"client {client_id}"))
-        return [self.server.infer(header, Crossing(hidden, mask, pos, prefix))]
+        return self.codec.pack(self.server.infer(header, Crossing(hidden, mask, pos, prefix)))
 
     def _decode(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        (hidden, mask, pos, ctrl), prefix = P.crossing_tensors(tensors, f"client {client_id}", "decode")
+        (hidden, mask, pos, ctrl), prefix = self._crossing(client_id, "decode", tensors)
         autocast, past = P.parse_decode_control(ctrl, f"client {client_id}")
         header = RequestHeader(client_id, step, autocast)
-        return [self.server.decode(header, round_index, past, Crossing(hidden, mask, pos, prefix))]
+        return self.codec.pack(self.server.decode(header, round_index, past, Crossing(hidden, mask, pos, prefix)))
 
     def _decode_end(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "decode_end")
@@ -208,8 +218,16 @@ class ServerEndpoint:
         return []
 
     def _backward(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        (grad,) = P.expect_tensors(tensors, 1, f"client {client_id}", "backward")
-        return _then(self.server.backward(RequestHeader(client_id, step), grad), lambda grads: list(grads) if isinstance(grads, tuple) else [grads])
+        parts = P.expect_tensors(tensors, parts_of(self.codec.wire_dtype), f"client {client_id}", "backward")
+        grad, _ = self.codec.unpack(parts, f"client {client_id}", "a backward message's gradient")
+        return _then(self.server.backward(RequestHeader(client_id, step), grad), self._grads_reply)
+
+    def _grads_reply(self, grads: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """d loss / d inputs in the wire dtype; P-tuning's d loss / d prefixes exact, like the prefixes."""
+        if isinstance(grads, tuple):
+            grad_in, grad_prefix = grads
+            return [*self.codec.pack(grad_in), grad_prefix]
+        return self.codec.pack(grads)
 
     def _grad_norms(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         P.expect_tensors(tensors, 0, f"client {client_id}", "grad_norms")
