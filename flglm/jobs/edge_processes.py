@@ -40,21 +40,24 @@ class EdgeFederation(ProcessGroup):
         self._env["PYTHONPATH"] = _this_checkout_first(self._env.get("PYTHONPATH"))
         self.address: tuple[str, int] | None = None
 
-    def _start(self, name: str, cmd: list[str]) -> FederationProcess:
+    def _start(self, name: str, cmd: list[str], prefix: Sequence[str] = ()) -> FederationProcess:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         output = logs / f"{name}-{sum(p.name == name for p in self.processes)}.out"
         with output.open("w") as out:
-            popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
+            popen = subprocess.Popen([*prefix, *cmd], stdout=out, stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
         process = FederationProcess(name, popen, output)
         self.processes.append(process)
         return process
 
-    def start_server(self, overrides: Sequence[str] = (), *, timeout_s: float) -> FederationProcess:
-        """Start the server and wait (at most ``timeout_s``) until its edge's address is known."""
+    def start_server(self, overrides: Sequence[str] = (), *, timeout_s: float, prefix: Sequence[str] = ()) -> FederationProcess:
+        """Start the server and wait (at most ``timeout_s``) until its edge's address is known.
+
+        ``prefix`` goes before the command, e.g. ``ip netns exec HOST`` to run it on another network host
+        (then give ``link.edge_host`` that host's address in ``overrides``)."""
         path = edge_address_path(self.run_dir)
         path.unlink(missing_ok=True)
-        server = self._start("server", [sys.executable, str(TRAIN_SCRIPT), *self._args, *overrides])
+        server = self._start("server", [sys.executable, str(TRAIN_SCRIPT), *self._args, *overrides], prefix)
         deadline = time.monotonic() + timeout_s
         while not path.is_file():
             if server.popen.poll() is not None or time.monotonic() > deadline:
@@ -65,9 +68,10 @@ class EdgeFederation(ProcessGroup):
         self.address = (address["host"], int(address["port"]))
         return server
 
-    def start_client(self, index: int, overrides: Sequence[str] = (), *, threads: int = 1) -> FederationProcess:
+    def start_client(self, index: int, overrides: Sequence[str] = (), *, threads: int = 1, prefix: Sequence[str] = ()) -> FederationProcess:
+        """Start client ``index`` (a ``flglm client`` process reaching the server's edge), after ``prefix`` as for the server."""
         if self.address is None:
             raise RuntimeError("start the server first")
         server = f"{self.address[0]}:{self.address[1]}"
         cmd = [sys.executable, "-m", "flglm.cli", "client", f"--client={index}", f"--server={server}", f"--threads={threads}"]
-        return self._start(f"client{index}", [*cmd, *self._args, *overrides])
+        return self._start(f"client{index}", [*cmd, *self._args, *overrides], prefix)
