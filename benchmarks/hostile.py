@@ -1,0 +1,465 @@
+"""Hostile participants and strangers against each deployment mode: which attacks get through.
+
+    python benchmarks/hostile.py                   # both modes (about 2 minutes on 2 cores)
+    python benchmarks/hostile.py --modes socket    # one mode
+
+Each mode runs a real federation on this machine (1 server, 2 encrypted clients with secure
+aggregation, a tiny GLM, each client with its own training file) and attacks it while it trains:
+
+* ``rpc`` (``link.transport=rpc``, torchrun; the one-trust-domain mode): client 1 is a *hostile
+  participant*: a real client process (``benchmarks/hostile_workers.py``) that trains honestly
+  and, from a side thread, makes its own RPC calls to the server and to client 0 with the RPC
+  agent torchrun's world gives it. A *stranger* (no key, no rank) port-scans the federation's
+  processes, writes to any store it finds, tries to join the RPC group through it, and sends
+  pickles, junk and 200 connections to the server's ports.
+* ``socket`` (``link.transport=socket``: the server's edge, ``flglm client --server HOST:PORT``):
+  the hostile participant is a second process holding client 1's valid keys (before the real
+  client 1 starts: it would otherwise replace its own session), the stranger one without keys;
+  both try the same things through every port the server listens on (the edge is the only one;
+  the clients listen on none).
+
+An attack *succeeded* when its effect is observed: the marker file a pickle's command would
+touch exists; bytes of the server's private key or of client 0's training file came back; a
+function or a remote object ran (a value came back); a store took a write; a frame outside
+the three entries got anything but a refusal; or (junk, floods) a target stopped or an honest
+client did not finish. The attacker runs on loopback beside the server (no network
+namespaces): what a port scan finds there is an upper bound on what another host reaches.
+
+Last line: one JSON object; ``succeeded`` counts the socket mode's successful attacks (goal 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flglm.crypto.keyring import generate_key_set
+from flglm.crypto.keys import generate_identity
+from flglm.data import write_demo_dataset
+from flglm.jobs import hostile as H
+from flglm.jobs.edge_processes import EdgeFederation
+from flglm.jobs.subprocesses import FederationFailed, run_torchrun
+
+WORKERS = REPO / "benchmarks" / "hostile_workers.py"
+MODEL = {
+    "model_type": "glm", "vocab_size": 272, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+FLOOD = 200
+TIMEOUT_S = 150.0
+
+# (row, attacker): the rows of the table, in order
+ROWS: list[tuple[str, str]] = [
+    ("eval on the server", "participant"), ("eval on the server", "stranger"),
+    ("eval on the peer client", "participant"), ("eval on the peer client", "stranger"),
+    ("pickle runs a command on the server", "participant"), ("pickle runs a command on the server", "stranger"),
+    ("pickle runs a command on the peer client", "participant"), ("pickle runs a command on the peer client", "stranger"),
+    ("torch.from_file: server's private key", "participant"), ("torch.from_file: server's private key", "stranger"),
+    ("torch.from_file: peer's training file", "participant"), ("torch.from_file: peer's training file", "stranger"),
+    ("rpc.remote object on the server", "participant"), ("rpc.remote object on the server", "stranger"),
+    ("rpc.remote object on the peer client", "participant"), ("rpc.remote object on the peer client", "stranger"),
+    ("join a rendezvous store / RPC group", "participant"), ("join a rendezvous store / RPC group", "stranger"),
+    ("call a non-public function / method code", "participant"), ("call a non-public function / method code", "stranger"),
+    ("handshake with an unlisted key", "stranger"),
+    ("oversize, truncated, random frames", "stranger"),
+    (f"{FLOOD} connections at once", "stranger"),
+]  # fmt: skip
+
+
+def write_config(root: Path, steps: int) -> tuple[Path, dict[str, Path]]:
+    """Two clients, each with its own training file (``data.partition=none``), the byte tokenizer
+    (no process reads another's file to build a vocabulary), encryption and secure aggregation."""
+    files = {}
+    for client in (0, 1):
+        files[f"train{client}"], dev = write_demo_dataset(root / f"data{client}", train_rows=steps * 8, dev_rows=16, seed=client + 1)
+    generate_key_set(root / "keys", num_clients=2)
+    cfg = {
+        "seed": 0,
+        "model": {"config": MODEL},
+        "optim": {"name": "adamw", "lr": 0.003, "scheduler": "constant", "warmup_steps": 0},
+        "data": {
+            "train_path": str(root / "data{client}" / "train.tsv"),
+            "dev_path": str(dev),
+            "partition": "none",
+            "tokenizer": "bytes",
+            "max_length": 32,
+            "batch_size": 8,
+            "eval_batch_size": 16,
+        },
+        "task": {"kind": "language_modeling"},
+        "federation": {"num_clients": 2, "aggregate_every": 5},
+        "crypto": {"enabled": True, "secure_aggregation": True, "key_dir": str(root / "keys")},
+        "server": {"num_threads": 1, "startup_timeout_s": 120},
+        "trainer": {"max_epochs": 1, "max_steps": steps, "enable_progress_bar": False, "limit_val_batches": 0, "num_sanity_val_steps": 0},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, {"server_key": root / "keys" / "server.key", **files}
+
+
+# ---------------------------------------------------------------- checks
+
+
+class Secrets:
+    """What must never come back: the server's private key, client 0's training file."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.key = files["server_key"].read_bytes()
+        self.train = files["train0"].read_bytes()[:64]
+
+    def leaked(self, data: bytes) -> bool:
+        """Any 8 consecutive bytes of either secret in ``data``."""
+        return any(secret[i : i + 8] in data for secret in (self.key, self.train) for i in range(len(secret) - 7))
+
+
+def _returned(outcome: dict[str, Any] | None) -> bool:
+    return outcome is not None and "error" not in outcome
+
+
+def _hex_leak(outcome: dict[str, Any] | None, secrets: Secrets) -> bool:
+    return _returned(outcome) and secrets.leaked(bytes.fromhex(outcome.get("hex", ""))) if outcome else False
+
+
+def _send_many(address: tuple[str, int], payloads: list[bytes]) -> list[bytes]:
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda data: H.send_raw(address, data), payloads))
+
+
+def _wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# ---------------------------------------------------------------- rpc mode
+
+
+def training(run_dir: Path) -> bool:
+    """Whether every client of ``run_dir``'s federation has joined (its training is under way)."""
+    log = run_dir / "logs" / "server.log"
+    return log.is_file() and "joined (2/2)" in log.read_text(errors="replace")
+
+
+class RpcRun:
+    """One torchrun federation of ``hostile_workers.py`` (1 server, 2 clients) run in a thread."""
+
+    def __init__(self, root: Path, name: str, config: Path, env: dict[str, str]) -> None:
+        self.run_dir = root / name
+        self.result: dict[str, Any] = {}
+        args = ["--config", str(config), f"run_dir={self.run_dir}"]
+        env = {"OMP_NUM_THREADS": "1", "HOSTILE_RANK": "-1", **env}
+        self.thread = threading.Thread(target=self._run, args=(args, env), daemon=True)
+        self.thread.start()
+
+    def _run(self, args: list[str], env: dict[str, str]) -> None:
+        try:
+            run_torchrun(WORKERS, args, nproc=3, timeout_s=TIMEOUT_S, run_dir=self.run_dir, extra_env=env)
+            self.result["ok"] = True
+        except FederationFailed as err:
+            self.result.update(ok=False, error=str(err)[-2000:])
+
+    def ports(self) -> dict[str, list[int]]:
+        """What a port scan of this machine finds, per process: torchrun's agent, then each rank."""
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "torch.distributed.run" not in proc.cmdline() or f"run_dir={self.run_dir}" not in proc.cmdline():
+                    continue
+                ranks = {c.environ()["RANK"]: c.pid for c in proc.children(recursive=True) if "RANK" in c.environ()}
+            except psutil.NoSuchProcess:
+                continue
+            return {"agent": sorted(H.listening_ports(proc.pid) - {p for pid in ranks.values() for p in H.listening_ports(pid)}),
+                    **{f"rank{r}": sorted(H.listening_ports(pid)) for r, pid in sorted(ranks.items())}}  # fmt: skip
+        return {}
+
+    def wait_training(self) -> dict[str, list[int]]:
+        """Wait until both clients joined; the ports then (empty if the run ended first)."""
+        _wait_for(lambda: training(self.run_dir) or not self.thread.is_alive(), 90)
+        return self.ports() if self.thread.is_alive() else {}
+
+    def finish(self) -> tuple[bool, dict[str, Any]]:
+        self.thread.join(timeout=TIMEOUT_S + 30)
+        honest = bool(self.result.get("ok"))
+        return honest, {"honest_clients_finished": honest, **({} if honest else {"error": self.result.get("error", "did not end")})}
+
+
+def _stranger_join(root: Path, spec: dict[str, Any], store: int) -> dict[str, Any]:
+    """The keyless process: join the RPC group through ``store``, then the RPC attacks (25 s at most)."""
+    path, out = root / "stranger.json", root / "stranger-out.json"
+    path.write_text(json.dumps({**spec, "store": ["127.0.0.1", store], "out": str(out)}))
+    cmd = [sys.executable, str(WORKERS), "stranger", str(path)]
+    with (root / "stranger.log").open("w") as log:
+        try:
+            subprocess.run(cmd, check=False, timeout=25, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        except subprocess.TimeoutExpired:
+            pass
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results.setdefault("join", {"error": "init_rpc did not return within 25 s (killed)"})
+    return results
+
+
+def rpc_mode(root: Path, config: Path, files: dict[str, Path], secrets: Secrets) -> tuple[dict[tuple[str, str], bool], bool, dict[str, Any]]:
+    """Three federations: (1) the hostile participant, and a stranger that writes to the stores
+    torchrun's agent listens on and joins through one; (2) a stranger's pickles and junk at the
+    server's RPC port; (3) its flood of connections there. Apart, so each disruption is its own."""
+    markers = {f"{who}-{target}": root / f"pwned-rpc-{who}-{target}" for who in ("participant", "stranger") for target in ("server", "client0")}
+    base = {"server_key": str(files["server_key"]), "peer_train": str(files["train0"]), "server_key_dir": str(files["server_key"].parent)}
+    observed: dict[str, Any] = {}
+
+    # (1) the participant (client 1, a real client of this federation) and the stranger's store and join
+    spec = {**base, "markers": {t: str(markers[f"participant-{t}"]) for t in ("server", "client0")}, "out": str(root / "participant-out.json")}
+    spec["server_log"] = str(root / "rpc" / "logs" / "server.log")
+    (root / "participant.json").write_text(json.dumps(spec))
+    run = RpcRun(root, "rpc", config, {"HOSTILE_RANK": "2", "HOSTILE_SPEC": str(root / "participant.json")})
+    ports = run.wait_training()
+    stores = [port for port in ports.get("agent", []) if H.store_access("127.0.0.1", port)]
+    stranger_spec = {**base, "markers": {t: str(markers[f"stranger-{t}"]) for t in ("server", "client0")}}
+    joined = _stranger_join(root, stranger_spec, stores[0]) if stores else {"join": {"error": "no store found"}}
+    observed["run1_attacks_while_training"] = run.thread.is_alive()
+    honest1, observed["run1"] = run.finish()
+    participant = json.loads((root / "participant-out.json").read_text()) if (root / "participant-out.json").is_file() else {}
+    observed["run1"].update(listening_ports=ports, stores_writable=stores, participant=participant, stranger=joined)
+
+    # (2) pickles and junk at the server's RPC port
+    run = RpcRun(root, "rpc-junk", config, {})
+    ports = run.wait_training()
+    replies: list[bytes] = []
+    rng = random.Random(0)
+    for port in ports.get("rank0", []):
+        address = ("127.0.0.1", port)
+        replies += _send_many(
+            address, [*H.pickle_frames(H.Exploit(markers["stranger-server"])), *H.pickle_frames(H.FromFile(files["server_key"], 32))]
+        )
+        replies += _send_many(address, [data for family in H.junk_frames(rng).values() for data in family])
+    observed["run2_attacks_while_training"] = run.thread.is_alive()
+    honest2, observed["run2"] = run.finish()
+    observed["run2"].update(listening_ports=ports, replies_with_bytes=sum(bool(r) for r in replies))
+
+    # (3) 200 connections at once to the server's RPC port, held while the clients train
+    run = RpcRun(root, "rpc-flood", config, {})
+    ports = run.wait_training()
+    held = 0
+    if ports.get("rank0"):
+        with H.connections(("127.0.0.1", ports["rank0"][0]), FLOOD) as socks:
+            held = len(socks)
+            observed["run3_attacks_while_training"] = run.thread.is_alive()
+            run.thread.join(timeout=TIMEOUT_S)
+    honest3, observed["run3"] = run.finish()
+    observed["run3"].update(listening_ports=ports, flood_held=held)
+
+    p, s = participant.get, joined.get
+    store_or_join = bool(stores) or _returned(s("join"))
+    outcome = {
+        ("eval on the server", "participant"): _hex_leak(p("eval:server"), secrets),
+        ("eval on the server", "stranger"): _hex_leak(s("eval:server"), secrets),
+        ("eval on the peer client", "participant"): _hex_leak(p("eval:client0"), secrets),
+        ("eval on the peer client", "stranger"): _hex_leak(s("eval:client0"), secrets),
+        ("pickle runs a command on the server", "participant"): markers["participant-server"].exists(),
+        ("pickle runs a command on the server", "stranger"): markers["stranger-server"].exists(),
+        ("pickle runs a command on the peer client", "participant"): markers["participant-client0"].exists(),
+        ("pickle runs a command on the peer client", "stranger"): markers["stranger-client0"].exists(),
+        ("torch.from_file: server's private key", "participant"): _hex_leak(p("from_file:server"), secrets),
+        ("torch.from_file: server's private key", "stranger"): _hex_leak(s("from_file:server"), secrets) or any(secrets.leaked(r) for r in replies),
+        ("torch.from_file: peer's training file", "participant"): _hex_leak(p("from_file:client0"), secrets),
+        ("torch.from_file: peer's training file", "stranger"): _hex_leak(s("from_file:client0"), secrets),
+        ("rpc.remote object on the server", "participant"): _returned(p("remote:server")),
+        ("rpc.remote object on the server", "stranger"): _returned(s("remote:server")),
+        ("rpc.remote object on the peer client", "participant"): _returned(p("remote:client0")),
+        ("rpc.remote object on the peer client", "stranger"): _returned(s("remote:client0")),
+        ("join a rendezvous store / RPC group", "participant"): _returned(p("rendezvous")) and p("rendezvous", {}).get("repr") == "True",
+        ("join a rendezvous store / RPC group", "stranger"): store_or_join,
+        ("call a non-public function / method code", "participant"): _returned(p("nonpublic:server")),
+        ("call a non-public function / method code", "stranger"): _returned(s("nonpublic:server")),
+        ("handshake with an unlisted key", "stranger"): store_or_join,  # no handshake guards torch RPC or its stores
+        ("oversize, truncated, random frames", "stranger"): not honest2,
+        (f"{FLOOD} connections at once", "stranger"): not honest3,
+    }
+    return outcome, honest1 and honest2 and honest3, observed
+
+
+# ---------------------------------------------------------------- socket mode
+
+
+def socket_mode(root: Path, config: Path, files: dict[str, Path], secrets: Secrets) -> tuple[dict[tuple[str, str], bool], bool, dict[str, Any]]:
+    run_dir = root / "socket"
+    markers = {who: root / f"pwned-socket-{who}" for who in ("participant", "stranger")}
+    overrides = ["link.max_connections=64", "link.first_frame_timeout_s=3"]
+    observed: dict[str, Any] = {}
+    deadline = time.monotonic() + TIMEOUT_S
+    with EdgeFederation(config, overrides, num_clients=2, run_dir=run_dir) as fed:
+        server = fed.start_server(timeout_s=TIMEOUT_S)
+        address = fed.address
+        assert address is not None
+        client0 = fed.start_client(0)
+        scan = sorted(H.listening_ports(server.popen.pid))
+        observed["server_listening_ports"] = scan
+        observed["edge_port"] = address[1]
+        # The hostile participant (client 1's keys), before the real client 1 starts
+        answers = H.participant_calls(address, root / "keys", client=1, num_clients=2)
+        observed["participant_answers"] = [f"{type(a).__name__}: {str(a)[:80]}" for a in answers]
+        part_replies = _send_many(
+            address, [*H.pickle_frames(H.Exploit(markers["participant"])), *H.pickle_frames(H.FromFile(files["server_key"], 32))]
+        )
+        observed["participant_sealed_pickle"] = repr(
+            H.sealed_payload(address, root / "keys", client=1, num_clients=2, payload=H.Exploit(markers["participant"]))
+        )[:200]
+        client1 = fed.start_client(1)
+        _wait_for(lambda: training(run_dir) or client0.popen.poll() is not None, 90)
+        # The stranger, while the clients train: every port the server listens on, a handshake
+        # with its own key; then, with 200 connections held open, pickles, method codes outside
+        # the table and junk
+        observed["stores_writable"] = [port for port in scan if H.store_access(address[0], port)]
+        stranger_key = root / "stranger.key"
+        generate_identity(stranger_key)
+        refusal = H.stranger_handshake(address, root / "keys", client=0, num_clients=2, stranger_key=stranger_key)
+        observed["stranger_handshake"] = f"{type(refusal).__name__}: {str(refusal)[:120]}"
+        listening: dict[str, set[int]] = {"client0": set(), "client1": set()}
+        junk = H.junk_frames(random.Random(0))
+        with H.connections(address, FLOOD) as held:
+            observed["flood_held"] = len(held)
+            pickles = [H.Exploit(markers["stranger"]), H.FromFile(files["server_key"], 32), H.FromFile(files["train0"], 32)]
+            replies = _send_many(address, [frame for payload in pickles for frame in H.pickle_frames(payload)])
+            off_table = _send_many(address, [H.raw_frame(m, 0, k, [H.bytes_tensor(bytes(68))], ftype=t) for m, k, t in H.OFF_TABLE_REQUESTS])
+            junk_replies = _send_many(address, [data for family in junk.values() for data in family])
+            observed["attacks_while_training"] = client0.popen.poll() is None and client1.popen.poll() is None
+            while client0.popen.poll() is None and time.monotonic() < deadline:
+                for name, proc in (("client0", client0), ("client1", client1)):
+                    if proc.popen.poll() is None:
+                        listening[name] |= H.listening_ports(proc.popen.pid)
+                time.sleep(0.5)
+        codes = {}
+        for proc in fed.processes:
+            try:
+                codes[proc.name] = fed.wait(proc, timeout_s=max(1.0, deadline - time.monotonic()))
+            except FederationFailed:
+                codes[proc.name] = -9
+    observed["exit_codes"] = codes
+    observed["clients_listening"] = {k: sorted(v) for k, v in listening.items()}
+    honest = all(code == 0 for code in codes.values())
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    observed["edge"] = summary.get("edge", {})
+    peer_unreachable = not any(listening.values())
+    other_ports = [port for port in scan if port != address[1]]
+    refused = [isinstance(a, BaseException) for a in answers]
+    no_rpc = not other_ports and not observed["stores_writable"]
+    leaked = any(secrets.leaked(r) for r in [*part_replies, *replies, *off_table, *junk_replies])
+    off_table_answered = any(_answered_not_refused(r) for r in off_table)
+    outcome = {
+        ("eval on the server", "participant"): not (no_rpc and all(refused)),
+        ("eval on the server", "stranger"): not no_rpc or off_table_answered,
+        ("eval on the peer client", "participant"): not peer_unreachable,
+        ("eval on the peer client", "stranger"): not peer_unreachable,
+        ("pickle runs a command on the server", "participant"): markers["participant"].exists(),
+        ("pickle runs a command on the server", "stranger"): markers["stranger"].exists(),
+        ("pickle runs a command on the peer client", "participant"): not peer_unreachable,
+        ("pickle runs a command on the peer client", "stranger"): not peer_unreachable,
+        ("torch.from_file: server's private key", "participant"): leaked or not no_rpc,
+        ("torch.from_file: server's private key", "stranger"): leaked or not no_rpc,
+        ("torch.from_file: peer's training file", "participant"): leaked or not peer_unreachable,
+        ("torch.from_file: peer's training file", "stranger"): leaked or not peer_unreachable,
+        ("rpc.remote object on the server", "participant"): not no_rpc,
+        ("rpc.remote object on the server", "stranger"): not no_rpc,
+        ("rpc.remote object on the peer client", "participant"): not peer_unreachable,
+        ("rpc.remote object on the peer client", "stranger"): not peer_unreachable,
+        ("join a rendezvous store / RPC group", "participant"): not no_rpc,
+        ("join a rendezvous store / RPC group", "stranger"): not no_rpc,
+        ("call a non-public function / method code", "participant"): not all(refused),
+        ("call a non-public function / method code", "stranger"): off_table_answered,
+        ("handshake with an unlisted key", "stranger"): refusal is None,
+        ("oversize, truncated, random frames", "stranger"): not honest or observed["edge"].get("malformed_frames", 0) < len(junk["random"]) // 2,
+        (f"{FLOOD} connections at once", "stranger"): not honest,
+    }
+    return outcome, honest, observed
+
+
+def _answered_not_refused(reply: bytes) -> bool:
+    """A reply frame to a request outside the table that is not an error frame."""
+    if len(reply) < H.F.PREFIX.size:
+        return False
+    fields = H.F.PREFIX.unpack_from(reply)
+    return fields[0] == H.F.MAGIC and fields[2] != H.F.FrameType.ERROR
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(outcomes: dict[str, dict[tuple[str, str], bool]], honest: dict[str, bool]) -> str:
+    modes = list(outcomes)
+    head = "| attack | attacker | " + " | ".join(f"`{m}`" for m in modes) + " |"
+    lines = [head, "|" + "---|" * (2 + len(modes))]
+    for row, who in ROWS:
+        cells = ["**SUCCEEDED**" if outcomes[m][(row, who)] else "refused" for m in modes]
+        lines.append(f"| {row} | {who} | " + " | ".join(cells) + " |")
+    lines.append("| *honest clients finished (exit 0)* | | " + " | ".join("yes" if honest[m] else "**NO**" for m in modes) + " |")
+    lines.append(f"| *succeeded (of {len(ROWS)})* | | " + " | ".join(str(sum(outcomes[m].values())) for m in modes) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="rpc,socket", help="comma-separated: rpc, socket")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per client")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    started = time.monotonic()
+    outcomes: dict[str, dict[tuple[str, str], bool]] = {}
+    honest: dict[str, bool] = {}
+    observed: dict[str, Any] = {}
+    with TemporaryDirectory(prefix="flglm-hostile-") as tmp:
+        base = args.keep or Path(tmp)
+        for mode in args.modes.split(","):
+            root = base / mode
+            root.mkdir(parents=True, exist_ok=True)
+            config, files = write_config(root, args.steps)
+            secrets = Secrets(files)
+            t0 = time.monotonic()
+            run = {"rpc": rpc_mode, "socket": socket_mode}[mode]
+            outcomes[mode], honest[mode], observed[mode] = run(root, config, files, secrets)
+            observed[mode]["seconds"] = round(time.monotonic() - t0, 1)
+            print(
+                f"{mode}: {sum(outcomes[mode].values())} of {len(ROWS)} attacks succeeded; honest clients finished: {honest[mode]} ({observed[mode]['seconds']} s)",
+                flush=True,
+            )
+    print()
+    print(table(outcomes, honest))
+    print()
+    print("The attacker runs on loopback beside the server (no network namespaces).")
+    for mode, seen in observed.items():
+        print(f"{mode} observed: " + json.dumps(seen, default=str)[:4000])
+    line = {
+        "benchmark": "hostile",
+        "succeeded": sum(outcomes["socket"].values()) if "socket" in outcomes else None,
+        "succeeded_by_mode": {m: sum(o.values()) for m, o in outcomes.items()},
+        "attacks": len(ROWS),
+        "honest_clients_finished": honest,
+        "attacker_network": "loopback",
+        "outcomes": {m: {f"{who}: {row}": ("succeeded" if ok else "refused") for (row, who), ok in o.items()} for m, o in outcomes.items()},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
