@@ -19,6 +19,7 @@ from test_federation import merged_weights, write_config
 from flglm.crypto.keyring import load_client_keys
 from flglm.crypto.sessions import ClientSession
 from flglm.jobs.edge_processes import EdgeFederation
+from flglm.jobs.hostile import bytes_tensor, raw_frame
 from flglm.jobs.subprocesses import FederationFailed, run_federation
 from flglm.link import frames as F
 from flglm.link.socket_transport import SocketTransport
@@ -86,22 +87,15 @@ def _send(address: tuple[str, int], data: bytes, *, read: bool = True) -> bytes:
             return b""
 
 
-def _frame(method: int, client_id: int, kind: int, tensors: list[torch.Tensor], *, ftype: int = 1) -> bytes:
-    good = b"".join(bytes(b) for b in F.encode(F.Frame(F.FrameType.REQUEST, F.Method.EXCHANGE, client_id, "join", tensors=tensors)))
-    fields = list(F.PREFIX.unpack_from(good))
-    fields[2], fields[3], fields[4] = ftype, method, kind
-    return F.PREFIX.pack(*fields) + good[F.PREFIX.size :]
-
-
 def _strangers(address: tuple[str, int], marker: Path, rng: random.Random) -> int:
     """A stranger without keys: random, truncated, oversize and pickled frames. Returns how many it sent."""
     blob = pickle.dumps(_Exploit(marker))
-    hello_of_pickle = _frame(1, 0, 0, [torch.frombuffer(bytearray(blob), dtype=torch.uint8)])
+    hello_of_pickle = raw_frame(1, 0, 0, [bytes_tensor(blob)])
     attempts = [
         blob,  # a pickle as the whole stream
         hello_of_pickle,  # a pickle as a handshake's bytes
-        _frame(2, 0, 1, [torch.frombuffer(bytearray(blob), dtype=torch.uint8)]),  # a pickle in a clear exchange
-        _frame(3, 0, 1, [torch.frombuffer(bytearray(blob), dtype=torch.uint8)]),  # ... and as a sealed message
+        raw_frame(2, 0, 1, [bytes_tensor(blob)]),  # a pickle in a clear exchange
+        raw_frame(3, 0, 1, [bytes_tensor(blob)]),  # ... and as a sealed message
         F.PREFIX.pack(F.MAGIC, F.VERSION, 1, 1, 0, 0, 0, 0, 2**40, 1),  # a terabyte announced
         hello_of_pickle[: len(hello_of_pickle) // 2],  # truncated
     ]
@@ -122,7 +116,7 @@ def _hostile_participant(address: tuple[str, int], key_dir: Path) -> list[Except
     errors = [refused]
     hello = session.hello()
     for method, kind, ftype in ((4, 0, 1), (0, 0, 1), (255, 0, 1), (3, 99, 1), (3, 0, 1), (1, 0, 2), (1, 0, 3)):
-        raw = _frame(method, 1, kind, [hello], ftype=ftype)
+        raw = raw_frame(method, 1, kind, [hello], ftype=ftype)
         with socket.create_connection(address, timeout=5) as sock:  # a fresh connection, proven first
             s2 = ClientSession(1, keys.identity, keys.server_key, max_message_bytes=1 << 20)
             t2 = SocketTransport(*address, timeout_s=10, max_frame_bytes=1 << 20)
