@@ -82,9 +82,7 @@ class SplitClientModule(L.LightningModule):
 
         Prompts are decoded ``generation.batch_size`` at a time (batch ``k`` samples with
         ``seed + k``); ``on_batch(done, total)`` is called after each batch."""
-        rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        bos = tokenizer.bos_token_id
-        return self.generate_rows([([bos] if bos is not None else []) + r for r in rows], tokenizer, on_batch=on_batch, **settings)
+        return self.generate_rows(encode_prompts(prompts, tokenizer), tokenizer, on_batch=on_batch, **settings)
 
     def generate_rows(
         self, rows: Sequence[list[int]], tokenizer: Any, *, on_batch: Callable[[int, int], None] | None = None, **settings: Any
@@ -200,3 +198,9 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, dict):
         batch = batch.get("input_ids", next(iter(batch.values())))
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) else len(batch)
+
+
+def encode_prompts(prompts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Each prompt as the text to continue: BOS (if the tokenizer has one), then its tokens."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + list(ids) for ids in (tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts)]

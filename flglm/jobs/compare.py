@@ -169,11 +169,11 @@ def _names(run_dirs: list[Path]) -> list[str | None]:
     """Labels for the runs: none for a single directory, else the shortest distinct path suffix."""
     if len(run_dirs) == 1:
         return [None]
-    for depth in range(1, max(len(p.parts) for p in run_dirs) + 1):
+    for depth in range(1, max(len(p.parts) for p in run_dirs)):
         names = ["/".join(p.parts[-depth:]) for p in run_dirs]
         if len(set(names)) == len(names):
             return names
-    raise CompareError(f"the same run directory is named twice: {', '.join(map(str, run_dirs))}")
+    return [str(p) for p in run_dirs]  # distinct (compare_runs refuses a directory named twice)
 
 
 def compare_runs(run_dirs: list[str | Path]) -> Comparison:

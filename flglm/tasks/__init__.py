@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from flglm.client.module import SplitClientModule
+from flglm.client.module import SplitClientModule, encode_prompts
 from flglm.config import RunConfig
 from flglm.data.chat import chat_prompt
 from flglm.data.loading import task_label_words, task_prompt, truncation_side
@@ -96,6 +96,4 @@ def prompt_rows(cfg: RunConfig, tokenizer: Any, prompts: Sequence[str], *, raw: 
     and its tokens, inside the chat template if ``task.chat_template``."""
     if cfg.task.kind == "generation" and cfg.task.factory is None and not raw:
         return _seq2seq_collator(cfg, tokenizer).prompt_rows(prompts)
-    texts = [chat_prompt(tokenizer, p) for p in prompts] if cfg.task.chat_template else list(prompts)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return encode_prompts([chat_prompt(tokenizer, p) for p in prompts] if cfg.task.chat_template else prompts, tokenizer)
