@@ -86,14 +86,15 @@ def merged_weights(run_dir: Path, client: int = 0) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "trainer",
     [
-        pytest.param({}, id="fp32"),
+        # clipping by value: the server's step goes with the backward (two round trips a step)
+        pytest.param({"gradient_clip_algorithm": "value"}, id="fp32-clip-by-value"),
         pytest.param({"accumulate_grad_batches": 2}, id="grad-accumulation"),
         pytest.param({"precision": "bf16-mixed"}, id="bf16-mixed"),
     ],
 )
 def test_one_client_federation_equals_centralized_training(tmp_path: Path, trainer: dict) -> None:
-    # Prepare: 20 optimizer steps, AdamW with warm-up + linear decay, global-norm clipping,
-    # and Lightning's accumulation / precision settings unchanged.
+    # Prepare: 20 optimizer steps, AdamW with warm-up + linear decay, clipping (by global norm
+    # unless by value), and Lightning's accumulation / precision settings unchanged.
     config = write_config(tmp_path, trainer=trainer)
     fed_dir = tmp_path / "fed"
     micro_batches = 20 * trainer.get("accumulate_grad_batches", 1)
@@ -116,11 +117,17 @@ def test_one_client_federation_equals_centralized_training(tmp_path: Path, train
         torch.testing.assert_close(value, central_weights[name], atol=1e-5, rtol=0, msg=name)
     initial = build_full_model(cfg.model).state_dict()
     assert not torch.allclose(fed_weights["model.layers.2.mlp.down_proj.weight"], initial["model.layers.2.mlp.down_proj.weight"])
+    # forward + backward(+step) per micro-batch; clipping by norm adds grad_norms and a step message
+    link = json.loads((fed_dir / "summary.json").read_text())["link"]
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    folded = accumulate == 1 and trainer.get("gradient_clip_algorithm") == "value"
+    assert link["optimizer_steps"] == 20
+    assert link["round_trips_per_step"] == (2.0 if folded else 2 * accumulate + 2)
 
 
 def test_two_clients_end_with_identical_client_blocks_and_a_summary(tmp_path: Path) -> None:
     # FedAvg every step: the first round already weighs each client by the batch it trained on
-    config = write_config(tmp_path, federation={"aggregate_every": 1}, trainer={"max_steps": 12})
+    config = write_config(tmp_path, federation={"aggregate_every": 1}, trainer={"max_steps": 12, "gradient_clip_val": None})
     run_dir = tmp_path / "run"
 
     run_federation(config, num_clients=2, run_dir=run_dir, timeout_s=240)
@@ -133,6 +140,7 @@ def test_two_clients_end_with_identical_client_blocks_and_a_summary(tmp_path: Pa
     assert set(summary["clients"]) == {"0", "1"}
     assert summary["server"]["steps"] == 24  # 12 per client, served one client step at a time
     assert summary["server"]["forwards"] == summary["server"]["backwards"]
+    assert summary["link"]["round_trips_per_step"] == 2.0  # no clipping: each step's server step went with its backward
     assert summary["clients"]["0"]["fedavg_rounds"] == 12  # securely aggregated (masked) rounds
     assert 0.0 <= summary["federation"]["val_acc"] <= 1.0
     assert (run_dir / "client0" / "logs" / "metrics.csv").is_file()

@@ -64,3 +64,35 @@ def test_a_training_step_sends_nothing_but_hidden_states_masks_positions_and_gra
     for args in tensors.values():
         for tensor in args:
             assert not (tensor.shape == ids.shape and (torch.equal(tensor, ids) or torch.equal(tensor, labels)))
+
+
+def _one_step(*, fold: bool, seed: int = 0) -> tuple[list[str], dict[str, torch.Tensor], MiddleServer]:
+    """One training step of a 4-layer split, with the server's step folded into the backward or not."""
+    torch.manual_seed(seed)
+    cfg = RunConfig()
+    cfg.model = ModelConfig(config=dict(TINY_MODEL_CONFIGS["llama"]))
+    server = MiddleServer(cfg)
+    server.initial = {n: p.detach().clone() for n, p in server.compute.middle.named_parameters()}
+    link = RecordingLink(ServerEndpoint(server), client_id=0, timeout_s=10, fold_steps=fold)
+    info = link.hello(fingerprint(cfg), "tok")
+    lm = SplitCausalLM(ClientBlocks(cfg.model, plan_split(4, client_head_layers=1, client_tail_layers=1)), RemoteMiddle(link, server_info=info))
+    ids = torch.randint(3, 128, (2, 8))
+    link.arm_step(client_step=0, total_steps=3)
+    logits = lm(ids, torch.ones_like(ids))
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.randint(3, 128, (2, 8)).flatten()).backward()
+    link.step(client_step=0, total_steps=3)
+    names = [name for name, _ in link.calls[1:]]
+    return names, {n: p.detach().clone() for n, p in server.compute.middle.named_parameters()}, server
+
+
+def test_a_folded_step_is_two_messages_and_steps_the_server_exactly_as_a_separate_step() -> None:
+    folded_names, folded, folded_server = _one_step(fold=True)
+    plain_names, plain, _ = _one_step(fold=False)
+
+    assert folded_names == ["forward", "backward_step"]
+    assert plain_names == ["forward", "backward", "step"]
+    assert folded_server.compute.stats.steps == 1
+    assert folded.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(folded[name], plain[name]), name
+    assert any(not torch.equal(folded[n], folded_server.initial[n]) for n in folded)  # the step did step

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from netns import NetworkHosts, available, namespaces_left
+from flglm.network_hosts import NetworkHosts, available, namespaces_left
 
 AVAILABLE, WHY = available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"no network namespaces here: {WHY}")

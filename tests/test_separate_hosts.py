@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from netns import NetworkHosts, available
+from flglm.network_hosts import NetworkHosts, available
 from test_federation import merged_weights, write_config
 from test_socket_link import TIMEOUT_S, _finish
 

@@ -3,8 +3,10 @@
 A subclass writes ``training_step``/``validation_step`` against ``self(input_ids, mask)`` as
 for any causal LM. This base class makes the split invisible to Lightning:
 
-* the optimizer covers the client blocks; the server steps its own optimizer right after
-  (``optimizer_step``), with the LR schedule evaluated at this client's step;
+* the optimizer covers the client blocks; the server steps its own optimizer with the LR
+  schedule evaluated at this client's step: within the step's last backward when nothing has
+  to come between (``on_before_backward`` arms it; no clipping by global norm, no gradient
+  accumulation: two round trips a step), else in a message of its own (``optimizer_step``);
 * gradient clipping by global norm spans client *and* server gradients
   (``configure_gradient_clipping``), so it clips exactly as centralized training would;
 * with a whole model (``FullCausalLM``) it is a plain LightningModule: the centralized run;
@@ -142,6 +144,22 @@ class SplitClientModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
             self._server_clip_value = float(gradient_clip_val)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Fold the server's optimizer step into this backward when nothing needs the server
+        between the two: not clipping by global norm (the server's norms come first) and not
+        accumulating gradients (later backwards add to the same step)."""
+        if self.link is None or self._trainer is None:
+            return
+        trainer = self.trainer
+        clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        if trainer.accumulate_grad_batches != 1 or (clip is not None and algorithm in (None, "norm")):
+            return
+        self.link.arm_step(
+            client_step=trainer.global_step,
+            total_steps=self._total_steps,
+            clip_value=None if clip is None else float(clip),
+        )
 
     def optimizer_step(
         self,

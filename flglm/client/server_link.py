@@ -54,6 +54,7 @@ class ServerLink:
         session: ClientSession | None = None,
         retry: RetryPolicy | None = None,
         wire_dtype: str = "float32",
+        fold_steps: bool = True,
     ) -> None:
         self.transport = as_transport(target, timeout_s=timeout_s)
         self.client_id = client_id
@@ -72,6 +73,11 @@ class ServerLink:
         """Raw bytes of the tensors this client sent and received."""
         self.wire_bytes = 0
         """Bytes that crossed the link for them (ciphertext, headers and tags when sealed)."""
+        self.fold_steps = fold_steps
+        """Send an optimizer step armed by :meth:`arm_step` with the backward before it (``backward_step``)."""
+        self._armed: tuple[int, float | None, torch.Tensor] | None = None
+        self._folded: tuple[int, float | None] | None = None
+        self._open_forwards = 0
 
     @property
     def encrypted(self) -> bool:
@@ -163,7 +169,9 @@ class ServerLink:
 
     def forward(self, header: RequestHeader, crossing: Crossing) -> torch.Tensor:
         tensors = self._crossing(crossing, autocast_code(header.autocast))
-        return self._output(self.exchange("forward", tensors, step=header.request_id))
+        out = self._output(self.exchange("forward", tensors, step=header.request_id))
+        self._open_forwards += 1
+        return out
 
     def infer(self, crossing: Crossing) -> torch.Tensor:
         header = self.header()
@@ -184,8 +192,18 @@ class ServerLink:
         self.exchange("decode_end", [], round_index=session)
 
     def backward(self, header: RequestHeader, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The gradient of the hidden states sent, and of the prefixes sent with them (P-tuning v2)."""
-        reply = self.exchange("backward", self.codec.pack(grad.detach()), step=header.request_id)
+        """The gradient of the hidden states sent, and of the prefixes sent with them (P-tuning v2).
+
+        The backward of the last forward still waiting for one carries the optimizer step armed
+        by :meth:`arm_step`: after it the server has every gradient of that step."""
+        tensors = self.codec.pack(grad.detach())
+        self._open_forwards = max(0, self._open_forwards - 1)
+        if self._armed is not None and self._open_forwards == 0:
+            (client_step, clip_value, control), self._armed = self._armed, None
+            reply = self.exchange("backward_step", [*tensors, control], step=header.request_id)
+            self._folded = (client_step, clip_value)
+        else:
+            reply = self.exchange("backward", tensors, step=header.request_id)
         grad_in, rest = self.codec.unpack(reply, "the server", "its gradient of the hidden states")
         if len(rest) > 1:
             raise InvalidMessageError(f"a backward answer carries the gradient and at most the prefixes' one, got {len(rest)} more tensors")
@@ -195,7 +213,23 @@ class ServerLink:
         (norms,) = self.exchange("grad_norms", [])
         return norms
 
+    def arm_step(self, *, client_step: int, total_steps: int, clip_value: float | None = None) -> None:
+        """The coming backward ends optimizer step ``client_step`` (no clipping by global norm, no
+        gradient accumulation): fold the server's step into it (a no-op with ``fold_steps`` off)."""
+        if self.fold_steps:
+            self._armed = (client_step, clip_value, step_control(client_step, total_steps, 1.0, clip_value))
+
     def step(self, *, client_step: int, total_steps: int, grad_scale: float = 1.0, clip_value: float | None = None) -> None:
+        """The server's optimizer step, unless it went with the step's last backward."""
+        folded, self._folded, self._armed = self._folded, None, None
+        self._open_forwards = 0  # a forward whose loss took no part in the step waits for no backward
+        if folded is not None and folded[0] == client_step:
+            if grad_scale != 1.0 or folded[1] != clip_value:
+                raise RuntimeError(
+                    f"client {self.client_id}: optimizer step {client_step} went with its backward "
+                    f"(clip {folded[1]}), but is now asked with grad scale {grad_scale}, clip {clip_value}"
+                )
+            return
         self.exchange("step", [step_control(client_step, total_steps, grad_scale, clip_value)], step=client_step)
 
     def aggregation_begin(self, round_index: int) -> tuple[int, list[int]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from flglm.link.protocol import round_trips_per_step
+
 __all__ = ["MAX_COUNTS", "SUMMED_COUNTS", "federation_metrics", "integer_counts", "merge_server_summaries"]
 
 SUMMED_COUNTS: tuple[str, ...] = ("steps", "samples", "resent_messages")
@@ -62,9 +64,12 @@ def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     clients: dict[str, Any] = {}
     for part in parts:
         clients.update(part["clients"])
+    link = add([p["link"] for p in parts])
+    if "training_messages" in link:  # a ratio: of the sums, not the sum of ratios
+        link["round_trips_per_step"] = round_trips_per_step(link["training_messages"], link.get("optimizer_steps", 0))
     return {
         "server": add([p["server"] for p in parts]),
-        "link": add([p["link"] for p in parts]),
+        "link": link,
         **({"edge": add([p["edge"] for p in parts])} if all("edge" in p for p in parts) else {}),
         "clients": dict(sorted(clients.items(), key=lambda item: int(item[0]))),
         "sub_servers": [{"server": p["server"], "link": p["link"], "clients": sorted(p["clients"], key=int)} for p in parts],

@@ -22,6 +22,9 @@ decode      [hidden, mask, positions, ctrl2(, prefix)] output       [hidden]
             prefix with a session's first step only)
 decode_end  [] (round=session)                         ack          []
 backward    [grad of output] (step=id)                 grad_in      [grad of input(, grad of prefix)]
+backward_s  [grad of output, step ctrl] (step=id)      grad_in      as ``backward``
+            (kind ``backward_step``: the backward of a step's last pending forward with that
+            optimizer step folded in; the server backpropagates, steps, then answers)
 grad_norms  []                                         norms        [per-parameter norms]
 step        [ctrl float64: step, total, scale, clip]   ack          []
             (step=the client's optimizer step)
@@ -29,6 +32,13 @@ agg_begin   [] (round)                                 agg_plan     [int64: atte
 agg_upload  [vector, weight] (round, step=attempt)     agg_result   [int64 status, vector]
 leave       [json metrics]                             ack          []
 ==========  =========================================  ===========  ==========================
+
+A training step is two round trips when the server's optimizer step can be folded into the
+backward before it: no clipping by global norm (which needs ``grad_norms`` in between) and no
+gradient accumulation; otherwise three or four (``forward``, ``backward``, ``grad_norms``,
+``step``). The backward is the fold's place rather than the next forward: the server steps and
+hands its turn on at once, no step waits across validation, a FedAvg round or a checkpoint,
+and the backward's own key makes the pair exactly-once.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ REPLY_KIND: dict[str, str] = {
     "decode": "output",
     "decode_end": "ack",
     "backward": "grad_in",
+    "backward_step": "grad_in",
     "grad_norms": "norms",
     "step": "ack",
     "agg_begin": "agg_plan",
@@ -55,6 +66,11 @@ REPLY_KIND: dict[str, str] = {
     "leave": "ack",
 }
 """Request kind -> kind of its answer."""
+
+TRAINING_STEP_KINDS: frozenset[str] = frozenset({"forward", "backward", "backward_step", "grad_norms", "step"})
+"""The messages of a training step: their count over the clients' optimizer steps is ``round_trips_per_step``."""
+OPTIMIZER_STEP_KINDS: frozenset[str] = frozenset({"step", "backward_step"})
+"""One of these per optimizer step of a client."""
 
 WIRE_KINDS: tuple[str, ...] = (
     "join",
@@ -76,6 +92,7 @@ WIRE_KINDS: tuple[str, ...] = (
     "test",
     "decode",
     "decode_end",
+    "backward_step",
 )
 """Every request and answer kind, in the order of their codes on the wire (a sealed message's
 header carries the index): a new kind goes at the end. ``test`` is sealed by the crypto tests
@@ -83,6 +100,12 @@ only; the endpoint handles no such kind."""
 
 KINDS: tuple[str, ...] = tuple(kind for kind in WIRE_KINDS if kind in REPLY_KIND)
 """The request kinds, in wire-code order (the socket link's frames carry index + 1; 0: none)."""
+
+
+def round_trips_per_step(training_messages: int, optimizer_steps: int) -> float:
+    """Round trips of a training step, over every client's steps (0 before the first step)."""
+    return round(training_messages / optimizer_steps, 3) if optimizer_steps else 0.0
+
 
 AUTOCAST_CODES = list(AUTOCAST_DTYPES)
 MAX_JSON_BYTES = 1 << 16

@@ -74,7 +74,8 @@ class CuriousEndpoint(ServerEndpoint):
     def training_views(self, client_id: int) -> list[ForwardView]:
         """Each forward of ``client_id`` with the server's answer and the gradient that came back for it."""
         wire_dtype = self.codec.wire_dtype  # what the server decodes from a narrower wire is what it sees
-        gradients = {s.step: unpack(s.tensors, wire_dtype, "client", "gradient")[0] for s in self.of(client_id, "backward")}
+        backwards = self.of(client_id, "backward") + self.of(client_id, "backward_step")  # the latter: step control last
+        gradients = {s.step: unpack(s.tensors, wire_dtype, "client", "gradient")[0] for s in backwards}
         views = []
         for s in self.of(client_id, "forward"):
             assert s.reply is not None, "a forward without an answer"

@@ -57,6 +57,7 @@ class ServerEndpoint:
             "decode": self._decode,
             "decode_end": self._decode_end,
             "backward": self._backward,
+            "backward_step": self._backward_step,
             "grad_norms": self._grad_norms,
             "step": self._step,
             "agg_begin": self._agg_begin,
@@ -64,6 +65,10 @@ class ServerEndpoint:
             "leave": self._leave,
         }
         self.record = ReplyRecord()
+        self.training_messages = 0
+        """Messages of training steps received (``TRAINING_STEP_KINDS``, resends too: each is a round trip)."""
+        self.optimizer_steps = 0
+        """Clients' optimizer steps asked for (a ``step`` or a ``backward_step``)."""
         self.codec = WireCodec(server.cfg.link.wire_dtype)
         """Hidden states and gradients in ``link.wire_dtype``: decoded as they come in, encoded as they go out."""
         self.wire_bytes_in = 0
@@ -131,6 +136,9 @@ class ServerEndpoint:
             "payload_bytes_out": self.payload_bytes_out,
             "duplicate_messages": self.record.stats.duplicates,
             "stale_messages": self.record.stats.stale,
+            "training_messages": self.training_messages,
+            "optimizer_steps": self.optimizer_steps,
+            "round_trips_per_step": P.round_trips_per_step(self.training_messages, self.optimizer_steps),
         } | self.codec.summary(sent="out", received="in")
         if self.sessions is not None:
             out |= {"handshakes": self.sessions.handshakes, "rejected_messages": self.sessions.rejected}
@@ -148,6 +156,8 @@ class ServerEndpoint:
         The server counts the client as alive while the message is handled (a client waiting
         for its turn or for a FedAvg round is not silent)."""
         self.server.check_member(client_id, kind)
+        self.training_messages += kind in P.TRAINING_STEP_KINDS
+        self.optimizer_steps += kind in P.OPTIMIZER_STEP_KINDS
         server = self.server
         server.message_begins(client_id)
         try:
@@ -222,6 +232,20 @@ class ServerEndpoint:
         grad, _ = self.codec.unpack(parts, f"client {client_id}", "a backward message's gradient")
         return _then(self.server.backward(RequestHeader(client_id, step), grad), self._grads_reply)
 
+    def _backward_step(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
+        """A backward with the client's optimizer step folded in: backpropagate, step, then answer
+        (the step control is checked before anything changes)."""
+        who = f"client {client_id}"
+        parts = P.expect_tensors(tensors, parts_of(self.codec.wire_dtype) + 1, who, "backward_step")
+        client_step, total, scale, clip = P.parse_step_control(parts[-1], who)
+        grad, _ = self.codec.unpack(parts[:-1], who, "a backward_step message's gradient")
+        grads = self.server.backward(RequestHeader(client_id, step), grad)
+
+        def step_then_answer(done: Any) -> Reply:
+            return _then(self.server.step(client_id, client_step, total, scale, clip), lambda _: self._grads_reply(done))
+
+        return _chain(grads, step_then_answer)
+
     def _grads_reply(self, grads: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
         """d loss / d inputs in the wire dtype; P-tuning's d loss / d prefixes exact, like the prefixes."""
         if isinstance(grads, tuple):
@@ -274,6 +298,34 @@ def _then(result: Any, to_reply: Callable[[Any], list[torch.Tensor]]) -> Reply:
     if isinstance(result, torch._C.Future):
         return result.then(lambda done: to_reply(done.wait()))
     return to_reply(result)
+
+
+def _chain(result: Any, after: Callable[[Any], Reply]) -> Reply:
+    """``after(result)``, once ``result`` (a value or a future) is there; one future even when
+    ``after`` answers with a future of its own."""
+    if not isinstance(result, torch._C.Future):
+        return after(result)
+    out: Future = Future()
+
+    def settle(done: torch._C.Future) -> None:
+        try:
+            out.set_result(done.wait())
+        except Exception as exc:  # noqa: BLE001 - the caller hears why
+            out.set_exception(exc)
+
+    def first(done: torch._C.Future) -> None:
+        try:
+            reply = after(done.wait())
+        except Exception as exc:  # noqa: BLE001
+            out.set_exception(exc)
+            return
+        if isinstance(reply, torch._C.Future):
+            reply.add_done_callback(settle)
+        else:
+            out.set_result(reply)
+
+    result.add_done_callback(first)
+    return out
 
 
 def _as_future(reply: Reply) -> Future:

@@ -25,7 +25,7 @@ from torch.futures import Future
 
 from flglm.link.messages import InvalidMessageError
 
-RECORDED_KINDS = frozenset({"forward", "backward", "step", "decode", "decode_end", "agg_begin", "agg_upload", "leave"})
+RECORDED_KINDS = frozenset({"forward", "backward", "backward_step", "step", "decode", "decode_end", "agg_begin", "agg_upload", "leave"})
 """Message kinds whose second delivery must not be applied again."""
 
 Key = tuple[str, int, int]

@@ -1,4 +1,4 @@
-"""Separate network hosts for tests: Linux network namespaces joined by veth pairs to one switch.
+"""Separate network hosts for tests and benchmarks: Linux network namespaces joined by veth pairs to one switch.
 
 Each host is a namespace with its own loopback and one address on a private /24 that this
 module creates (and removes); a switch namespace holds a bridge that every host's veth pair
@@ -136,6 +136,12 @@ class NetworkHosts:
                 for namespace, device in ((netns, inside), (self._switch, outside)):
                     _tc_rate(namespace, device, rate)
             self.hosts[name] = Host(name, netns, address)
+
+    def set_rate(self, name: str, mbit: float) -> None:
+        """Shape host ``name``'s link to ``mbit`` Mbit/s both ways from now on (a running federation too)."""
+        index = self._names.index(name)
+        for namespace, device in ((self.hosts[name].netns, f"eth{index}"), (self._switch, f"p{index}")):
+            _tc_rate(namespace, device, mbit)
 
     def close(self) -> None:
         """Delete every namespace this object made (its veth pairs go with it)."""
