@@ -233,6 +233,7 @@ def _valid_payload(kind: str, config_fingerprint: str) -> list[torch.Tensor]:
         "join": lambda: [P.json_tensor({"config": config_fingerprint, "tokenizer": "tok"})],
         "decode_end": list,
         "backward": lambda: [torch.ones(2, 5, HIDDEN)],
+        "backward_step": lambda: [torch.ones(2, 5, HIDDEN), P.step_control(0, 10, 1.0, None)],
         "grad_norms": list,
         "step": lambda: [P.step_control(0, 10, 1.0, None)],
         "agg_begin": list,
@@ -369,6 +370,21 @@ def _classify_join(client: int, tensors: list[torch.Tensor], ctx: _Context) -> s
     return READ_ONLY if incarnation == ctx.incarnations[client] else MUTATING
 
 
+def _backward_ok(client: int, step: int, grad: torch.Tensor, ctx: _Context) -> bool:
+    """A gradient the pending forward ``step`` of ``client`` accepts."""
+    pending = (client, step) in ctx.pending
+    return pending and grad.dtype in FLOAT_DTYPES and tuple(grad.shape) == (2, 5, HIDDEN) and _finite(grad)
+
+
+def _step_control_ok(ctrl: torch.Tensor) -> bool:
+    """A valid step control: (client step, total steps, grad scale in [0, 1], clip > 0 or NaN)."""
+    if not _exact(ctrl, torch.float64, (4,)):
+        return False
+    index, total, scale, clip = ctrl.tolist()
+    counts = all(math.isfinite(v) and v >= 0 and v == int(v) for v in (index, total))
+    return counts and math.isfinite(scale) and 0 <= scale <= 1 and (math.isnan(clip) or (math.isfinite(clip) and clip > 0))
+
+
 def _classify(client: Any, kind: Any, round_index: Any, step: Any, tensors: Any, ctx: _Context) -> str:
     """Whether the fuzzed server (clients 0 and 1 joined, nothing else going on) must reject a message."""
     if type(client) is not int or client not in MEMBERS:
@@ -389,16 +405,11 @@ def _classify(client: Any, kind: Any, round_index: Any, step: Any, tensors: Any,
     if kind == "join":
         return _classify_join(client, tensors, ctx)
     if kind == "backward":
-        if n != 1 or (client, step) not in ctx.pending:
-            return INVALID
-        (grad,) = tensors
-        return MUTATING if grad.dtype in FLOAT_DTYPES and tuple(grad.shape) == (2, 5, HIDDEN) and _finite(grad) else INVALID
+        return MUTATING if n == 1 and _backward_ok(client, step, tensors[0], ctx) else INVALID
     if kind == "step":
-        if n != 1 or not _exact(tensors[0], torch.float64, (4,)):
-            return INVALID
-        index, total, scale, clip = tensors[0].tolist()
-        counts = all(math.isfinite(v) and v >= 0 and v == int(v) for v in (index, total))
-        ok = counts and math.isfinite(scale) and 0 <= scale <= 1 and (math.isnan(clip) or (math.isfinite(clip) and clip > 0))
+        return MUTATING if n == 1 and _step_control_ok(tensors[0]) else INVALID
+    if kind == "backward_step":  # a backward and a step, both must hold
+        ok = n == 2 and _step_control_ok(tensors[1]) and _backward_ok(client, step, tensors[0], ctx)
         return MUTATING if ok else INVALID
     if kind == "agg_begin":
         return MUTATING if ctx.secure and n == 0 else INVALID
@@ -964,14 +975,18 @@ def json_payload(draw: st.DrawFn, config_fingerprint: str) -> torch.Tensor:
 # Found a bug: [record], [plain], [aggfinite]; [json] when it draws a deep JSON.
 @fuzz(200)
 @given(data=st.data())
-def test_backward_step_join_leave_and_aggregation_with_one_thing_wrong(mid_step: _Harness, data: st.DataObject) -> None:
+def test_backward_folded_step_step_join_leave_and_aggregation_with_one_thing_wrong(mid_step: _Harness, data: st.DataObject) -> None:
     # Client 0 is mid-step (its forward 0 awaits the backward), so a backward reaches the gradient checks.
     h = mid_step.fresh()
     draw = data.draw
-    kind = draw(st.sampled_from(["backward", "step", "leave", "join", "agg_upload", "agg_begin", "grad_norms", "decode_end"]), label="kind")
+    kind = draw(
+        st.sampled_from(["backward", "backward_step", "step", "leave", "join", "agg_upload", "agg_begin", "grad_norms", "decode_end"]), label="kind"
+    )
+    # backward_step: its gradient or its step control made wrong, the other part valid
+    part = draw(st.sampled_from(["backward", "step"]), label="wrong part") if kind == "backward_step" else kind
     client, step = 0, 0
     tensors: list[Any]
-    if kind == "backward":
+    if part == "backward":
         grad = torch.ones(2, 5, HIDDEN)
         bad = draw(st.sampled_from(["dtype", "shape", "NaN", "junk", "other id", "other client", "two", "none", "expanded"]), label="wrong")
         values = {
@@ -986,7 +1001,7 @@ def test_backward_step_join_leave_and_aggregation_with_one_thing_wrong(mid_step:
             step = draw(st.integers(1, 2**64))
         elif bad == "other client":
             client = 1
-    elif kind == "step":
+    elif part == "step":
         values = [0.0, 10.0, 1.0, math.nan]
         values[draw(st.integers(0, 3))] = draw(st.sampled_from([-1.0, 0.5, math.inf, -math.inf, math.nan, 1.5, -0.0, 2.0**64, 1e-300, 0.0]))
         ctrl = torch.tensor(values, dtype=torch.float64)
@@ -1031,6 +1046,10 @@ def test_backward_step_join_leave_and_aggregation_with_one_thing_wrong(mid_step:
         client = draw(st.sampled_from(MEMBERS))
     else:  # agg_begin (this federation has no secure aggregation); grad_norms and decode_end with stray tensors
         tensors = draw(st.lists(any_tensor(max_elements=64), min_size=0 if kind == "agg_begin" else 1, max_size=3))
+    if kind == "backward_step" and part == "backward":
+        tensors = [*tensors, P.step_control(0, 10, 1.0, None)]
+    elif kind == "backward_step":
+        tensors, step = [torch.ones(2, 5, HIDDEN), *tensors], 0  # only the control is wrong
     _send(h, client, kind, draw(GOOD_COUNTERS), step, tensors)
 
 
