@@ -49,7 +49,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             from flglm.roles import edge_server_role
 
             env = read_server_env()
-            role = edge_server_role(env.rank, env.world_size)
+            role = edge_server_role(env.rank, env.world_size, sub_servers=cfg.server.sub_servers)
         else:
             env = read_env(dynamic=cfg.federation.membership == "dynamic")
             role = role_for_rank(

@@ -65,11 +65,12 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 @dataclass(frozen=True)
 class Host:
-    """One test host: its namespace and its address on the test subnet."""
+    """One test host: its namespace, its address on the test subnet and the interface that has it."""
 
     name: str
     netns: str
     address: str
+    interface: str
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside this host's namespace."""
@@ -135,12 +136,12 @@ class NetworkHosts:
             if rate is not None:
                 for namespace, device in ((netns, inside), (self._switch, outside)):
                     _tc_rate(namespace, device, rate)
-            self.hosts[name] = Host(name, netns, address)
+            self.hosts[name] = Host(name, netns, address, inside)
 
     def set_rate(self, name: str, mbit: float) -> None:
         """Shape host ``name``'s link to ``mbit`` Mbit/s both ways from now on (a running federation too)."""
         index = self._names.index(name)
-        for namespace, device in ((self.hosts[name].netns, f"eth{index}"), (self._switch, f"p{index}")):
+        for namespace, device in ((self.hosts[name].netns, self.hosts[name].interface), (self._switch, f"p{index}")):
             _tc_rate(namespace, device, mbit)
 
     def close(self) -> None:

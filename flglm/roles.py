@@ -63,11 +63,13 @@ def role_for_rank(rank: int, world_size: int, *, num_clients: int, sub_servers: 
     return Role("client", client_index=client, server_index=client % sub_servers, sub_servers=sub_servers)
 
 
-def edge_server_role(rank: int, world_size: int) -> Role:
-    """The server of a socket-link federation: its clients are not processes of its world."""
-    if world_size != 1 or rank != 0:
-        raise ValueError(f"link.transport=socket: start the server as one process (rank 0 of 1), got rank {rank} of {world_size}")
-    return Role("server")
+def edge_server_role(rank: int, world_size: int, *, sub_servers: int = 1) -> Role:
+    """A server process of a socket-link federation: its clients are not processes of its world,
+    so the world is the server's own processes (one, or ``sub_servers`` under torchrun)."""
+    if world_size != sub_servers or not 0 <= rank < world_size:
+        wanted = "one process (rank 0 of 1)" if sub_servers == 1 else f"server.sub_servers={sub_servers} processes under torchrun"
+        raise ValueError(f"link.transport=socket: start the server as {wanted}, got rank {rank} of {world_size}")
+    return Role("server", server_index=rank, sub_servers=sub_servers)
 
 
 def edge_client_role(client_index: int, *, num_clients: int) -> Role:

@@ -43,9 +43,10 @@ def rendezvous_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "rendezvous.json"
 
 
-def edge_address_path(run_dir: str | Path) -> Path:
-    """Where the server of a socket-link federation writes its edge's address (``link.edge_port=0``: a free port)."""
-    return Path(run_dir) / "edge.json"
+def edge_address_path(run_dir: str | Path, server_index: int = 0) -> Path:
+    """Where a server of a socket-link federation writes its edge's address (``link.edge_port=0``: a
+    free port): ``edge.json``, and for hierarchical sub-server ``i > 0``, ``edge-i.json``."""
+    return Path(run_dir) / ("edge.json" if server_index == 0 else f"edge-{server_index}.json")
 
 
 def summary_path(run_dir: str | Path) -> Path:

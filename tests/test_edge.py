@@ -92,7 +92,6 @@ def test_a_server_that_is_gone_is_a_transport_error(edge: tuple[Edge, _Endpoint]
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["link.transport=socket", "server.sub_servers=2", "server.parallelism=hierarchical", "federation.num_clients=2"], "one server process"),
         (["link.transport=socket", "federation.membership=dynamic"], "membership=static"),
         (["link.transport=tcp"], "link.transport"),
         (["link.edge_port=70000"], "link.edge_port"),

@@ -1,6 +1,6 @@
-"""Federations across separate network hosts (``tests/netns.py``): the server on one namespace host,
-each client on its own, over the socket link through a rate-limited veth link. Real processes and
-sockets; every namespace removed on any exit path."""
+"""Federations across separate network hosts (:mod:`flglm.network_hosts`): the server (or each
+sub-server) on its own namespace host, each client on its own, over the socket link through a
+rate-limited veth link. Real processes and sockets; every namespace removed on any exit path."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from flglm.network_hosts import NetworkHosts, available
 from test_federation import merged_weights, write_config
 from test_socket_link import TIMEOUT_S, _finish
 
-from flglm.jobs.edge_processes import EdgeFederation
+from flglm.jobs.edge_processes import EdgeFederation, ServerNode
+from flglm.jobs.subprocesses import run_federation
+from flglm.network_hosts import NetworkHosts, available
+from flglm.tensor_files import load_tensors
 
 AVAILABLE, WHY = available()
 pytestmark = [pytest.mark.multiprocess, pytest.mark.skipif(not AVAILABLE, reason=f"no network namespaces here: {WHY}")]
@@ -47,4 +49,41 @@ def test_a_client_on_another_host_trains_exactly_as_on_the_servers_host(tmp_path
     losses = {k: json.loads((d / "client0" / "metrics.json").read_text())["losses"] for k, d in runs.items()}
     assert len(losses["one host"]) == 16 and losses["one host"] == losses["two hosts"]
     a, b = merged_weights(runs["one host"]), merged_weights(runs["two hosts"])
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_two_sub_servers_and_two_clients_on_four_hosts_train_as_on_one_host(tmp_path: Path) -> None:
+    # Prepare: 2 encrypted clients (secure aggregation on), no clipping (the server's step goes
+    # with each backward), FedAvg every step; hierarchical: sub-server i serves client i.
+    config = write_config(tmp_path, data={"max_train_rows": 64}, trainer={"max_epochs": 1, "max_steps": -1, "gradient_clip_val": None})
+    common = ["crypto.enabled=true", "server.num_threads=1", "server.parallelism=hierarchical"]
+    runs = {"one host": tmp_path / "loopback", "four hosts": tmp_path / "hosts"}
+    deadline = time.monotonic() + TIMEOUT_S
+
+    # Execute: the torch-RPC federation on loopback, then the socket-link one across four hosts,
+    # the two sub-servers joined by torchrun's multi-node flags (their collectives on their own link).
+    run_federation(config, common, num_clients=2, sub_servers=2, run_dir=runs["one host"], timeout_s=TIMEOUT_S)
+    names = ["server0", "server1", "client0", "client1"]
+    with NetworkHosts(names, rate_mbit={"client0": 100, "client1": 100}) as hosts, EdgeFederation(
+        config, [*common, "server.sub_servers=2"], num_clients=2, run_dir=runs["four hosts"]
+    ) as federation:
+        nodes = [ServerNode(hosts[n].address, hosts[n].command([]), {"GLOO_SOCKET_IFNAME": hosts[n].interface}) for n in names[:2]]
+        federation.start_sub_servers(nodes, master_port=29500, timeout_s=TIMEOUT_S)
+        assert [a[0] for a in federation.addresses] == [hosts["server0"].address, hosts["server1"].address]
+        for client in (0, 1):
+            federation.start_client(client, prefix=hosts[f"client{client}"].command([]))
+        _finish(federation, deadline=deadline)
+
+    # Assert: each client reached its own sub-server from its own host; one middle stack, the
+    # same client blocks everywhere, bit for bit as on one host.
+    summary = json.loads((runs["four hosts"] / "summary.json").read_text())
+    assert summary["parallelism"]["mode"] == "hierarchical" and [s["clients"] for s in summary["sub_servers"]] == [["0"], ["1"]]
+    assert [s["edge"]["proven_connections"] for s in summary["sub_servers"]] == [1, 1]
+    assert summary["link"]["rejected_messages"] == 0 and summary["link"]["round_trips_per_step"] == 2.0
+    sub_servers = [s["server"] for s in summary["sub_servers"]]
+    assert sub_servers[0]["middle_sha256"] == sub_servers[1]["middle_sha256"]
+    blocks = {k: [load_tensors(d / f"client{c}" / "client_blocks.safetensors") for c in (0, 1)] for k, d in runs.items()}
+    for run, (first, second) in blocks.items():
+        assert sorted(first) == sorted(second) and all(torch.equal(first[n], second[n]) for n in first), run
+    a, b = merged_weights(runs["one host"]), merged_weights(runs["four hosts"])
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)

@@ -66,8 +66,9 @@ def to_yaml(cfg: RunConfig) -> str:
 def fingerprint(cfg: RunConfig) -> str:
     """A hash of everything server and clients must agree on.
 
-    ``run_dir`` and ``crypto.key_dir`` are left out (each machine keeps its files elsewhere);
-    so are the devices (``server.device``, ``client.device``), the trainer's display setting, the client's decoding settings and the test-only fault
+    ``run_dir`` and ``crypto.key_dir`` are left out (each machine keeps its files elsewhere), and
+    so are ``link.edge_host``/``edge_port`` (each server process binds its own machine's address;
+    a client is given it with ``--server``); so are the devices (``server.device``, ``client.device``), the trainer's display setting, the client's decoding settings and the test-only fault
     injection: none changes what the server computes. ``privacy`` stays in: its private blocks
     set the length of the FedAvg vector, which every client must agree on.
     """
@@ -80,6 +81,8 @@ def fingerprint(cfg: RunConfig) -> str:
     shared.pop("client")  # where a process computes is its own machine's business
     shared["server"].pop("device")
     shared["crypto"].pop("key_dir")
+    shared["link"].pop("edge_host")
+    shared["link"].pop("edge_port")
     shared["trainer"].pop("enable_progress_bar")
     blob = json.dumps(shared, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()

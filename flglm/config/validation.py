@@ -268,8 +268,6 @@ def _validate_socket_link(cfg: RunConfig) -> None:
         return
     if cfg.federation.membership != "static":
         raise ConfigError("link.transport=socket needs no RPC group (clients come and go on their own): leave federation.membership=static")
-    if cfg.server.sub_servers > 1 or cfg.server.parallelism == "hierarchical":
-        raise ConfigError("link.transport=socket serves from one server process for now; hierarchical sub-servers need link.transport=rpc")
 
 
 def _validate_sub_servers(cfg: RunConfig) -> None:

@@ -44,7 +44,7 @@ def serving_edge(cfg: RunConfig, endpoint: ServerEndpoint, role: Role) -> Iterat
     host, port = edge.start()
     if not cfg.crypto.enabled:
         log.warning("%s: the edge runs WITHOUT encryption: anyone who reaches %s:%d can take part", role.worker_name, host, port)
-    path = edge_address_path(cfg.run_dir)
+    path = edge_address_path(cfg.run_dir, role.server_index)
     write_json({"host": host, "port": port}, path)
     log.info("%s: edge at %s:%d (written to %s)", role.worker_name, host, port, path)
     try:

@@ -1,8 +1,11 @@
 """Start a socket-link federation on this machine as child processes (tests, benchmarks, demo).
 
 The server is one process on its own (no torchrun: it needs no rendezvous), its edge on a
-free port it writes to ``run_dir/edge.json``; each client is a ``flglm client`` process that
-reaches that address. Use as a context manager: on exit every process still running is killed.
+free port it writes to ``run_dir/edge.json``; or, hierarchical, ``S`` sub-servers, each node
+its own torchrun with the multi-node flags (the sub-servers' only rendezvous: clients never
+join it), sub-server ``i``'s edge address in ``run_dir/edge-i.json``. Each client is a
+``flglm client`` process that reaches its server's address (client ``i``: sub-server
+``i % S``). Use as a context manager: on exit every process still running is killed.
 """
 
 from __future__ import annotations
@@ -12,13 +15,25 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flglm.jobs.subprocesses import TRAIN_SCRIPT, FederationFailed, FederationProcess, ProcessGroup, _this_checkout_first
 from flglm.run_layout import edge_address_path
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class ServerNode:
+    """Where one sub-server runs: its address (its edge's, and node 0's is the rendezvous), the
+    command prefix that puts it there (e.g. ``ip netns exec HOST``) and extra environment
+    (e.g. ``GLOO_SOCKET_IFNAME``, the interface the sub-servers' collectives use)."""
+
+    address: str
+    prefix: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 class EdgeFederation(ProcessGroup):
@@ -39,13 +54,17 @@ class EdgeFederation(ProcessGroup):
         self._env.setdefault("PYTHONUNBUFFERED", "1")
         self._env["PYTHONPATH"] = _this_checkout_first(self._env.get("PYTHONPATH"))
         self.address: tuple[str, int] | None = None
+        self.addresses: list[tuple[str, int]] = []
+        """Each server process's edge (one, or one per sub-server): client ``i`` reaches ``addresses[i % len]``."""
 
-    def _start(self, name: str, cmd: list[str], prefix: Sequence[str] = ()) -> FederationProcess:
+    def _start(self, name: str, cmd: list[str], prefix: Sequence[str] = (), env: Mapping[str, str] | None = None) -> FederationProcess:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         output = logs / f"{name}-{sum(p.name == name for p in self.processes)}.out"
         with output.open("w") as out:
-            popen = subprocess.Popen([*prefix, *cmd], stdout=out, stderr=subprocess.STDOUT, env=self._env, start_new_session=True)
+            popen = subprocess.Popen(
+                [*prefix, *cmd], stdout=out, stderr=subprocess.STDOUT, env={**self._env, **(env or {})}, start_new_session=True
+            )
         process = FederationProcess(name, popen, output)
         self.processes.append(process)
         return process
@@ -55,23 +74,51 @@ class EdgeFederation(ProcessGroup):
 
         ``prefix`` goes before the command, e.g. ``ip netns exec HOST`` to run it on another network host
         (then give ``link.edge_host`` that host's address in ``overrides``)."""
-        path = edge_address_path(self.run_dir)
-        path.unlink(missing_ok=True)
+        edge_address_path(self.run_dir).unlink(missing_ok=True)
         server = self._start("server", [sys.executable, str(TRAIN_SCRIPT), *self._args, *overrides], prefix)
-        deadline = time.monotonic() + timeout_s
-        while not path.is_file():
-            if server.popen.poll() is not None or time.monotonic() > deadline:
-                self.kill_all()
-                raise FederationFailed(f"the server published no edge address ({path}).\n{self.describe()}")
-            time.sleep(0.1)
-        address = json.loads(path.read_text())
-        self.address = (address["host"], int(address["port"]))
+        self._wait_for_edges([server], time.monotonic() + timeout_s)
         return server
+
+    def start_sub_servers(
+        self, nodes: Sequence[ServerNode], overrides: Sequence[str] = (), *, master_port: int, timeout_s: float
+    ) -> list[FederationProcess]:
+        """A hierarchical server (the config's ``server.sub_servers`` must be ``len(nodes)``: the clients
+        check that they share it) of sub-servers, one per node, each its own torchrun
+        (``--nnodes``/``--node-rank``; node 0 hosts the rendezvous at ``master_port``), each edge on
+        its node's address; waits (at most ``timeout_s``) until every edge's address is known."""
+        count = len(nodes)
+        for index in range(count):
+            edge_address_path(self.run_dir, index).unlink(missing_ok=True)
+        processes = []
+        for rank, node in enumerate(nodes):
+            torchrun = [
+                sys.executable, "-m", "torch.distributed.run", f"--nnodes={count}", f"--node-rank={rank}", "--nproc-per-node=1",
+                f"--master-addr={nodes[0].address}", f"--master-port={master_port}", "--max-restarts=0",
+            ]  # fmt: skip
+            args = [*self._args, f"link.edge_host={node.address}", *overrides]
+            processes.append(self._start(f"server{rank}", [*torchrun, str(TRAIN_SCRIPT), *args], node.prefix, node.env))
+        self._wait_for_edges(processes, time.monotonic() + timeout_s)
+        return processes
+
+    def _wait_for_edges(self, servers: Sequence[FederationProcess], deadline: float) -> None:
+        addresses = []
+        for index in range(len(servers)):
+            path = edge_address_path(self.run_dir, index)
+            while not path.is_file():
+                if any(s.popen.poll() is not None for s in servers) or time.monotonic() > deadline:
+                    self.kill_all()
+                    raise FederationFailed(f"server {index} published no edge address ({path}).\n{self.describe()}")
+                time.sleep(0.1)
+            address = json.loads(path.read_text())
+            addresses.append((address["host"], int(address["port"])))
+        self.addresses = addresses
+        self.address = addresses[0]
 
     def start_client(self, index: int, overrides: Sequence[str] = (), *, threads: int = 1, prefix: Sequence[str] = ()) -> FederationProcess:
         """Start client ``index`` (a ``flglm client`` process reaching the server's edge), after ``prefix`` as for the server."""
-        if self.address is None:
+        if not self.addresses:
             raise RuntimeError("start the server first")
-        server = f"{self.address[0]}:{self.address[1]}"
+        host, port = self.addresses[index % len(self.addresses)]
+        server = f"{host}:{port}"
         cmd = [sys.executable, "-m", "flglm.cli", "client", f"--client={index}", f"--server={server}", f"--threads={threads}"]
         return self._start(f"client{index}", [*cmd, *self._args, *overrides], prefix)

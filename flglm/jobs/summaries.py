@@ -72,5 +72,8 @@ def merge_server_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "link": link,
         **({"edge": add([p["edge"] for p in parts])} if all("edge" in p for p in parts) else {}),
         "clients": dict(sorted(clients.items(), key=lambda item: int(item[0]))),
-        "sub_servers": [{"server": p["server"], "link": p["link"], "clients": sorted(p["clients"], key=int)} for p in parts],
+        "sub_servers": [
+            {"server": p["server"], "link": p["link"], **({"edge": p["edge"]} if "edge" in p else {}), "clients": sorted(p["clients"], key=int)}
+            for p in parts
+        ],
     }
