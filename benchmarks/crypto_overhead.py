@@ -4,18 +4,21 @@
     python benchmarks/crypto_overhead.py --steps 40 --warmup 5
 
 It starts two processes under torchrun (1 thread each, as a federation on a 2-core machine
-would run). Rank 0 hosts two endpoints, each with its own middle stack built from the same
+would run). Rank 0 hosts three endpoints, each with its own middle stack built from the same
 config: one in the clear, one that only accepts messages sealed under a client session
-(X25519 handshake, AES-256-GCM). Rank 1 trains two identical split models, one through each
-endpoint, and times their steps interleaved (in alternating order, so drift and order effects
-hit both alike); the losses of the two must be identical, since encryption is lossless.
+(X25519 handshake, AES-256-GCM), both over torch RPC, and a sealed one on an edge of the
+socket link (``link.transport=socket``, :mod:`flglm.server.edge`, on 127.0.0.1). Rank 1
+trains three identical split models, one through each, and times their steps interleaved (in
+a rotating order, so drift and order effects hit all alike); the losses must be identical,
+since encryption is lossless and both links carry the same sealed messages.
 
 Also measured, in this process before the run: the bytes one sealed message of each kind of
 a training step takes on the wire against its raw tensor bytes, and the throughput of
 AES-GCM (``cryptography``) and of a whole ``SealedChannel.seal``/``open`` on this machine.
 
 stdout is a table and, as its last line, one JSON object: ``ratio`` = sealed / plain median
-step time, ``wire_overhead_bytes`` = the largest per-message overhead of any message kind.
+step time (torch RPC), ``socket_over_rpc`` = sealed over the socket link / sealed over torch
+RPC, ``wire_overhead_bytes`` = the largest per-message overhead of any message kind.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install 
 from flglm.benchmarking import speed_model
 
 MODEL = speed_model()
+VARIANTS = ("plain", "sealed", "socket")
+"""In the clear over torch RPC; sealed over torch RPC; sealed over the socket link."""
 RATIO_GOAL = 1.05
 WIRE_GOAL_BYTES = 64
 MAX_MESSAGE_BYTES = 1 << 30
@@ -69,23 +74,34 @@ def endpoint_for(name: str):
     return _ENDPOINTS[name]
 
 
-def _serve(key_dir: Path, opts) -> None:
+def _serve(key_dir: Path, edge_file: Path, opts) -> None:
     from torch.distributed import rpc
 
     from flglm.crypto.keyring import load_server_keys
     from flglm.crypto.sessions import ServerSessions
+    from flglm.server.edge import Edge
     from flglm.server.endpoint import ServerEndpoint
     from flglm.server.middle_server import MiddleServer
 
     cfg = _config()
     keys = load_server_keys(key_dir, 1)
-    sessions = ServerSessions(keys.identity, {0: keys.client_keys[0]}, max_message_bytes=MAX_MESSAGE_BYTES)
-    servers = {"plain": MiddleServer(cfg), "sealed": MiddleServer(cfg)}
+
+    def sessions() -> ServerSessions:
+        return ServerSessions(keys.identity, {0: keys.client_keys[0]}, max_message_bytes=MAX_MESSAGE_BYTES)
+
+    servers = {name: MiddleServer(cfg) for name in VARIANTS}
     _ENDPOINTS["plain"] = ServerEndpoint(servers["plain"])
-    _ENDPOINTS["sealed"] = ServerEndpoint(servers["sealed"], sessions)
+    _ENDPOINTS["sealed"] = ServerEndpoint(servers["sealed"], sessions())
+    edge = Edge(
+        ServerEndpoint(servers["socket"], sessions()), host="127.0.0.1", port=0, encrypted=True, max_frame_bytes=MAX_MESSAGE_BYTES,
+        first_frame_timeout_s=30, call_timeout_s=300, max_connections=8, max_connections_per_client=2,
+    )  # fmt: skip
+    host, port = edge.start()
+    edge_file.write_text(f"{host}:{port}")
     rpc.init_rpc("server", rank=0, world_size=2, rpc_backend_options=opts)
     for server in servers.values():
         server.wait_until_done(timeout=600)
+    edge.close()
     rpc.shutdown()
 
 
@@ -102,24 +118,37 @@ def _train(args: argparse.Namespace, opts) -> dict:
     from flglm.config import fingerprint
     from flglm.crypto.keyring import load_client_keys
     from flglm.crypto.sessions import ClientSession
+    from flglm.link.socket_transport import SocketTransport
     from flglm.models.split import ClientBlocks, plan_for
     from flglm.optim import build_optimizer
 
     cfg = _config()
     keys = load_client_keys(args.key_dir, 0, 1)
     rpc.init_rpc("client0", rank=1, world_size=2, rpc_backend_options=opts)
-    session = ClientSession(0, keys.identity, keys.server_key, max_message_bytes=MAX_MESSAGE_BYTES)
+
+    def session() -> ClientSession:
+        return ClientSession(0, keys.identity, keys.server_key, max_message_bytes=MAX_MESSAGE_BYTES)
+
+    edge_file = Path(args.edge_file)
+    while not edge_file.is_file():  # written before the server's init_rpc, which this one's waited for
+        time.sleep(0.05)
+    host, port = edge_file.read_text().rsplit(":", 1)
+    socket_transport = SocketTransport(host, int(port), timeout_s=300, max_frame_bytes=MAX_MESSAGE_BYTES)
+    sessions = {"sealed": session(), "socket": session()}
     links = {
         "plain": ServerLink(rpc.remote("server", endpoint_for, args=("plain",)), client_id=0, timeout_s=300),
-        "sealed": ServerLink(rpc.remote("server", endpoint_for, args=("sealed",)), client_id=0, timeout_s=300, session=session),
+        "sealed": ServerLink(rpc.remote("server", endpoint_for, args=("sealed",)), client_id=0, timeout_s=300, session=sessions["sealed"]),
+        "socket": ServerLink(socket_transport, client_id=0, timeout_s=300, session=sessions["socket"]),
     }
     links["sealed"].handshake()
+    links["socket"].handshake()
     plan = plan_for(cfg.model, cfg.split)
     models = {}
     for name, link in links.items():
         info = link.hello(fingerprint(cfg), "bench")
         models[name] = SplitCausalLM(ClientBlocks(cfg.model, plan), RemoteMiddle(link, server_info=info))
-    models["sealed"].load_state_dict(models["plain"].state_dict())  # identical init (the servers' is seeded by name)
+    for name in VARIANTS[1:]:
+        models[name].load_state_dict(models["plain"].state_dict())  # identical init (the servers' is seeded by name)
     optimizers = {name: build_optimizer(model.parameters(), cfg.optim) for name, model in models.items()}
 
     gen = torch.Generator().manual_seed(0)
@@ -139,10 +168,11 @@ def _train(args: argparse.Namespace, opts) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    times: dict[str, list[float]] = {"plain": [], "sealed": []}
-    losses: dict[str, list[float]] = {"plain": [], "sealed": []}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    losses: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for i in range(total):
-        for name in ("plain", "sealed") if i % 2 == 0 else ("sealed", "plain"):
+        shift = i % len(VARIANTS)
+        for name in VARIANTS[shift:] + VARIANTS[:shift]:
             started = time.perf_counter()
             loss = step(name, i)
             elapsed = time.perf_counter() - started
@@ -150,8 +180,8 @@ def _train(args: argparse.Namespace, opts) -> dict:
             if i >= args.warmup:
                 times[name].append(elapsed)
         if i < IDENTICAL_LOSS_STEPS:
-            assert losses["plain"][i] == losses["sealed"][i], (
-                f"step {i}: loss {losses['sealed'][i]!r} with encryption != {losses['plain'][i]!r} without"
+            assert losses["plain"][i] == losses["sealed"][i] == losses["socket"][i], (
+                f"step {i}: loss {losses['sealed'][i]!r} with encryption (socket link: {losses['socket'][i]!r}) != {losses['plain'][i]!r} without"
             )
 
     counters = {name: {"messages": link.messages, "payload_bytes": link.payload_bytes, "wire_bytes": link.wire_bytes} for name, link in links.items()}
@@ -163,7 +193,7 @@ def _train(args: argparse.Namespace, opts) -> dict:
         "times": times,
         "losses": losses,
         "counters": counters,
-        "handshakes": session.handshakes,
+        "handshakes": sessions["sealed"].handshakes,
     }
 
 
@@ -174,7 +204,7 @@ def _worker(args: argparse.Namespace) -> None:
     configure_threads(env.local_world_size)
     opts = rpc_options(num_worker_threads=8, timeout_s=300)
     if env.rank == 0:
-        _serve(Path(args.key_dir), opts)
+        _serve(Path(args.key_dir), Path(args.edge_file), opts)
         return
     result = _train(args, opts)
     Path(args.result).write_text(json.dumps(result))
@@ -269,9 +299,12 @@ def _met(ok: bool) -> str:
 def _report(args: argparse.Namespace, run: dict, sizes: dict, speed: dict) -> dict:
     plain = statistics.median(run["times"]["plain"])
     sealed = statistics.median(run["times"]["sealed"])
+    socket_step = statistics.median(run["times"]["socket"])
     ratio = sealed / plain
+    socket_ratio = socket_step / sealed
     losses = run["losses"]
     identical_steps = sum(a == b for a, b in zip(losses["plain"], losses["sealed"]))
+    socket_identical = sum(a == b for a, b in zip(losses["sealed"], losses["socket"]))
     max_loss_diff = max(abs(a - b) for a, b in zip(losses["plain"], losses["sealed"]))
     wire_overhead = max(s["overhead"] for s in sizes.values())
     link = run["counters"]["sealed"]
@@ -295,8 +328,13 @@ def _report(args: argparse.Namespace, run: dict, sizes: dict, speed: dict) -> di
         f"{'  step time':<{width}}{plain * 1000:>8.1f} ms{sealed * 1000:>8.1f} ms{ratio:>8.3f}   <= {RATIO_GOAL}  {_met(ratio <= RATIO_GOAL)}",
         f"{'  added per step':<{width}}{(sealed - plain) * 1000:>+19.1f} ms   (expected from the seal/open speed below: {crypto_ms:.1f} ms)",
         (
+            f"{'  sealed, socket link / torch RPC':<{width}}{sealed * 1000:>8.1f} ms{socket_step * 1000:>8.1f} ms{socket_ratio:>8.3f}"
+            f"   <= {RATIO_GOAL}  {_met(socket_ratio <= RATIO_GOAL)}"
+        ),
+        (
             f"  losses identical on the first {timed_losses} steps (asserted): yes; "
-            f"on {identical_steps} of {len(losses['plain'])} steps (largest difference {max_loss_diff:.3g})"
+            f"on {identical_steps} of {len(losses['plain'])} steps (largest difference {max_loss_diff:.3g}); "
+            f"socket link == torch RPC, sealed, on {socket_identical} of {len(losses['socket'])}"
         ),
         "",
         f"{f'bytes per message ({LONG_RUN_COUNTER}th of a session)':<{width}}{'raw':>11}{'on the wire':>13}{'overhead':>10}   goal",
@@ -335,6 +373,9 @@ def _report(args: argparse.Namespace, run: dict, sizes: dict, speed: dict) -> di
         "sealed_step_s": round(sealed, 4),
         "ratio": round(ratio, 4),
         "ratio_goal": RATIO_GOAL,
+        "socket_step_s": round(socket_step, 4),
+        "socket_over_rpc": round(socket_ratio, 4),
+        "socket_losses_identical_steps": socket_identical,
         "added_ms_per_step": round((sealed - plain) * 1000, 2),
         "estimated_crypto_ms_per_step": round(crypto_ms, 2),
         "losses_identical_first_steps": timed_losses,
@@ -359,6 +400,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--key-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--edge-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
@@ -377,7 +419,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flglm-crypto-bench-") as tmp:
         key_dir, result = Path(tmp) / "keys", Path(tmp) / "result.json"
         generate_key_set(key_dir, 1)
-        worker_args = ["--worker", f"--key-dir={key_dir}", f"--result={result}"]
+        worker_args = ["--worker", f"--key-dir={key_dir}", f"--result={result}", f"--edge-file={Path(tmp) / 'edge'}"]
         worker_args += [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}", f"--seq={args.seq}"]
         try:
             run_torchrun(Path(__file__), worker_args, nproc=2, timeout_s=1800, extra_env={"PYTHONWARNINGS": "ignore"})

@@ -276,9 +276,10 @@ def _plot(timing: list[dict[str, Any]], path: Path) -> None:
         style = {"color": "black", "linestyle": "--"} if name == "centralized" else {"marker": "o"}
         ax.plot(rates, [t["step_s"][name] * 1000 for t in timing], label=name if name == "centralized" else f"split, {name} wire", **style)
     ax.set_xscale("log")
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
     ax.set_xlabel("link speed (Mbit/s, tbf between two network namespaces)")
     ax.set_ylabel("training step (ms, median)")
-    ax.set_title("GLM hidden 256, 6 layers, batch 16 x 64, encrypted, 1 thread per side")
+    ax.set_title("GLM hidden 256, 6 layers, batch 16 x 64, encrypted", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
