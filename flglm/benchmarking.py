@@ -40,8 +40,8 @@ def centralized_worker(config: str | Path, overrides: list[str]) -> None:
     import torch
 
     from flglm.config import load_config
+    from flglm.jobs.logs import setup_logging
     from flglm.jobs.train import run_centralized, save_run_config
-    from flglm.jobs.trainer import setup_logging
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides)
@@ -70,7 +70,9 @@ def find_data_dir(data: str, repo_root: Path, needed: tuple[str, ...], *, prog: 
     raise SystemExit(f"{prog}: error: --data {data}: no {' and '.join(needed)} in {' or '.join(map(str, candidates))}")
 
 
-def run_centralized_child(script: str | Path, config: str | Path, overrides: list[str], run_dir: Path, *, timeout_s: float, prog: str) -> dict[str, float]:
+def run_centralized_child(
+    script: str | Path, config: str | Path, overrides: list[str], run_dir: Path, *, timeout_s: float, prog: str
+) -> dict[str, float]:
     """Run ``script --centralized-worker`` (which calls :func:`centralized_worker`) in a child
     process with a hard timeout; return its final metrics. Its output goes to ``run_dir/output.log``."""
     run_dir.mkdir(parents=True)
@@ -78,7 +80,9 @@ def run_centralized_child(script: str | Path, config: str | Path, overrides: lis
     output = run_dir / "output.log"
     with output.open("w") as sink:
         try:
-            proc = subprocess.run(cmd, check=False, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=Path(script).resolve().parent.parent)
+            proc = subprocess.run(
+                cmd, check=False, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=Path(script).resolve().parent.parent
+            )
         except subprocess.TimeoutExpired:
             raise SystemExit(f"{prog}: error: the centralized run took over {timeout_s:.0f}s; see {output}") from None
     if proc.returncode != 0:

@@ -37,8 +37,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     ``federation.membership=dynamic``): read config and environment, take the rank's role."""
     args = _parser("flglm train", "run one process of a federation (use under torchrun)").parse_args(argv)
     from flglm.distributed import configure_threads, read_env
-    from flglm.jobs.train import run_client, run_server
-    from flglm.jobs.trainer import setup_logging
+    from flglm.jobs.logs import setup_logging
     from flglm.roles import role_for_rank
     from flglm.run_dirs import RunDirError, check_run_dir, finished, move_aside, wait_until_moved
 
@@ -52,9 +51,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             role = edge_server_role(env.rank, env.world_size, sub_servers=cfg.server.sub_servers)
         else:
             env = read_env(dynamic=cfg.federation.membership == "dynamic")
-            role = role_for_rank(
-                env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers
-            )
+            role = role_for_rank(env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers)
         run_dir = Path(cfg.run_dir)
         check_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before this process writes anything
         if cfg.overwrite and not cfg.resume and finished(run_dir):
@@ -74,8 +71,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     log.info("%s (rank %d of %d), %d thread(s)", role.worker_name, env.rank, env.world_size, threads)
     try:
         if role.kind == "server":
+            from flglm.jobs.serve import run_server  # a server process imports no Lightning
+
             run_server(cfg, env, role)
         else:
+            from flglm.jobs.train import run_client
+
             run_client(cfg, env, role)
     except Exception as err:  # noqa: BLE001 - reported once, in one line; the traceback goes to the log file
         return _report_failure(run_dir, role.worker_name, env.rank, err, file_log)
@@ -92,8 +93,8 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from flglm.distributed import configure_threads
     from flglm.jobs.edge_link import parse_address
+    from flglm.jobs.logs import setup_logging
     from flglm.jobs.train import run_client
-    from flglm.jobs.trainer import setup_logging
     from flglm.roles import edge_client_role
 
     try:
@@ -134,8 +135,8 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
     from flglm.distributed import configure_threads
+    from flglm.jobs.logs import setup_logging
     from flglm.jobs.train import run_centralized
-    from flglm.jobs.trainer import setup_logging
 
     file_log = setup_logging(Path(cfg.run_dir), "centralized")
     configure_threads(1)
@@ -211,7 +212,7 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
 def _generate_worker(cfg, args: argparse.Namespace, prompts: list[str], weights: Path | None, out: Path) -> int:
     from flglm.distributed import configure_threads, read_env
     from flglm.jobs.generate import generate_as_client, serve_generation
-    from flglm.jobs.trainer import setup_logging
+    from flglm.jobs.logs import setup_logging
     from flglm.roles import generation_role
 
     env = read_env()
@@ -315,10 +316,16 @@ def attack_main(argv: Sequence[str] | None = None) -> int:
     server = result["server"]
     for name, figures in server.items():
         print(f"curious server, {name}: token accuracy {figures['token_accuracy']:.3f}, exact sequences {figures['exact_match']:.3f}")
-    print(f"peer, clear link: {result['peer_clear']['token_accuracy']:.3f}; encrypted link: {result['peer_encrypted']['token_accuracy']:.3f} (opened: {result['peer_encrypted']['opened']})")
+    print(
+        f"peer, clear link: {result['peer_clear']['token_accuracy']:.3f}; encrypted link: {result['peer_encrypted']['token_accuracy']:.3f} (opened: {result['peer_encrypted']['opened']})"
+    )
     if "aggregation_plain" in result:
-        print(f"FedAvg upload reveals the client's tokens with precision {result['aggregation_plain']['precision']:.2f}; secure aggregation: {result['aggregation_secure']['precision']:.2f}")
-    print(f"controls: positive {result['positive_control']:.3f}, negative {result['negative_control']['token_accuracy']:.3f} (chance {result['negative_control']['chance']:.3f})")
+        print(
+            f"FedAvg upload reveals the client's tokens with precision {result['aggregation_plain']['precision']:.2f}; secure aggregation: {result['aggregation_secure']['precision']:.2f}"
+        )
+    print(
+        f"controls: positive {result['positive_control']:.3f}, negative {result['negative_control']['token_accuracy']:.3f} (chance {result['negative_control']['chance']:.3f})"
+    )
     print(f"wrote {out}")
     return 0
 
@@ -359,7 +366,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         prog="flglm compare",
         description="compare finished runs (federated and centralized): a table, ratios to the reference, a loss-curve plot",
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a federation's run_dir (summary.json), a centralized run's, or both (make demo's)")
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="a federation's run_dir (summary.json), a centralized run's, or both (make demo's)"
+    )
     parser.add_argument("--out", default=None, help="where comparison.json and loss_curves.png go (default: the first RUN_DIR)")
     args = parser.parse_args(argv)
     from flglm.jobs.compare import CompareError, compare_runs, write_comparison

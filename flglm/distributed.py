@@ -67,6 +67,7 @@ def read_env(environ: Mapping[str, str] | None = None, *, dynamic: bool = False)
             f"not started by torchrun (missing {', '.join(missing)}); run e.g. "
             "`torchrun --nproc-per-node=3 launch/train.py --config configs/demo.yaml`"
         )
+
     def number(key: str, default: str | None = None) -> int:
         raw = environ.get(key, default)
         try:

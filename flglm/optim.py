@@ -17,9 +17,7 @@ from flglm.config import OptimConfig
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name={cfg.name!r} is not one of ['adamw', 'sgd']")
@@ -40,9 +38,7 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     raise ValueError(f"optim.scheduler={cfg.scheduler!r} is not one of ['constant', 'linear', 'cosine']")
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
 
 
@@ -60,9 +56,7 @@ def grad_norms(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[s
     One side's piece of a global norm: the client merges both sides' norms in the full model's
     parameter order, so the total (and the clipping) is bit-identical to centralized clipping.
     """
-    return {
-        name: torch.linalg.vector_norm(p.grad.detach(), 2.0) for name, p in named_params if p.grad is not None
-    }
+    return {name: torch.linalg.vector_norm(p.grad.detach(), 2.0) for name, p in named_params if p.grad is not None}
 
 
 def global_clip_coefficient(norms: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -124,7 +126,7 @@ def test_the_package_is_where_the_test_looks() -> None:
     assert "flglm.distributed" in _modules()
     # positive control of the walls' reach: the training job imports both sides, through other modules too
     assert any(_in(m, "flglm.client") for m in reaches("flglm.jobs.train"))
-    assert any(_in(m, "flglm.server") for m in reaches("flglm.jobs.train"))
+    assert any(_in(m, "flglm.server") for m in reaches("flglm.jobs.serve"))
     assert "torch.distributed.rpc" in reaches("flglm.link.transport")
 
 
@@ -279,3 +281,16 @@ def test_the_env_checks_find_a_read_when_there_is_one() -> None:
 def test_no_module_of_the_package_is_over_the_size_limit() -> None:
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_a_server_process_imports_no_lightning_tasks_or_client_code() -> None:
+    """What ``flglm train`` runs in a server process (its job, logging, the launcher) imports no
+    Lightning, metrics, tasks or client code: it starts seconds sooner and holds none of it."""
+    probe = (
+        "import sys; import flglm.cli, flglm.jobs.logs, flglm.jobs.serve; "
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('lightning', 'lightning_fabric', 'torchmetrics')} "
+        "| {m for m in sys.modules if m.startswith(('flglm.tasks', 'flglm.client', 'flglm.jobs.train', 'flglm.callbacks'))}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
+

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from flglm.network_hosts import NetworkHosts, available, namespaces_left
 
 AVAILABLE, WHY = available()

@@ -205,9 +205,7 @@ class PairwiseMasker:
 
     def __init__(self, client_id: int, identity: X25519PrivateKey, peer_keys: Mapping[int, bytes]) -> None:
         self.client_id = client_id
-        self._secrets = {
-            peer: pairwise_secret(identity, key, my_id=client_id, peer_id=peer) for peer, key in peer_keys.items() if peer != client_id
-        }
+        self._secrets = {peer: pairwise_secret(identity, key, my_id=client_id, peer_id=peer) for peer, key in peer_keys.items() if peer != client_id}
 
     def mask(self, vector: torch.Tensor, weight: float, *, round_index: int, attempt: int, participants: Sequence[int]) -> torch.Tensor:
         """The masked upload of ``vector`` (weighted by ``weight``) for this round's participants."""

@@ -168,7 +168,9 @@ class SecureRounds:
             if attempt > plan.attempt:
                 raise InvalidMessageError(f"client {client_id}: round {round_index} is at attempt {plan.attempt}, not {attempt}")
             if client_id not in plan.participants:
-                raise InvalidMessageError(f"client {client_id} is not a participant of round {round_index} attempt {attempt}: {list(plan.participants)}")
+                raise InvalidMessageError(
+                    f"client {client_id} is not a participant of round {round_index} attempt {attempt}: {list(plan.participants)}"
+                )
             if client_id in state.uploads:
                 raise InvalidMessageError(f"client {client_id} already uploaded to round {round_index} attempt {attempt}")
             size = self._check_upload(client_id, plan, vector, weight)
@@ -191,7 +193,9 @@ class SecureRounds:
         """The plain vector length the upload implies; raises before anything is stored."""
         if len(plan.participants) == 1:
             if vector.dim() != 1 or not vector.is_floating_point():
-                raise InvalidMessageError(f"client {client_id}: a lone participant uploads its 1-D float vector, got {vector.dtype} {list(vector.shape)}")
+                raise InvalidMessageError(
+                    f"client {client_id}: a lone participant uploads its 1-D float vector, got {vector.dtype} {list(vector.shape)}"
+                )
             if not torch.isfinite(vector).all():
                 raise InvalidMessageError(f"client {client_id}: aggregation vector holds NaN or Inf")
             if not math.isfinite(weight) or weight < 0:
@@ -250,7 +254,6 @@ class SecureRounds:
                 return [_failer(f, error) for f in state.futures.values()]
         result = RoundResult("done", average, state.plan)
         return [_resolver(f, result) for f in state.futures.values()]
-
 
     # ------------------------------------------------------- coordinated rounds
     def _planned(self, round_index: int, pending: _Pending, done: Future) -> None:

@@ -42,9 +42,7 @@ class FedAvgCallback(Callback):
             parameter, or several, is an error at the first round.
     """
 
-    def __init__(
-        self, link: Any, *, every_n_steps: int = 0, masker: Any = None, checkpoints: Any = None, exclude: Collection[str] = ()
-    ) -> None:
+    def __init__(self, link: Any, *, every_n_steps: int = 0, masker: Any = None, checkpoints: Any = None, exclude: Collection[str] = ()) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         if isinstance(exclude, str):

@@ -67,9 +67,7 @@ class SplitCausalLM(nn.Module):
     def hf_config(self) -> PretrainedConfig:
         return self.blocks.hf.config
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         prefixes = self.blocks.prefixes()  # P-tuning v2; None otherwise
         cache = self.blocks.prefix_cache(prefixes, input_ids.shape[0])
         crossing = self.blocks.input_block(input_ids, attention_mask, position_ids, cache)
@@ -81,9 +79,7 @@ class SplitCausalLM(nn.Module):
     def open_decoding(self) -> SplitDecoding:
         return SplitDecoding(self.link.open_decoding())
 
-    def decode(
-        self, state: SplitDecoding, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
+    def decode(self, state: SplitDecoding, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the new tokens; ``attention_mask`` covers the cached tokens and the new ones.
 
         The input block and the output block use the client's cache, the middle stack the
@@ -136,21 +132,15 @@ class FullCausalLM(nn.Module):
     def hf_config(self) -> PretrainedConfig:
         return self.hf.config
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         return self._logits(input_ids, attention_mask, position_ids, self._prefix_cache(input_ids.shape[0]))
 
-    def _logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None
-    ) -> torch.Tensor:
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
         """The model on the tokens; ``cache`` holds P-tuning prefixes and, decoding, the past tokens."""
         mask = with_prefix_mask(attention_mask, prefix_length_of(self.hf))
-        return self.hf(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=cache is not None
-        ).logits
+        return self.hf(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=cache is not None).logits
 
     def _prefix_cache(self, batch: int) -> DynamicCache | None:
         """P-tuning v2: every block's prefix in a cache, as peft feeds prefixes to a whole model."""
@@ -162,9 +152,7 @@ class FullCausalLM(nn.Module):
     def open_decoding(self) -> list[DynamicCache]:
         return []  # filled at the first step, when the batch size is known
 
-    def decode(
-        self, state: list[DynamicCache], input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-    ) -> torch.Tensor:
+    def decode(self, state: list[DynamicCache], input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         if not state:
             state.append(self._prefix_cache(input_ids.shape[0]) or DynamicCache(config=self.hf.config))
         return self._logits(input_ids, attention_mask, position_ids, state[0])

@@ -50,9 +50,7 @@ class SplitClientModule(L.LightningModule):
         """The server link, or None for a centralized (whole-model) run."""
         return getattr(self.lm, "link", None)
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm(input_ids, attention_mask, position_ids)
 
     # ---------------------------------------------------------------- generation
@@ -67,9 +65,7 @@ class SplitClientModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            return generate(
-                self.lm, input_ids, attention_mask, cfg=cfg, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-            )
+            return generate(self.lm, input_ids, attention_mask, cfg=cfg, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
         finally:
             self.train(was_training)
 

@@ -54,6 +54,4 @@ class RemoteMiddle(nn.Module):
         training = torch.is_grad_enabled() and (crossing.hidden.requires_grad or prefix_trains or self.server_trainable)
         if not training:
             return self.link.infer(crossing)
-        return _MiddleCall.apply(
-            crossing.hidden, self._anchor, crossing.prefix, self.link, crossing.attention_mask, crossing.position_ids
-        )
+        return _MiddleCall.apply(crossing.hidden, self._anchor, crossing.prefix, self.link, crossing.attention_mask, crossing.position_ids)

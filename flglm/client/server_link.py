@@ -237,7 +237,9 @@ class ServerLink:
         (plan,) = self.exchange("agg_begin", [], round_index=round_index)
         return parse_plan(plan)
 
-    def aggregation_upload(self, round_index: int, attempt: int, vector: torch.Tensor, weight: float) -> tuple[torch.Tensor | None, tuple[int, list[int]]]:
+    def aggregation_upload(
+        self, round_index: int, attempt: int, vector: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor | None, tuple[int, list[int]]]:
         """Upload (masked or plain) client blocks; the average, or None and the plan of the redone round."""
         status, average = self.exchange(
             "agg_upload", [vector, torch.tensor([float(weight)], dtype=torch.float64)], round_index=round_index, step=attempt

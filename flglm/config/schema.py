@@ -384,4 +384,3 @@ class RunConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-

@@ -67,9 +67,7 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.peft.lora_dropout < 1:
         raise ConfigError(f"peft.lora_dropout must be in [0, 1), got {cfg.peft.lora_dropout}")
     if cfg.peft.prefix_length < 1 or cfg.peft.prefix_hidden_size < 1:
-        raise ConfigError(
-            f"peft.prefix_length and peft.prefix_hidden_size must be >= 1, got {cfg.peft.prefix_length}, {cfg.peft.prefix_hidden_size}"
-        )
+        raise ConfigError(f"peft.prefix_length and peft.prefix_hidden_size must be >= 1, got {cfg.peft.prefix_length}, {cfg.peft.prefix_hidden_size}")
     if cfg.server.nonfinite == "skip" and cfg.server.parallelism == "client_batching":
         raise ConfigError(
             "server.nonfinite=skip does not work with server.parallelism=client_batching (one member's NaN would "
@@ -158,8 +156,7 @@ def _validate_task(cfg: RunConfig) -> None:
         )
     if not 1 <= task.max_target_tokens < data.max_length:
         raise ConfigError(
-            f"task.max_target_tokens must be >= 1 and leave room for the prompt in data.max_length={data.max_length}, "
-            f"got {task.max_target_tokens}"
+            f"task.max_target_tokens must be >= 1 and leave room for the prompt in data.max_length={data.max_length}, got {task.max_target_tokens}"
         )
     if task.max_eval_generations < 0:
         raise ConfigError(f"task.max_eval_generations must be >= 0 (0: none), got {task.max_eval_generations}")
@@ -273,10 +270,7 @@ def _validate_socket_link(cfg: RunConfig) -> None:
 def _validate_sub_servers(cfg: RunConfig) -> None:
     s = cfg.server
     if s.sub_servers > 1 and s.parallelism not in ("hierarchical", "auto"):
-        raise ConfigError(
-            f"server.sub_servers={s.sub_servers} needs server.parallelism=hierarchical (or auto), "
-            f"got {s.parallelism!r}"
-        )
+        raise ConfigError(f"server.sub_servers={s.sub_servers} needs server.parallelism=hierarchical (or auto), got {s.parallelism!r}")
     if s.sub_servers > cfg.federation.num_clients:
         raise ConfigError(
             f"server.sub_servers={s.sub_servers} is more than federation.num_clients="

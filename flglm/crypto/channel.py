@@ -11,6 +11,7 @@ one); the header's key epoch tells the receiver to follow, and the receiver chec
 
 A :class:`SealedChannel` is not thread-safe: the owner serialises its calls.
 """
+
 from __future__ import annotations
 
 import dataclasses

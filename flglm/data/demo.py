@@ -24,33 +24,90 @@ MAX_WORDS = 25
 NEGATION_RATE = 0.35
 
 _SUBJECTS = (
-    "the movie", "this film", "the plot", "the acting", "the soundtrack", "the story",
-    "the cast", "the ending", "this sequel", "the script", "the dialogue", "the director 's latest",
-    "the lead performance", "the camera work", "the second act", "this documentary",
+    "the movie",
+    "this film",
+    "the plot",
+    "the acting",
+    "the soundtrack",
+    "the story",
+    "the cast",
+    "the ending",
+    "this sequel",
+    "the script",
+    "the dialogue",
+    "the director 's latest",
+    "the lead performance",
+    "the camera work",
+    "the second act",
+    "this documentary",
 )
 _ADJECTIVES = {
-    1: ("wonderful", "brilliant", "charming", "moving", "delightful", "funny", "clever",
-        "beautiful", "gripping", "superb", "touching", "enjoyable", "fresh", "smart"),
-    0: ("boring", "dull", "awful", "tedious", "clumsy", "bland", "predictable", "painful",
-        "messy", "lifeless", "shallow", "forgettable", "stale", "silly"),
+    1: (
+        "wonderful",
+        "brilliant",
+        "charming",
+        "moving",
+        "delightful",
+        "funny",
+        "clever",
+        "beautiful",
+        "gripping",
+        "superb",
+        "touching",
+        "enjoyable",
+        "fresh",
+        "smart",
+    ),
+    0: (
+        "boring",
+        "dull",
+        "awful",
+        "tedious",
+        "clumsy",
+        "bland",
+        "predictable",
+        "painful",
+        "messy",
+        "lifeless",
+        "shallow",
+        "forgettable",
+        "stale",
+        "silly",
+    ),
 }
 # (past tense, base form): the base form follows "did not".
 _VERBS = {
-    1: (("loved", "love"), ("enjoyed", "enjoy"), ("admired", "admire"), ("liked", "like"),
-        ("recommended", "recommend"), ("cherished", "cherish")),
-    0: (("hated", "hate"), ("disliked", "dislike"), ("regretted", "regret"),
-        ("resented", "resent"), ("despised", "despise"), ("loathed", "loathe")),
+    1: (("loved", "love"), ("enjoyed", "enjoy"), ("admired", "admire"), ("liked", "like"), ("recommended", "recommend"), ("cherished", "cherish")),
+    0: (("hated", "hate"), ("disliked", "dislike"), ("regretted", "regret"), ("resented", "resent"), ("despised", "despise"), ("loathed", "loathe")),
 }
 _PEOPLE = ("i", "we", "my friends", "the critics", "everyone", "my sister", "the audience")
 _INTENSIFIERS = ("very", "really", "truly", "remarkably", "quite", "utterly", "rather")
 _COPULAS = ("is", "was", "seems", "felt")
 _FILLERS = (
-    "honestly", "overall", "frankly", "again", "somehow", "in the end", "to be honest",
-    "all things considered", "from start to finish", "for what it is worth", "on the whole",
-    "if you ask me", "after two long hours", "at the local cinema", "on a quiet tuesday night",
-    "with a big bowl of popcorn", "in the second half", "as far as i can tell",
-    "according to the poster outside", "during the late screening", "at least for me",
-    "with the lights down low", "next to a stranger", "after a long week at work",
+    "honestly",
+    "overall",
+    "frankly",
+    "again",
+    "somehow",
+    "in the end",
+    "to be honest",
+    "all things considered",
+    "from start to finish",
+    "for what it is worth",
+    "on the whole",
+    "if you ask me",
+    "after two long hours",
+    "at the local cinema",
+    "on a quiet tuesday night",
+    "with a big bowl of popcorn",
+    "in the second half",
+    "as far as i can tell",
+    "according to the poster outside",
+    "during the late screening",
+    "at least for me",
+    "with the lights down low",
+    "next to a stranger",
+    "after a long week at work",
 )
 
 
@@ -96,9 +153,7 @@ def _write(path: Path, rows: list[tuple[int, str]]) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def write_demo_dataset(
-    directory: Path, *, train_rows: int = 2000, dev_rows: int = 400, seed: int = 0
-) -> tuple[Path, Path]:
+def write_demo_dataset(directory: Path, *, train_rows: int = 2000, dev_rows: int = 400, seed: int = 0) -> tuple[Path, Path]:
     """Write ``train.tsv`` and ``dev.tsv`` into ``directory``; return their paths.
 
     The same seed always writes the same bytes. Train and dev come from

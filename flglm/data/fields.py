@@ -25,17 +25,13 @@ def _value(row: Row, names: Sequence[str], role: str, path: Path) -> tuple[str, 
         if name in row.fields:
             return name, row.fields[name]
     wanted = repr(names[0]) if len(names) == 1 else f"one of {list(names)}"
-    raise DataFormatError(
-        path, f"row {row.index} has fields {sorted(row.fields)}, expected {role} field {wanted}", line=row.line
-    )
+    raise DataFormatError(path, f"row {row.index} has fields {sorted(row.fields)}, expected {role} field {wanted}", line=row.line)
 
 
 def _string(row: Row, names: Sequence[str], role: str, path: Path) -> str:
     name, value = _value(row, names, role, path)
     if not isinstance(value, str):
-        raise DataFormatError(
-            path, f"row {row.index}: {role} field {name!r} is {type(value).__name__} {value!r}, expected a string", line=row.line
-        )
+        raise DataFormatError(path, f"row {row.index}: {role} field {name!r} is {type(value).__name__} {value!r}, expected a string", line=row.line)
     return value
 
 
@@ -43,9 +39,7 @@ def _label(row: Row, name: str, path: Path) -> int:
     _, value = _value(row, (name,), "label", path)
     label = integer_label(value)
     if label is None:
-        raise DataFormatError(
-            path, f"row {row.index}: label field {name!r} is {type(value).__name__} {value!r}, expected an integer", line=row.line
-        )
+        raise DataFormatError(path, f"row {row.index}: label field {name!r} is {type(value).__name__} {value!r}, expected an integer", line=row.line)
     return label
 
 
@@ -61,9 +55,7 @@ def classification_examples(rows: Sequence[Row], path: str | Path, *, text_field
     ]
 
 
-def generation_examples(
-    rows: Sequence[Row], path: str | Path, *, prompt_field: str | None, target_field: str | None
-) -> list[Example]:
+def generation_examples(rows: Sequence[Row], path: str | Path, *, prompt_field: str | None, target_field: str | None) -> list[Example]:
     """``Example(text=prompt, target=target)`` per row.
 
     An unset field accepts the summarization spellings (``article``/``document`` and

@@ -57,9 +57,7 @@ def read_text(path: str | Path) -> str:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataFormatError(
-            path, f"byte {exc.start} (0x{raw[exc.start]:02x}) is not valid UTF-8: {exc.reason}", line=line
-        ) from None
+        raise DataFormatError(path, f"byte {exc.start} (0x{raw[exc.start]:02x}) is not valid UTF-8: {exc.reason}", line=line) from None
     if not text.strip():
         raise DataFormatError(path, "file is empty")
     return text
@@ -161,9 +159,7 @@ def _delimited(text: str, path: Path, kind: str) -> list[Row]:
         if not row:
             continue
         if len(row) != len(header):
-            raise DataFormatError(
-                path, f"row {len(rows)} has {len(row)} {what} columns, expected {len(header)} {header}", line=line
-            )
+            raise DataFormatError(path, f"row {len(rows)} has {len(row)} {what} columns, expected {len(header)} {header}", line=line)
         rows.append(Row(len(rows), line, dict(zip(header, row))))
 
 

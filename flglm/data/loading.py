@@ -273,6 +273,4 @@ def check_fits_model(cfg: RunConfig, tokenizer: Any, *, vocab_size: int, max_pos
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}")
     if max_positions is not None and cfg.data.max_length > max_positions:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} is longer than the model's limit of {max_positions} positions"
-        )
+        raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the model's limit of {max_positions} positions")

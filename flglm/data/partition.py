@@ -76,16 +76,11 @@ def partition_dirichlet(
     if max_tries < 1:
         raise ValueError(f"max_tries must be at least 1, got {max_tries}")
     label_array = np.asarray(labels)
-    if label_array.ndim != 1 or not (
-        label_array.size == 0 or np.issubdtype(label_array.dtype, np.integer)
-    ):
+    if label_array.ndim != 1 or not (label_array.size == 0 or np.issubdtype(label_array.dtype, np.integer)):
         raise ValueError(f"labels must be a flat sequence of ints, got dtype {label_array.dtype}")
     total = int(label_array.size)
     if total < num_clients * min_size:
-        raise EmptyPartitionError(
-            f"cannot give each of {num_clients} clients {min_size} example(s): "
-            f"only {total} examples in all"
-        )
+        raise EmptyPartitionError(f"cannot give each of {num_clients} clients {min_size} example(s): only {total} examples in all")
     rng = np.random.default_rng(seed)
     smallest = 0
     for _ in range(max_tries):
@@ -100,9 +95,7 @@ def partition_dirichlet(
     )
 
 
-def _draw_dirichlet(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[list[int]]:
+def _draw_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for cls in np.unique(labels):  # np.unique is sorted: a fixed order of rng draws
         members = rng.permutation(np.flatnonzero(labels == cls))
@@ -136,18 +129,12 @@ def partition(
         if labels is None:
             raise ValueError("partition kind 'dirichlet' needs labels, got labels=None")
         if len(labels) != num_examples:
-            raise ValueError(
-                f"got {len(labels)} labels for num_examples={num_examples}; they must match"
-            )
-        return partition_dirichlet(
-            labels, num_clients, alpha=alpha, seed=seed, min_size=min_size
-        )
+            raise ValueError(f"got {len(labels)} labels for num_examples={num_examples}; they must match")
+        return partition_dirichlet(labels, num_clients, alpha=alpha, seed=seed, min_size=min_size)
     raise ValueError(f"unknown partition kind {kind!r}; expected one of {list(PARTITION_KINDS)}")
 
 
-def check_partition(
-    parts: Sequence[Sequence[int]], client_index: int, description: str = ""
-) -> Sequence[int]:
+def check_partition(parts: Sequence[Sequence[int]], client_index: int, description: str = "") -> Sequence[int]:
     """Return client ``client_index``'s indices, or fail if it has none.
 
     ``client_index`` is 0-based into ``parts``. ``description`` (for example

@@ -67,9 +67,7 @@ def _tsv_label(raw: str, path: Path, line: int, field: str) -> int:
     try:
         return int(raw.strip())
     except ValueError:
-        raise DataFormatError(
-            path, f"label column {field!r} is not an integer: {raw!r}", line=line
-        ) from None
+        raise DataFormatError(path, f"label column {field!r} is not an integer: {raw!r}", line=line) from None
 
 
 def read_tsv(
@@ -117,9 +115,7 @@ def _column(header: list[str], field: str, path: Path) -> int:
     try:
         return header.index(field)
     except ValueError:
-        raise DataFormatError(
-            path, f"header has no column {field!r}; columns are {header}", line=1
-        ) from None
+        raise DataFormatError(path, f"header has no column {field!r}; columns are {header}", line=1) from None
 
 
 def integer_label(value: Any) -> int | None:
@@ -165,9 +161,7 @@ def read_jsonl(
             record = _json_object(raw, path, line)
             text = _json_field(record, text_field, path, line)
             if not isinstance(text, str):
-                raise DataFormatError(
-                    path, f"field {text_field!r} is not a string: {text!r}", line=line
-                )
+                raise DataFormatError(path, f"field {text_field!r} is not a string: {text!r}", line=line)
             label = None
             if label_field is not None:
                 value = _json_field(record, label_field, path, line)
@@ -184,17 +178,13 @@ def _json_object(raw: str, path: Path, line: int) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise DataFormatError(path, f"malformed JSON: {exc.msg}", line=line) from None
     if not isinstance(record, dict):
-        raise DataFormatError(
-            path, f"expected a JSON object, got {type(record).__name__}", line=line
-        )
+        raise DataFormatError(path, f"expected a JSON object, got {type(record).__name__}", line=line)
     return record
 
 
 def _json_field(record: dict[str, Any], field: str, path: Path, line: int) -> Any:
     if field not in record:
-        raise DataFormatError(
-            path, f"missing field {field!r}; fields are {sorted(record)}", line=line
-        )
+        raise DataFormatError(path, f"missing field {field!r}; fields are {sorted(record)}", line=line)
     return record[field]
 
 
@@ -227,7 +217,6 @@ def _format_of(path: Path, fmt: str) -> str:
     kind = SUPPORTED_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise ValueError(
-            f"cannot tell the format of {path} from its suffix {path.suffix!r}; "
-            f"supported suffixes are {sorted(SUPPORTED_SUFFIXES)} (or pass fmt=)"
+            f"cannot tell the format of {path} from its suffix {path.suffix!r}; supported suffixes are {sorted(SUPPORTED_SUFFIXES)} (or pass fmt=)"
         )
     return kind

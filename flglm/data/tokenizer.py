@@ -51,9 +51,7 @@ def _count_words(texts: Iterable[str], tokenizer: Tokenizer) -> Counter[str]:
     return counts
 
 
-def train_word_tokenizer(
-    texts: Iterable[str], *, vocab_size: int, required: Iterable[str] = ()
-) -> PreTrainedTokenizerFast:
+def train_word_tokenizer(texts: Iterable[str], *, vocab_size: int, required: Iterable[str] = ()) -> PreTrainedTokenizerFast:
     """Build a lower-cased word-level tokenizer from the most frequent words.
 
     ``vocab_size`` includes the four special tokens. Words are ranked by
@@ -64,9 +62,7 @@ def train_word_tokenizer(
     """
     specials = list(SPECIAL_TOKENS.values())
     if vocab_size <= len(specials):
-        raise ValueError(
-            f"vocab_size must exceed the {len(specials)} special tokens, got {vocab_size}"
-        )
+        raise ValueError(f"vocab_size must exceed the {len(specials)} special tokens, got {vocab_size}")
     tokenizer = _empty_tokenizer()
     counts = _count_words(texts, tokenizer)
     if not counts:

@@ -144,7 +144,9 @@ def load_runs(run_dir: str | Path, *, name: str | None = None) -> list[RunResult
     if summary.is_file():
         data = _read_json(summary)
         if not isinstance(data.get("federation"), dict):
-            raise CompareError(f"{summary}: has no 'federation' metrics (keys: {', '.join(data) or 'none'}); was it written by a finished federation?")
+            raise CompareError(
+                f"{summary}: has no 'federation' metrics (keys: {', '.join(data) or 'none'}); was it written by a finished federation?"
+            )
         curves: dict[str, list[float]] = {}
         for client in sorted(data.get("clients", {}), key=int):
             client_file = run_dir / f"client{client}" / "metrics.json"
@@ -236,6 +238,6 @@ def _smooth(values: list[float], k: int = SMOOTHING) -> list[float]:
     out: list[float] = []
     window: list[float] = []
     for v in values:
-        window = [*window[-(k - 1):], v] if k > 1 else [v]
+        window = [*window[-(k - 1) :], v] if k > 1 else [v]
         out.append(sum(window) / len(window))
     return out

@@ -62,9 +62,7 @@ class EdgeFederation(ProcessGroup):
         logs.mkdir(parents=True, exist_ok=True)
         output = logs / f"{name}-{sum(p.name == name for p in self.processes)}.out"
         with output.open("w") as out:
-            popen = subprocess.Popen(
-                [*prefix, *cmd], stdout=out, stderr=subprocess.STDOUT, env={**self._env, **(env or {})}, start_new_session=True
-            )
+            popen = subprocess.Popen([*prefix, *cmd], stdout=out, stderr=subprocess.STDOUT, env={**self._env, **(env or {})}, start_new_session=True)
         process = FederationProcess(name, popen, output)
         self.processes.append(process)
         return process

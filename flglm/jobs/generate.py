@@ -27,7 +27,8 @@ from flglm.data import load_tokenizer, tokenizer_fingerprint
 from flglm.data.loading import build_tokenizer
 from flglm.devices import resolve_device
 from flglm.distributed import DistEnv, rpc_options, rpc_worker
-from flglm.jobs.train import client_link, client_session, server_sessions
+from flglm.jobs.serve import server_sessions
+from flglm.jobs.train import client_link, client_session
 from flglm.link import rpc_entries
 from flglm.models.split import ClientBlocks, MiddleStack, plan_for, saved_state_dict
 from flglm.privacy.defenses import client_defenses
@@ -108,7 +109,9 @@ def generate_as_client(
         if session is not None:
             link.handshake()
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))
-        module = SplitClientModule(SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard), optim=cfg.optim, generation=cfg.generation)
+        module = SplitClientModule(
+            SplitCausalLM(blocks, RemoteMiddle(link, server_info=info), guard=defenses.guard), optim=cfg.optim, generation=cfg.generation
+        )
         # The rows keep the prompts as given; the model sees them as the task trained on them.
         rows_in = prompt_rows(cfg, tokenizer, prompts, raw=raw)
         results = module.generate_rows(rows_in, tokenizer, on_batch=lambda done, total: log.info("generated %d of %d prompts", done, total))

@@ -158,9 +158,7 @@ def run_torchrun(
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = _this_checkout_first(env.get("PYTHONPATH"))
     since, started = log_sizes(run_dir), time.time()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
         output = _echo(proc, timeout_s) if stream else proc.communicate(timeout=timeout_s)[0]
     except subprocess.TimeoutExpired:

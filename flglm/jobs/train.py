@@ -1,7 +1,8 @@
-"""Run one process of a federation (server or client), or a centralized reference run.
+"""Run a client process of a federation, or a centralized reference run (the server's job is
+``flglm.jobs.serve``).
 
 The launcher reads the config and the distributed environment, decides the role, and calls
-``run_server`` or ``run_client``. ``run_centralized`` trains the whole model on the union of
+``run_client`` here or ``serve.run_server``. ``run_centralized`` trains the whole model on the union of
 the clients' data with the same task module, optimizer and seed: the reference every
 federated result is compared with.
 """
@@ -12,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,8 @@ from flglm.client.module import SplitClientModule
 from flglm.client.remote import RemoteMiddle
 from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
-from flglm.crypto.keyring import load_client_keys, load_server_keys
-from flglm.crypto.sessions import ClientSession, ServerSessions
+from flglm.crypto.keyring import load_client_keys
+from flglm.crypto.sessions import ClientSession
 from flglm.data import Example, tokenizer_fingerprint, warn_if_many_unknown
 from flglm.data.loading import (
     all_train_examples,
@@ -42,22 +43,19 @@ from flglm.data.loading import (
     train_path,
 )
 from flglm.data.sampler import ResumableSampler
-from flglm.devices import memory_summary, peak_memory, resolve_device
-from flglm.distributed import DistEnv, init_server_group, rpc_options, rpc_worker, store_port, wait_until_answered
-from flglm.jobs.summaries import federation_metrics, integer_counts, merge_server_summaries
+from flglm.devices import peak_memory, resolve_device
+from flglm.distributed import DistEnv, rpc_worker
+from flglm.jobs.settings import max_message_bytes, rpc_backend_options
 from flglm.jobs.trainer import make_trainer
 from flglm.link import rpc_entries
 from flglm.link.transport import FaultyTransport, RetryPolicy, RpcFunctionTransport, RpcTransport, Transport
 from flglm.models.pretrained import record_loading
-from flglm.models.split import ClientBlocks, MiddleStack, build_full_model, plan_for
+from flglm.models.split import ClientBlocks, build_full_model, plan_for
 from flglm.privacy.defenses import client_defenses
 from flglm.resume import RoundCheckpoints
-from flglm.roles import Role, clients_of
+from flglm.roles import Role
 from flglm.run_dirs import save_run_config
-from flglm.run_layout import checkpoint_dir, client_weights_path, loading_report_path, middle_weights_path, rendezvous_path, summary_path
-from flglm.server.endpoint import ServerEndpoint
-from flglm.server.middle_server import MiddleServer
-from flglm.server.serving.parallelism import choose_parallelism, free_memory_bytes
+from flglm.run_layout import checkpoint_dir, client_weights_path, loading_report_path
 from flglm.tasks import build_task
 from flglm.tensor_files import save_tensors, write_json
 
@@ -72,9 +70,7 @@ def _loaders(
     # The loader's own generator: each iter() draws a seed from it (from the global RNG without one).
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate, generator=generator)
-    dev_loader = (
-        DataLoader(dev, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate) if dev else None
-    )
+    dev_loader = DataLoader(dev, batch_size=cfg.data.eval_batch_size, shuffle=False, collate_fn=collate) if dev else None
     return train_loader, dev_loader, TrainingStateCallback(sampler, batch_size=cfg.data.batch_size)
 
 
@@ -100,21 +96,6 @@ def _final_metrics(trainer: L.Trainer, module: SplitClientModule, dev_loader: Da
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
-def _rpc_options(cfg: RunConfig) -> rpc.TensorPipeRpcBackendOptions:
-    return rpc_options(
-        num_worker_threads=max(cfg.server.num_rpc_threads, 2 * cfg.federation.num_clients + 4),
-        timeout_s=cfg.server.rpc_timeout_s,
-    )
-
-
-def server_sessions(cfg: RunConfig) -> ServerSessions | None:
-    """The server's encrypted sessions (``crypto.enabled``), from the keys in ``crypto.key_dir``."""
-    if not cfg.crypto.enabled:
-        return None
-    keys = load_server_keys(cfg.crypto.key_dir, cfg.federation.num_clients, client_public_keys=cfg.crypto.client_public_keys)
-    return ServerSessions(keys.identity, keys.client_keys, rekey_every=cfg.crypto.rekey_every, max_message_bytes=_max_message_bytes(cfg))
-
-
 def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, PairwiseMasker | None]:
     """This client's session with the server and, with secure aggregation, its pairwise masker."""
     if not cfg.crypto.enabled:
@@ -126,7 +107,7 @@ def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, Pa
         server_public_key=cfg.crypto.server_public_key,
         client_public_keys=cfg.crypto.client_public_keys,
     )
-    session = ClientSession(index, keys.identity, keys.server_key, rekey_every=cfg.crypto.rekey_every, max_message_bytes=_max_message_bytes(cfg))
+    session = ClientSession(index, keys.identity, keys.server_key, rekey_every=cfg.crypto.rekey_every, max_message_bytes=max_message_bytes(cfg))
     masker = PairwiseMasker(index, keys.identity, keys.peer_keys) if cfg.crypto.secure_aggregation else None
     return session, masker
 
@@ -153,92 +134,7 @@ def client_link(cfg: RunConfig, server: rpc.RRef | str | Transport, index: int, 
         )
         log.warning("client %d: fault injection on (%s)", index, faults)
     retry = RetryPolicy(max_retries=f.max_retries, backoff_s=f.retry_backoff_s, backoff_max_s=f.retry_backoff_max_s)
-    return ServerLink(
-        transport, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session, retry=retry, wire_dtype=cfg.link.wire_dtype
-    )
-
-
-def _max_message_bytes(cfg: RunConfig) -> int:
-    return int(cfg.crypto.max_message_mb * 2**20)
-
-
-def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
-    """Serve the middle stack until every client has joined and left; the coordinator (rank 0)
-    writes the summary and the middle stack.
-
-    Hierarchical: each sub-server serves its own clients with its own replica; they join the
-    server ranks' process group first and are averaged at FedAvg rounds (``SubServerSync``).
-    """
-    run_dir = Path(cfg.run_dir)
-    sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
-    device = resolve_device(cfg.server.device, key="server.device", local_rank=env.local_rank)
-    middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft, device=device)
-    record_loading(middle.hf, loading_report_path(run_dir, role.worker_name))
-    parameters = sum(p.numel() for p in middle.parameters())
-    choice = choose_parallelism(
-        cfg,
-        middle.hf.config,
-        parameters=parameters,
-        layers=len(middle.plan.middle),
-        free_bytes=free_memory_bytes(),
-    )
-    log.info("%s: parallelism %s (%s)", role.worker_name, choice.mode, choice.reason)
-    if choice.mode == "hierarchical":
-        init_server_group(
-            env,
-            index=role.server_index,
-            size=role.sub_servers,
-            startup_timeout_s=cfg.server.startup_timeout_s,
-            timeout_s=cfg.server.sync_timeout_s,
-        )
-    clients = clients_of(role.server_index, num_clients=cfg.federation.num_clients, sub_servers=role.sub_servers)
-    kill_at = cfg.faults.kill_server_at_step if env.restart_count == 0 else 0
-    server = MiddleServer(cfg, middle=middle, clients=clients, mode=choice.mode, kill_at_step=kill_at)
-    endpoint = ServerEndpoint(server, sessions)
-    rpc_entries.install(endpoint)
-    log.info("%s: encryption %s", role.worker_name, "on (AES-256-GCM per client)" if sessions else "OFF (crypto.enabled=false)")
-    log.info(
-        "%s: middle stack = blocks %s (%d parameters), serving clients %s",
-        role.worker_name,
-        list(middle.plan.middle),
-        parameters,
-        clients,
-    )
-    try:
-        with _server_link(cfg, env, role, endpoint) as edge:
-            if env.dynamic:
-                publish_rendezvous(run_dir, env)
-            server.wait_until_done(timeout=cfg.server.startup_timeout_s)
-            own = server.summary()
-            own["link"] = endpoint.summary()
-            if edge is not None:
-                own["edge"] = edge.summary()
-            parts = server.sync.gather_json(own) if server.sync is not None else [own]
-            summary = merge_server_summaries(parts)
-            summary["parallelism"] = {"mode": choice.mode, "reason": choice.reason, "sub_servers": role.sub_servers}
-            summary["clients"] = {c: integer_counts(m) for c, m in summary["clients"].items()}
-            summary["federation"] = federation_metrics(summary["clients"])
-            summary["config_fingerprint"] = fingerprint(cfg)
-            summary["memory"] = memory_summary(peak_memory(device), summary["clients"])
-            if role.is_coordinator:
-                save_tensors(server.middle.hf_state_dict(), middle_weights_path(run_dir))
-                save_run_config(cfg)  # with the results only: a failed start leaves an older run's config.yaml alone
-                write_json(summary, summary_path(run_dir))  # last: it marks the run finished
-                log.info("federation done: %s", summary["federation"])
-            if env.dynamic and not wait_until_answered(timeout_s=cfg.server.rpc_timeout_s):
-                log.warning("%s: shutting down with answers still in progress", role.worker_name)
-    finally:
-        server.close()
-    return summary
-
-
-def _server_link(cfg: RunConfig, env: DistEnv, role: Role, endpoint: ServerEndpoint) -> AbstractContextManager[Any]:
-    """How clients reach this server: its edge (``link.transport=socket``; yields the Edge) or torch RPC (yields None)."""
-    if cfg.link.transport == "socket":
-        from flglm.jobs.edge_link import serving_edge
-
-        return serving_edge(cfg, endpoint, role)
-    return rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s)
+    return ServerLink(transport, client_id=index, timeout_s=cfg.server.rpc_timeout_s, session=session, retry=retry, wire_dtype=cfg.link.wire_dtype)
 
 
 @contextmanager
@@ -262,21 +158,12 @@ def _client_link_of(
             transport.close()
         return
     assert env is not None
-    with rpc_worker(role.worker_name, env, _rpc_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
+    with rpc_worker(role.worker_name, env, rpc_backend_options(cfg), what=role.worker_name, startup_timeout_s=cfg.server.startup_timeout_s):
         if env.dynamic:  # no RRef: a restarted process would repeat the dead one's RRef ids
             yield client_link(cfg, role.server_name, role.client_index, session)
         else:
             rref = rpc.remote(role.server_name, rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
             yield client_link(cfg, rref, role.client_index, session)
-
-
-def publish_rendezvous(run_dir: Path, env: DistEnv) -> Path:
-    """Write where the server's rendezvous store listens (``run_dir/rendezvous.json``), so
-    clients of a dynamic federation started with ``MASTER_PORT=0`` on the server find it."""
-    path = rendezvous_path(run_dir)
-    write_json({"master_addr": env.master_addr, "master_port": store_port()}, path)
-    log.info("rendezvous store at %s:%d (written to %s)", env.master_addr, store_port(), path)
-    return path
 
 
 def run_client(cfg: RunConfig, env: DistEnv | None, role: Role, *, edge_address: tuple[str, int] | None = None) -> dict[str, float]:

@@ -71,8 +71,7 @@ def check_forward(
     assert isinstance(position_ids, torch.Tensor)
     if hidden.dtype not in FLOAT_DTYPES or hidden.dim() != 3 or hidden.shape[-1] != hidden_size:
         raise InvalidMessageError(
-            f"{who}: hidden states must be float32/bfloat16/float16 of shape [batch, seq, {hidden_size}], "
-            f"got {hidden.dtype} {_shape(hidden)}"
+            f"{who}: hidden states must be float32/bfloat16/float16 of shape [batch, seq, {hidden_size}], got {hidden.dtype} {_shape(hidden)}"
         )
     batch, length, _ = hidden.shape
     if batch < 1 or length < 1:
@@ -125,9 +124,7 @@ def check_gradient(header: RequestHeader, grad: object, expected: torch.Tensor) 
     if not isinstance(grad, torch.Tensor):
         raise InvalidMessageError(f"{who}: gradient must be a tensor, got {type(grad).__name__}")
     if grad.dtype not in FLOAT_DTYPES or grad.shape != expected.shape:
-        raise InvalidMessageError(
-            f"{who}: gradient must be float of shape {_shape(expected)}, got {grad.dtype} {_shape(grad)}"
-        )
+        raise InvalidMessageError(f"{who}: gradient must be float of shape {_shape(expected)}, got {grad.dtype} {_shape(grad)}")
     if not torch.isfinite(grad).all():
         raise InvalidMessageError(f"{who}: gradient contains NaN or Inf")
 

@@ -109,7 +109,4 @@ def adapter_for(model_class_name: str) -> ArchitectureAdapter:
     try:
         return ADAPTERS[model_class_name]
     except KeyError:
-        raise UnsupportedModelError(
-            f"model class {model_class_name!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"
-        ) from None
-
+        raise UnsupportedModelError(f"model class {model_class_name!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}") from None

@@ -115,7 +115,9 @@ def checkpoint_name(name: str, mapping: dict[str, str], base_prefix: str) -> str
     return None
 
 
-def shard_plan(mapping: dict[str, str], params: list[str], buffers: list[str], *, base_prefix: str = "") -> tuple[dict[str, dict[str, str]], list[str]]:
+def shard_plan(
+    mapping: dict[str, str], params: list[str], buffers: list[str], *, base_prefix: str = ""
+) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Which shard to open for which tensors: ``{shard: {model name: checkpoint name}}``, and the
     parameters the checkpoint lacks. Pure: testable on an index alone."""
     plan: dict[str, dict[str, str]] = {}

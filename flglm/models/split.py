@@ -65,9 +65,7 @@ class SplitPlan:
 def plan_split(num_layers: int, *, client_head_layers: int, client_tail_layers: int) -> SplitPlan:
     """Blocks ``[0, head)`` and ``[L - tail, L)`` stay on the client, the rest on the server."""
     if client_head_layers < 0 or client_tail_layers < 0:
-        raise SplitError(
-            f"client_head_layers={client_head_layers} and client_tail_layers={client_tail_layers} must be >= 0"
-        )
+        raise SplitError(f"client_head_layers={client_head_layers} and client_tail_layers={client_tail_layers} must be >= 0")
     on_client = client_head_layers + client_tail_layers
     if on_client >= num_layers:
         raise SplitError(
@@ -121,9 +119,7 @@ def build_skeleton(config: PretrainedConfig, attn_implementation: str) -> nn.Mod
     """The full model on the meta device: its structure and names, no memory."""
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         # Otherwise transformers raises a plain ValueError listing every causal LM it knows.
-        raise UnsupportedModelError(
-            f"model_type {config.model_type!r} has no causal LM class; supported: {', '.join(sorted(ADAPTERS))}"
-        )
+        raise UnsupportedModelError(f"model_type {config.model_type!r} has no causal LM class; supported: {', '.join(sorted(ADAPTERS))}")
     with torch.device("meta"):
         # float32 whatever the config's dtype (a bf16 checkpoint's): see flglm.models.pretrained.
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
@@ -198,7 +194,9 @@ def redraw(model: nn.Module, names: Iterable[str], generator_for: Callable[[str]
                 param.copy_(torch.randn(param.shape, generator=generator_for(name), dtype=torch.float32) * std)
 
 
-def build_side(model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_cfg: PeftConfig | None = None, *, device: torch.device | str = "cpu") -> nn.Module:
+def build_side(
+    model_cfg: ModelConfig, plan: SplitPlan | None, side: Side, peft_cfg: PeftConfig | None = None, *, device: torch.device | str = "cpu"
+) -> nn.Module:
     """Build, allocate (on ``device``, frozen weights in ``model.dtype``: :mod:`flglm.models.dtypes`)
     and fill the modules of ``side`` (``plan`` may be None for ``full``);
     with ``peft_cfg.method=lora``, add frozen-base LoRA adapters (:mod:`flglm.models.lora`);
@@ -347,7 +345,9 @@ class ClientBlocks(nn.Module):
 
     def output_block(self, crossing: Crossing, cache: Cache | None = None) -> torch.Tensor:
         mask = with_prefix_mask(crossing.attention_mask.to(self.device), self.prefix_length)
-        hidden = run_blocks(self.hf, self.adapter, self.plan.tail, crossing.hidden.to(self.device), mask, crossing.position_ids.to(self.device), cache)
+        hidden = run_blocks(
+            self.hf, self.adapter, self.plan.tail, crossing.hidden.to(self.device), mask, crossing.position_ids.to(self.device), cache
+        )
         hidden = self.adapter.get(self.hf, self.adapter.final_norm)(hidden)
         return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
 

@@ -101,10 +101,7 @@ def nearest_embedding_inversion(hidden: torch.Tensor, embedding: torch.Tensor) -
 def input_hidden(blocks: ClientBlocks, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, batch: int = 64) -> torch.Tensor:
     """The hidden states ``blocks`` send for these tokens (the attacker's copy of the input block)."""
     with torch.no_grad():
-        parts = [
-            blocks.input_block(ids, mask).hidden
-            for ids, mask in zip(input_ids.split(batch), attention_mask.split(batch), strict=True)
-        ]
+        parts = [blocks.input_block(ids, mask).hidden for ids, mask in zip(input_ids.split(batch), attention_mask.split(batch), strict=True)]
     return torch.cat(parts)
 
 
@@ -179,9 +176,7 @@ def train_inversion(
 
 
 @torch.no_grad()
-def candidate_search(
-    blocks: ClientBlocks, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
-) -> torch.Tensor:
+def candidate_search(blocks: ClientBlocks, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Recover each row's tokens one position at a time through the attacker's input block.
 
     The hidden state at position t depends only on tokens 0..t (causal attention), so with the

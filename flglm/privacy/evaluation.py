@@ -135,7 +135,9 @@ def observe_training_step(
         link = ServerLink(wiretap, client_id=client_index, timeout_s=120, session=client_session, wire_dtype=cfg.link.wire_dtype)
         info = link.hello(fingerprint(cfg), "tokenizer")
         if peer_session is not None:  # the peer is a member with its own session
-            ServerLink(LocalTransport(endpoint), client_id=1 - client_index, timeout_s=120, session=peer_session, wire_dtype=cfg.link.wire_dtype).hello(fingerprint(cfg), "tokenizer")
+            ServerLink(
+                LocalTransport(endpoint), client_id=1 - client_index, timeout_s=120, session=peer_session, wire_dtype=cfg.link.wire_dtype
+            ).hello(fingerprint(cfg), "tokenizer")
         guard = PrivacyGuard.from_config(cfg.privacy, client_index=client_index, hidden_size=victim.hidden_size)
         lm = SplitCausalLM(victim, RemoteMiddle(link, server_info=info), guard=guard)
         lm_loss(lm(text.input_ids, text.attention_mask), text).backward()
@@ -154,9 +156,7 @@ def _labels_scored(predicted: torch.Tensor, text: Text) -> dict[str, float]:
     return A.score(predicted[:, :-1], text.input_ids[:, 1:], mask).as_dict()
 
 
-def server_attacks(
-    observation: Observation, attacker: ClientBlocks, text: Text, inversion: A.LearnedInversion
-) -> dict[str, dict[str, float]]:
+def server_attacks(observation: Observation, attacker: ClientBlocks, text: Text, inversion: A.LearnedInversion) -> dict[str, dict[str, float]]:
     """Every attack of the curious server on one observed step, scored against ``text``."""
     view = observation.view
     out = {
@@ -257,9 +257,7 @@ def evaluate_configuration(
 
 
 # -------------------------------------------------------------------------- aggregation channel
-def aggregation_leakage(
-    cfg: RunConfig, texts: Sequence[Text], *, secure: bool, steps: int = 2, lr: float = 0.1
-) -> dict[str, Any]:
+def aggregation_leakage(cfg: RunConfig, texts: Sequence[Text], *, secure: bool, steps: int = 2, lr: float = 0.1) -> dict[str, Any]:
     """Two or more clients train ``steps`` steps on their own ``texts`` through one server, then
     meet for a FedAvg round (plain, or with secure aggregation). The curious server guesses
     client 0's token set from what it received: its upload (plain), or only the masked uploads
@@ -324,6 +322,7 @@ def aggregation_leakage(
         guess_from = "masked upload"
     else:
         guess_from = "upload"
+
     def table(vector: torch.Tensor) -> torch.Tensor:
         return vector[offset : offset + rows * cols].view(rows, cols)
 

@@ -70,8 +70,7 @@ class DecodeSessions:
             self.opened += 1
         elif past != entry.length or batch != entry.batch:
             raise InvalidMessageError(
-                f"{who}: the request continues {past} cached token(s) of {batch} row(s), "
-                f"the server's cache holds {entry.length} of {entry.batch}"
+                f"{who}: the request continues {past} cached token(s) of {batch} row(s), the server's cache holds {entry.length} of {entry.batch}"
             )
         entry.last_used = time.monotonic()
         self._sessions.move_to_end(key)

@@ -188,13 +188,13 @@ class ServerEndpoint:
         if not isinstance(incarnation, int) or isinstance(incarnation, bool) or not 0 <= incarnation < 2**63:
             raise InvalidMessageError(f"client {client_id}: join's incarnation must be an integer in [0, 2**63)")
         checkpoints = facts.get("checkpoints", [])
-        if not isinstance(checkpoints, list) or len(checkpoints) > 4096 or not all(
-            isinstance(r, int) and not isinstance(r, bool) and 0 < r < 2**31 for r in checkpoints
+        if (
+            not isinstance(checkpoints, list)
+            or len(checkpoints) > 4096
+            or not all(isinstance(r, int) and not isinstance(r, bool) and 0 < r < 2**31 for r in checkpoints)
         ):
             raise InvalidMessageError(f"client {client_id}: join's checkpoints must be a list of at most 4096 round numbers >= 1")
-        info, fresh = self.server.hello(
-            client_id, facts["config"], facts["tokenizer"], incarnation=incarnation, checkpoints=checkpoints
-        )
+        info, fresh = self.server.hello(client_id, facts["config"], facts["tokenizer"], incarnation=incarnation, checkpoints=checkpoints)
         if fresh:
             self.record.forget(client_id)  # a new process: its message keys start over
         return [P.json_tensor(info)]

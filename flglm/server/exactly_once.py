@@ -71,9 +71,7 @@ class ReplyRecord:
             older = self._older.setdefault(client_id, OrderedDict())
             if key in older:
                 self.stats.stale += 1
-                raise InvalidMessageError(
-                    f"client {client_id}: {key[0]} (round {key[1]}, step {key[2]}) was answered before; a late copy is ignored"
-                )
+                raise InvalidMessageError(f"client {client_id}: {key[0]} (round {key[1]}, step {key[2]}) was answered before; a late copy is ignored")
             if latest is not None:
                 older[latest[0]] = None
             answer: Future = Future()
@@ -115,4 +113,3 @@ def _settle(answer: Future, done: torch._C.Future) -> None:
         answer.set_result(done.wait())
     except Exception as exc:  # noqa: BLE001
         answer.set_exception(exc)
-

@@ -48,16 +48,26 @@ class MiddleServer:
     """
 
     def __init__(
-        self, cfg: RunConfig, *, middle: MiddleStack | None = None, clients: Sequence[int] | None = None, mode: str | None = None, kill_at_step: int = 0
+        self,
+        cfg: RunConfig,
+        *,
+        middle: MiddleStack | None = None,
+        clients: Sequence[int] | None = None,
+        mode: str | None = None,
+        kill_at_step: int = 0,
     ) -> None:
         self.cfg = cfg
         self.mode = mode or cfg.server.parallelism
         if self.mode == "auto":
             raise ValueError("MiddleServer needs a resolved parallelism mode (see flglm.server.serving.parallelism)")
         self.stats = ServerStats()
-        self.compute = MiddleCompute(cfg, middle or MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft), self.stats, kill_at_step=kill_at_step)
+        self.compute = MiddleCompute(
+            cfg, middle or MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft), self.stats, kill_at_step=kill_at_step
+        )
         self.middle = self.compute.middle
-        self.members = Membership(range(cfg.federation.num_clients) if clients is None else clients, cfg.server, self.stats, on_silent=self.drop_client)
+        self.members = Membership(
+            range(cfg.federation.num_clients) if clients is None else clients, cfg.server, self.stats, on_silent=self.drop_client
+        )
         self.clients = self.members.clients
         self._fingerprint = fingerprint(cfg)
         self.sync = self._sub_server_sync() if self.mode == "hierarchical" else None

@@ -115,7 +115,9 @@ class ResumeAgreement:
             named = dict(c.named_params)
             saved = state["parameters"]
             if sorted(saved) != sorted(named):
-                raise CheckpointError(f"checkpoint of round {state['rounds']} holds parameters {sorted(saved)[:3]}..., expected {sorted(named)[:3]}...")
+                raise CheckpointError(
+                    f"checkpoint of round {state['rounds']} holds parameters {sorted(saved)[:3]}..., expected {sorted(named)[:3]}..."
+                )
             with torch.no_grad():
                 for name, value in saved.items():
                     named[name].copy_(value)

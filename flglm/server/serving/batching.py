@@ -276,7 +276,9 @@ class ClientBatcher:
                 if group is not None and group.phase != "running" and group.deadline and time.monotonic() > group.deadline:
                     waiting = {"forward": group.forwards, "backward": group.backwards, "after_backward": group.steps}[group.phase]
                     for member in [m for m in group.live if m not in waiting]:
-                        self._drop(member, f"no {group.phase.replace('after_backward', 'step')} request within server.request_timeout_s={self._timeout_s}")
+                        self._drop(
+                            member, f"no {group.phase.replace('after_backward', 'step')} request within server.request_timeout_s={self._timeout_s}"
+                        )
                 self._maybe_launch()
 
     # ---------------------------------------------------------- compute thread
@@ -424,5 +426,3 @@ def _row_prefixes(forwards: list[_Forward], prefixes: dict[int, torch.Tensor]) -
         prefix = prefixes[f.header.client_id]
         rows.append(prefix.unsqueeze(0).expand(f.hidden.shape[0], *prefix.shape))
     return torch.cat(rows)
-
-

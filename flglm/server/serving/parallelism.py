@@ -56,9 +56,7 @@ def choose_parallelism(cfg: RunConfig, middle_config: Any, parameters: int, laye
     heads = int(getattr(middle_config, "num_attention_heads", getattr(middle_config, "n_head", 1)))
     seq = cfg.data.max_length
     tokens = s.max_clients_per_batch * cfg.data.batch_size * seq
-    needed = training_bytes(
-        parameters=parameters, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, tokens=tokens, seq_len=seq
-    )
+    needed = training_bytes(parameters=parameters, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, tokens=tokens, seq_len=seq)
     budget = int(free_bytes * MEMORY_HEADROOM)
     numbers = (
         f"a gathered batch of {s.max_clients_per_batch} clients x {cfg.data.batch_size} x {seq} tokens needs "
@@ -81,7 +79,9 @@ def make_serving(mode: str, compute: MiddleCompute, *, clients: Sequence[int], s
     ``hierarchical`` sub-server give one client's step the middle stack at a time."""
     if mode == "client_batching":
         window_s = settings.batch_window_ms / 1000
-        return ClientBatcher(compute, clients=clients, max_clients=settings.max_clients_per_batch, window_s=window_s, timeout_s=settings.request_timeout_s)
+        return ClientBatcher(
+            compute, clients=clients, max_clients=settings.max_clients_per_batch, window_s=window_s, timeout_s=settings.request_timeout_s
+        )
     if mode in ("sequential", "hierarchical"):
         return SequentialServing(compute, turn_timeout_s=settings.state_timeout_s)
     raise ValueError(f"no serving for parallelism {mode!r} (resolve 'auto' with choose_parallelism first)")
