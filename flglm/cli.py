@@ -21,15 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flglm.config import ConfigError, load_config
+from flglm.config.loading import config_parser
+from flglm.jobs.logs import report_failure
 
 log = logging.getLogger("flglm")
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help="the federation's YAML file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=2")
-    return parser
+    return config_parser(prog, description)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +78,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
             run_client(cfg, env, role)
     except Exception as err:  # noqa: BLE001 - reported once, in one line; the traceback goes to the log file
-        return _report_failure(run_dir, role.worker_name, env.rank, err, file_log)
+        return report_failure(run_dir, role.worker_name, env.rank, err, file_log)
     return 0
 
 
@@ -115,18 +114,6 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _report_failure(run_dir: Path, process: str, rank: int, err: Exception, file_log: logging.Logger) -> int:
-    """A failed process: its error to ``logs/<process>.error.json`` (the launcher reports the
-    first one), the traceback to its log file, one line to stderr (under a bare torchrun, each
-    failing process prints its own line); exit code 1."""
-    from flglm.run_dirs import record_error
-
-    record = record_error(run_dir, process, rank, err)
-    file_log.error("failed: %s", record.line(), exc_info=err)
-    print(f"flglm: error: {record.line()} (traceback in {run_dir / 'logs' / (process + '.log')})", file=sys.stderr)
-    return 1
-
-
 def centralized_main(argv: Sequence[str] | None = None) -> int:
     args = _parser("flglm centralized", "train the whole model in one process (the reference)").parse_args(argv)
     try:
@@ -143,91 +130,16 @@ def centralized_main(argv: Sequence[str] | None = None) -> int:
     try:
         metrics = run_centralized(cfg)
     except Exception as err:  # noqa: BLE001 - reported once, in one line; the traceback goes to the log file
-        return _report_failure(Path(cfg.run_dir), "centralized", 0, err, file_log)
+        return report_failure(Path(cfg.run_dir), "centralized", 0, err, file_log)
     print(metrics)
     return 0
 
 
-def _generate_parser() -> argparse.ArgumentParser:
-    parser = _parser(
-        "flglm generate",
-        "generate text through the trained split model: a server process with the middle stack and a "
-        "client process with its blocks and the prompts (started with torchrun unless torchrun started this)",
-    )
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    parser.add_argument("--prompts-file", help="a UTF-8 file with one prompt per line")
-    parser.add_argument(
-        "--raw", action="store_true", help="feed the prompts as they are (default for task.kind=generation: inside task.prompt, as the model trained)"
-    )
-    parser.add_argument("--client", type=int, default=0, help="whose client blocks and keys to use")
-    parser.add_argument("--weights", help="run directory holding the trained parts (default: the config's run_dir)")
-    parser.add_argument("--base", action="store_true", help="generate with the base model (no trained weights)")
-    parser.add_argument("--out", help="JSON file of the generations (default: RUN_DIR/generate/generations.json)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before the job is killed")
-    return parser
-
-
 def generate_main(argv: Sequence[str] | None = None) -> int:
-    """``flglm generate``: check the inputs, then run (or, under torchrun, be one process of) the job."""
-    from flglm.distributed import launched_distributed
+    """``flglm generate`` (:mod:`flglm.generate_command`)."""
+    from flglm.generate_command import generate_main as main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _generate_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        prompts = list(args.prompt)
-        if args.prompts_file:
-            prompts += [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts or not all(p.strip() for p in prompts):
-            raise ValueError("give at least one non-empty --prompt (or --prompts-file)")
-        run_dir = Path(args.weights or cfg.run_dir)
-        weights = None if args.base else run_dir
-        if weights is not None:
-            from flglm.run_layout import client_weights_path, middle_weights_path
-
-            for path in (middle_weights_path(weights), client_weights_path(weights, args.client)):
-                if not path.is_file():
-                    raise FileNotFoundError(f"no trained weights at {path} (pass --weights RUN_DIR, or --base for the untrained model)")
-        out = Path(args.out or run_dir / "generate" / "generations.json")
-    except (ConfigError, OSError, ValueError) as err:
-        print(f"flglm: error: {err}", file=sys.stderr)
-        return 2
-    if launched_distributed():
-        return _generate_worker(cfg, args, prompts, weights, out)
-    from flglm.jobs.subprocesses import GENERATE_SCRIPT, FederationFailed, run_torchrun
-
-    try:
-        run_torchrun(GENERATE_SCRIPT, argv, nproc=2, timeout_s=args.timeout, run_dir=Path(cfg.run_dir))
-    except FederationFailed as err:
-        print(f"flglm: error: {err}", file=sys.stderr)
-        return 1
-    import json
-
-    for row in json.loads(out.read_text()):
-        print(f"{row['prompt']}\n  -> {row['generated']}")
-    print(f"wrote {out}")
-    return 0
-
-
-def _generate_worker(cfg, args: argparse.Namespace, prompts: list[str], weights: Path | None, out: Path) -> int:
-    from flglm.distributed import configure_threads, read_env
-    from flglm.jobs.generate import generate_as_client, serve_generation
-    from flglm.jobs.logs import setup_logging
-    from flglm.roles import generation_role
-
-    env = read_env()
-    role = generation_role(env.rank, env.world_size, client_index=args.client, num_clients=cfg.federation.num_clients)
-    name = f"generate-{role.worker_name}"
-    file_log = setup_logging(Path(cfg.run_dir), name)
-    configure_threads(env.local_world_size)
-    try:
-        if role.kind == "server":
-            serve_generation(cfg, env, client_index=args.client, weights=weights)
-        else:
-            generate_as_client(cfg, env, role, prompts=prompts, weights=weights, out=out, raw=args.raw)
-    except Exception as err:  # noqa: BLE001 - reported once (see _report_failure)
-        return _report_failure(Path(cfg.run_dir), name, env.rank, err, file_log)
-    return 0
+    return main(argv)
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,11 @@ def edge_address_path(run_dir: str | Path, server_index: int = 0) -> Path:
     return Path(run_dir) / ("edge.json" if server_index == 0 else f"edge-{server_index}.json")
 
 
+def generation_edge_path(run_dir: str | Path) -> Path:
+    """Where a generation job's server (``flglm generate``, ``link.transport=socket``) writes its edge's address."""
+    return Path(run_dir) / "generate" / "edge.json"
+
+
 def summary_path(run_dir: str | Path) -> Path:
     """The federation's summary: the server writes it last, so it marks a finished run."""
     return Path(run_dir) / "summary.json"

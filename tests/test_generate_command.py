@@ -1,4 +1,5 @@
-"""``flglm generate``: a real two-process job (torchrun, RPC, encryption on) on saved parts.
+"""``flglm generate``: a real two-process job (encryption on) on saved parts: torchrun over torch
+RPC, or each side on its own over the socket link (``--serve`` / ``--server HOST:PORT``).
 
 The run directory is made by hand (saved tokenizer, trained-looking LoRA adapters on both
 sides, keys), so the test needs no training run; the tokens must equal Hugging Face's
@@ -17,9 +18,10 @@ import torch
 
 from flglm.config import load_config
 from flglm.data.loading import build_tokenizer
+from flglm.jobs.edge_link import published_address
 from flglm.models import ClientBlocks, MiddleStack, build_full_model
 from flglm.models.split import plan_for
-from flglm.run_layout import client_weights_path, middle_weights_path
+from flglm.run_layout import client_weights_path, generation_edge_path, middle_weights_path
 from flglm.tensor_files import save_tensors
 from tests.conftest import TINY_MODEL_CONFIGS
 from tests.test_federation import write_config
@@ -32,8 +34,29 @@ def _perturb_adapters(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed + len(name))) * 0.3)
 
 
+def _generate_over_the_socket_link(cmd: list[str], overrides: list[str], run_dir: Path) -> subprocess.CompletedProcess[str]:
+    """The server side on its own (``--serve``), then the client on its own at its published address."""
+    socket = [*overrides, "link.transport=socket"]
+    server = subprocess.Popen([*cmd, "--serve", *socket], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        try:
+            address = published_address(generation_edge_path(run_dir), timeout_s=120, alive=lambda: server.poll() is None)
+        except TimeoutError as err:
+            server.kill()
+            pytest.fail(f"{err}\n{server.communicate()[0][-4000:]}")
+        client = subprocess.run([*cmd, f"--server={address[0]}:{address[1]}", *socket], check=False, capture_output=True, text=True, timeout=300)
+        server_out, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, server_out[-4000:] + client.stdout[-2000:] + client.stderr[-2000:]
+    return client
+
+
 @pytest.mark.multiprocess
-def test_generate_command_matches_the_whole_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["rpc", "socket"])
+def test_generate_command_matches_the_whole_model(tmp_path: Path, transport: str) -> None:
     model = {**TINY_MODEL_CONFIGS["llama"], "vocab_size": 256, "initializer_range": 0.2}
     config = write_config(tmp_path, model={"config": model}, peft={"method": "lora", "lora_r": 4})
     cfg = load_config(config, [f"run_dir={tmp_path / 'run'}", "generation.max_new_tokens=12"])
@@ -48,8 +71,11 @@ def test_generate_command_matches_the_whole_model(tmp_path: Path) -> None:
     prompts = ["this movie was great", "bad"]
     cmd = [sys.executable, "-m", "flglm.cli", "generate", "--config", str(config), "--timeout", "240"]
     cmd += [arg for p in prompts for arg in ("--prompt", p)]
-    cmd += [f"run_dir={tmp_path / 'run'}", "generation.max_new_tokens=12"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    overrides = [f"run_dir={tmp_path / 'run'}", "generation.max_new_tokens=12"]
+    if transport == "rpc":
+        done = subprocess.run([*cmd, *overrides], check=False, capture_output=True, text=True, timeout=300)
+    else:
+        done = _generate_over_the_socket_link(cmd, overrides, tmp_path / "run")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = json.loads((tmp_path / "run" / "generate" / "generations.json").read_text())
     assert [r["prompt"] for r in rows] == prompts
@@ -66,6 +92,8 @@ def test_generate_command_matches_the_whole_model(tmp_path: Path) -> None:
     assert f"{prompts[0]}\n  -> {rows[0]['generated']}" in done.stdout
     server_log = (tmp_path / "run" / "logs" / "generate-server.log").read_text()
     assert "'decode_sessions_opened': 1" in server_log and "client 0 left" in server_log
+    if transport == "socket":  # the server listened on its edge only, and the client proved its key there
+        assert "edge listening on 127.0.0.1" in server_log and "init_rpc" not in server_log
 
 
 def test_generate_command_names_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,3 +105,7 @@ def test_generate_command_names_missing_weights(tmp_path: Path, capsys: pytest.C
     assert f"no trained weights at {tmp_path / 'nothing' / 'server' / 'middle.safetensors'}" in capsys.readouterr().err
     assert main(["generate", "--config", str(config), "--base"]) == 2
     assert "at least one non-empty --prompt" in capsys.readouterr().err
+    assert main(["generate", "--config", str(config), "--base", "--serve"]) == 2  # one side alone: the socket link only
+    assert "give link.transport=socket" in capsys.readouterr().err
+    assert main(["generate", "--config", str(config), "--base", "--prompt", "hi", "--server", "nowhere", "link.transport=socket"]) == 2
+    assert "--server must be HOST:PORT" in capsys.readouterr().err

@@ -6,6 +6,7 @@ the :func:`fingerprint` of what they loaded at each client's handshake.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from collections.abc import Sequence
@@ -86,3 +87,11 @@ def fingerprint(cfg: RunConfig) -> str:
     shared["trainer"].pop("enable_progress_bar")
     blob = json.dumps(shared, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A command line that takes the federation's YAML file and ``key=value`` overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="the federation's YAML file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=2")
+    return parser

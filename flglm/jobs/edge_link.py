@@ -6,9 +6,12 @@ opens one outgoing connection and accepts none.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from flglm.config import RunConfig
 from flglm.link.socket_transport import SocketTransport
@@ -26,9 +29,10 @@ def max_frame_bytes(cfg: RunConfig) -> int:
 
 
 @contextmanager
-def serving_edge(cfg: RunConfig, endpoint: ServerEndpoint, role: Role) -> Iterator[Edge]:
-    """The server's edge for the block's duration; its address goes to ``run_dir/edge.json``.
-    On the way out it lets the last answers (``leave``) be written before it closes."""
+def serving_edge(cfg: RunConfig, endpoint: ServerEndpoint, role: Role, *, address_path: Path | None = None) -> Iterator[Edge]:
+    """The server's edge for the block's duration; its address goes to ``address_path`` (default
+    ``run_dir/edge.json``, ``edge-i.json`` for sub-server ``i``). On the way out it lets the last
+    answers (``leave``) be written before it closes."""
     link = cfg.link
     edge = Edge(
         endpoint,
@@ -44,7 +48,7 @@ def serving_edge(cfg: RunConfig, endpoint: ServerEndpoint, role: Role) -> Iterat
     host, port = edge.start()
     if not cfg.crypto.enabled:
         log.warning("%s: the edge runs WITHOUT encryption: anyone who reaches %s:%d can take part", role.worker_name, host, port)
-    path = edge_address_path(cfg.run_dir, role.server_index)
+    path = address_path or edge_address_path(cfg.run_dir, role.server_index)
     write_json({"host": host, "port": port}, path)
     log.info("%s: edge at %s:%d (written to %s)", role.worker_name, host, port, path)
     try:
@@ -61,6 +65,17 @@ def edge_transport(cfg: RunConfig, address: tuple[str, int]) -> SocketTransport:
     transport = SocketTransport(address[0], address[1], timeout_s=cfg.server.rpc_timeout_s, max_frame_bytes=max_frame_bytes(cfg))
     transport.wait_until_reachable(cfg.server.startup_timeout_s)
     return transport
+
+
+def published_address(path: Path, *, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> tuple[str, int]:
+    """The edge address a server wrote to ``path`` (it may still be starting: wait up to ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():
+        if time.monotonic() > deadline or not alive():
+            raise TimeoutError(f"no edge address at {path} within {timeout_s:g}s: did the server start?")
+        time.sleep(0.1)
+    address = json.loads(path.read_text())
+    return str(address["host"]), int(address["port"])
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -5,13 +5,17 @@ the client process its trained blocks (``run_dir/client{i}/client_blocks.safeten
 the tokenizer and the prompts. Hidden states cross the same link as in training, encrypted
 under the client's keys, and the server keeps only a per-session key/value cache, so the
 prompts and generated text never leave the client. ``flglm generate`` starts this job with
-torchrun (or runs one of its processes when torchrun started it).
+torchrun (or runs one of its processes when torchrun started it). With ``link.transport=socket``
+neither process runs torch RPC: the server listens on an edge (its address in
+``run_dir/generate/edge.json``) and the client connects to it, as in training; each side may
+also run on its own (``flglm generate --serve`` / ``--server HOST:PORT``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ from flglm.link import rpc_entries
 from flglm.models.split import ClientBlocks, MiddleStack, plan_for, saved_state_dict
 from flglm.privacy.defenses import client_defenses
 from flglm.roles import Role
-from flglm.run_layout import client_weights_path, middle_weights_path, tokenizer_dir
+from flglm.run_layout import client_weights_path, generation_edge_path, middle_weights_path, tokenizer_dir
 from flglm.server.endpoint import ServerEndpoint
 from flglm.server.middle_server import MiddleServer
 from flglm.tasks import prompt_rows
@@ -78,20 +82,59 @@ def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights
     if weights is not None:
         load_trained(middle.hf, middle_weights_path(weights))
     server = MiddleServer(cfg, middle=middle, clients=[client_index], mode="sequential")
-    rpc_entries.install(ServerEndpoint(server, sessions))
-    options = rpc_options(num_worker_threads=8, timeout_s=cfg.server.rpc_timeout_s)
+    endpoint = ServerEndpoint(server, sessions)
     try:
-        with rpc_worker("server", env, options, what="the generation server"):
+        with _serving(cfg, env, endpoint):
             server.wait_until_done(timeout=cfg.server.startup_timeout_s)
             log.info("generation served: %s", server.summary()["server"])
     finally:
         server.close()
 
 
+def _serving(cfg: RunConfig, env: DistEnv, endpoint: ServerEndpoint) -> AbstractContextManager[Any]:
+    """Where the generation server listens: its edge (``link.transport=socket``) or torch RPC."""
+    if cfg.link.transport == "socket":
+        from flglm.jobs.edge_link import serving_edge
+
+        return serving_edge(cfg, endpoint, Role("server"), address_path=generation_edge_path(cfg.run_dir))
+    rpc_entries.install(endpoint)
+    return rpc_worker("server", env, rpc_options(num_worker_threads=8, timeout_s=cfg.server.rpc_timeout_s), what="the generation server")
+
+
+@contextmanager
+def _generation_link(cfg: RunConfig, env: DistEnv | None, role: Role, session: Any, edge_address: tuple[str, int] | None) -> Iterator[Any]:
+    """The generating client's link: to the server's edge (``link.transport=socket``), or torch RPC."""
+    assert role.client_index is not None
+    if cfg.link.transport == "socket":
+        from flglm.jobs.edge_link import edge_transport, published_address
+
+        address = edge_address or published_address(generation_edge_path(cfg.run_dir), timeout_s=cfg.server.startup_timeout_s)
+        transport = edge_transport(cfg, address)
+        try:
+            yield client_link(cfg, transport, role.client_index, session)
+        finally:
+            transport.close()
+        return
+    assert env is not None
+    options = rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s)
+    with rpc_worker(role.worker_name, env, options, what="the generating client"):
+        rref = rpc.remote("server", rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
+        yield client_link(cfg, rref, role.client_index, session)
+
+
 def generate_as_client(
-    cfg: RunConfig, env: DistEnv, role: Role, *, prompts: Sequence[str], weights: Path | None, out: Path, raw: bool = False
+    cfg: RunConfig,
+    env: DistEnv | None,
+    role: Role,
+    *,
+    prompts: Sequence[str],
+    weights: Path | None,
+    out: Path,
+    raw: bool = False,
+    edge_address: tuple[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rank 1: generate a continuation of each prompt through the split; write them to ``out`` (JSON lines).
+    """Rank 1 (or a client on its own, at the server's ``edge_address``): generate a continuation
+    of each prompt through the split; write them to ``out`` (JSON lines).
 
     A generation task's prompts go into its prompt template (see :func:`flglm.tasks.prompt_rows`) unless ``raw``."""
     assert role.client_index is not None
@@ -102,10 +145,7 @@ def generate_as_client(
     defenses = client_defenses(cfg.privacy, blocks, client_index=role.client_index)  # before the trained weights replace secret ones
     if weights is not None:
         load_trained(blocks.hf, client_weights_path(weights, role.client_index))
-    options = rpc_options(num_worker_threads=4, timeout_s=cfg.server.rpc_timeout_s)
-    with rpc_worker(role.worker_name, env, options, what="the generating client"):
-        rref = rpc.remote("server", rpc_entries.instance, timeout=cfg.server.startup_timeout_s)
-        link = client_link(cfg, rref, role.client_index, session)
+    with _generation_link(cfg, env, role, session, edge_address) as link:
         if session is not None:
             link.handshake()
         info = link.hello(fingerprint(cfg), tokenizer_fingerprint(tokenizer))

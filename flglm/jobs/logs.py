@@ -25,3 +25,15 @@ def setup_logging(run_dir: Path, name: str) -> logging.Logger:
     file_only.propagate = False
     file_only.addHandler(file_handler)
     return file_only
+
+
+def report_failure(run_dir: Path, process: str, rank: int, err: Exception, file_log: logging.Logger) -> int:
+    """A failed process: its error to ``logs/<process>.error.json`` (the launcher reports the
+    first one), the traceback to its log file, one line to stderr (under a bare torchrun, each
+    failing process prints its own line); exit code 1."""
+    from flglm.run_dirs import record_error
+
+    record = record_error(run_dir, process, rank, err)
+    file_log.error("failed: %s", record.line(), exc_info=err)
+    print(f"flglm: error: {record.line()} (traceback in {run_dir / 'logs' / (process + '.log')})", file=sys.stderr)
+    return 1
