@@ -21,6 +21,7 @@ test: install
 bench: install
 	$(PYTHON) benchmarks/overhead.py
 	$(PYTHON) benchmarks/crypto_overhead.py
+	$(PYTHON) benchmarks/wan.py
 	$(PYTHON) benchmarks/parallel.py
 	$(PYTHON) benchmarks/soak.py
 	$(PYTHON) benchmarks/privacy.py --data ../shared/data/sst2

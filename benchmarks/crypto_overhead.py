@@ -36,7 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .`, here and under torchrun
     sys.path.insert(0, str(REPO_ROOT))
 
-from flglm.benchmarking import speed_model
+from flglm.benchmarking import speed_batch, speed_model
 
 MODEL = speed_model()
 VARIANTS = ("plain", "sealed", "socket")
@@ -151,10 +151,7 @@ def _train(args: argparse.Namespace, opts) -> dict:
         models[name].load_state_dict(models["plain"].state_dict())  # identical init (the servers' is seeded by name)
     optimizers = {name: build_optimizer(model.parameters(), cfg.optim) for name, model in models.items()}
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
-    mask = torch.ones_like(ids)
-    targets = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
+    ids, mask, targets = speed_batch(args.batch, args.seq)
     loss_fn = torch.nn.CrossEntropyLoss()
     total = args.warmup + args.steps
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flglm.benchmarking import speed_model
+from flglm.benchmarking import speed_batch, speed_model
 
 MODEL = speed_model()
 
@@ -94,10 +94,7 @@ def _worker(args: argparse.Namespace) -> None:
     socket_opt = build_optimizer(socket_split.parameters(), cfg.optim)
     full_opt = build_optimizer(full.parameters(), cfg.optim)
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
-    mask = torch.ones_like(ids)
-    targets = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
+    ids, mask, targets = speed_batch(args.batch, args.seq)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def full_step() -> None:

@@ -25,7 +25,7 @@ encrypted) once per dtype of ``--parity-dtypes``; the ratio is federated / centr
 accuracy. Key=value overrides after the flags go to every parity run (e.g. a smaller subset).
 
 A plot of step time against link speed, one line per wire dtype and the centralized step, goes
-to ``benchmarks/figures/wan.png``; results are written to ``--run-dir``/results.json as each
+to ``benchmarks/figures/wan.png`` (``--figure`` elsewhere, e.g. for a short trial run); results are written to ``--run-dir``/results.json as each
 is known. stdout is a table and, as its last line, one JSON object: ``ratio_100mbit_int8``
 (federated / centralized step time at 100 Mbit/s, int8 wire), ``wire_bytes_ratio_int8`` (the
 int8 wire's bytes per step / float32's), ``round_trips_per_step``, ``parity_int8`` (and the
@@ -48,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # the workers run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
-from flglm.benchmarking import speed_model
+from flglm.benchmarking import speed_batch, speed_model
 
 MODEL = speed_model()
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "int8")
@@ -144,10 +144,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     for name, model in models.items():
         optimizers[name] = build_optimizer(model.parameters(), cfg.optim)
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
-    mask = torch.ones_like(ids)
-    targets = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
+    ids, mask, targets = speed_batch(args.batch, args.seq)
     loss_fn = torch.nn.CrossEntropyLoss()
     total = args.warmup + args.steps
 
@@ -334,6 +331,7 @@ def main() -> None:
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for each parity run")
     parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "wan"))
+    parser.add_argument("--figure", default=str(FIGURE), help=f"where the plot goes (default {FIGURE.relative_to(REPO_ROOT)}, the one BENCHMARKS.md shows)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--key-dir", "--ports", "--host", "--result"):
@@ -381,7 +379,7 @@ def main() -> None:
             record["timing"].append(_time_at_rate(hosts, rate, key_dir, work, args))
             save()
             print("\n".join(_table(record["timing"][-1:])), file=sys.stderr, flush=True)
-    _plot(record["timing"], FIGURE)
+    _plot(record["timing"], Path(args.figure))
     if not args.skip_parity:
         _parity(args, root, record, save)
     save()
@@ -389,7 +387,7 @@ def main() -> None:
     print("\n".join(_table(record["timing"])))
     if "parity" in record:
         print(f"SST-2 parity, 2 clients, {record['parity_rows']} rows: " + ", ".join(f"{d} {v:.4f}" for d, v in record["parity"].items() if d in WIRE_DTYPES))
-    print(f"plot: {FIGURE}")
+    print(f"plot: {args.figure}")
     print(json.dumps(_summary(record)))
 
 

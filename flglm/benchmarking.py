@@ -34,6 +34,16 @@ def speed_model() -> dict[str, Any]:
     return dict(SPEED_MODEL)
 
 
+def speed_batch(batch: int, seq: int) -> tuple[Any, Any, Any]:
+    """The one batch the speed benchmarks train on, every step: (input ids, attention mask, targets), seeded."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, SPEED_MODEL["vocab_size"], (batch, seq), generator=gen)
+    targets = torch.randint(4, SPEED_MODEL["vocab_size"], (batch, seq), generator=gen)
+    return ids, torch.ones_like(ids), targets
+
+
 def centralized_worker(config: str | Path, overrides: list[str]) -> None:
     """Child process of a benchmark: one centralized run on one thread; its metrics land in
     ``run_dir/centralized/metrics.json``."""
