@@ -7,6 +7,7 @@ with a clean run bit for bit; the federation test does the same through torchrun
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ import pytest
 import torch
 from test_encrypted_link import _client_session, _model, _sessions, _train
 from test_federation import merged_weights, write_config
+from test_socket_link import TIMEOUT_S, _finish
 
 from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import generate_key_set
+from flglm.jobs.edge_processes import EdgeFederation
 from flglm.jobs.subprocesses import run_federation
 from flglm.link.messages import InvalidMessageError
 from flglm.link.transport import FaultyTransport, LocalTransport, RetryPolicy, TransportError
@@ -164,24 +167,39 @@ def test_a_link_gives_up_after_its_retries_naming_the_message(cfg: RunConfig) ->
     assert link.retries == 2
 
 
+@pytest.fixture(scope="module")
+def clean_federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A clean 1-client encrypted federation over torch RPC: (its config, its run_dir), shared by both links' lossy runs."""
+    root = tmp_path_factory.mktemp("lossy")
+    config = write_config(root, federation={"retry_backoff_s": 0.01, "max_retries": 10})
+    run_federation(config, num_clients=1, run_dir=root / "clean", timeout_s=240)
+    return config, root / "clean"
+
+
 @pytest.mark.multiprocess
-def test_a_federation_through_a_lossy_network_ends_as_a_clean_one(tmp_path: Path) -> None:
-    # Prepare: a 1-client encrypted federation, clean and with 10% of messages lost, 10% of
-    # answers lost and 10% delivered twice (torchrun, real RPC)
+@pytest.mark.parametrize("transport", ["rpc", "socket"])
+def test_a_federation_through_a_lossy_network_ends_as_a_clean_one(clean_federation: tuple[Path, Path], tmp_path: Path, transport: str) -> None:
+    # Prepare: the clean run, and the same federation with 10% of messages lost, 10% of answers
+    # lost and 10% delivered twice, over torch RPC (torchrun) or the socket link (its own processes)
     faults = {"drop_request": 0.1, "drop_reply": 0.1, "duplicate": 0.1, "seed": 5}
-    config = write_config(tmp_path, federation={"retry_backoff_s": 0.01, "max_retries": 10})
+    config, clean_dir = clean_federation
+    overrides = [f"faults.{k}={v}" for k, v in faults.items()]
 
     # Execute
-    run_federation(config, num_clients=1, run_dir=tmp_path / "clean", timeout_s=240)
-    run_federation(
-        config, num_clients=1, run_dir=tmp_path / "lossy", timeout_s=240, overrides=[f"faults.{k}={v}" for k, v in faults.items()]
-    )
+    if transport == "rpc":
+        run_federation(config, num_clients=1, run_dir=tmp_path / "lossy", timeout_s=240, overrides=overrides)
+    else:
+        # one thread in the server as under torchrun's two processes (another count rounds differently)
+        with EdgeFederation(config, [*overrides, "server.num_threads=1"], num_clients=1, run_dir=tmp_path / "lossy") as federation:
+            federation.start_server(timeout_s=TIMEOUT_S)
+            federation.start_client(0)
+            _finish(federation, deadline=time.monotonic() + TIMEOUT_S)
 
-    # Assert: same losses and weights; messages were resent and copies answered from the record
-    clean = json.loads((tmp_path / "clean" / "client0" / "metrics.json").read_text())
+    # Assert: same losses and weights as the clean run (over either link); messages were resent and copies answered from the record
+    clean = json.loads((clean_dir / "client0" / "metrics.json").read_text())
     lossy = json.loads((tmp_path / "lossy" / "client0" / "metrics.json").read_text())
     assert lossy["losses"] == clean["losses"]
-    clean_weights, lossy_weights = merged_weights(tmp_path / "clean"), merged_weights(tmp_path / "lossy")
+    clean_weights, lossy_weights = merged_weights(clean_dir), merged_weights(tmp_path / "lossy")
     for name, value in clean_weights.items():
         assert torch.equal(lossy_weights[name], value), name
     assert lossy["metrics"]["resent_messages"] > 0 and clean["metrics"]["resent_messages"] == 0
