@@ -1,5 +1,6 @@
-"""A client killed mid-round in a dynamic federation: the others finish, the server frees what the
-dead process left, and the client, started again, joins and finishes (real processes on loopback)."""
+"""A client killed mid-round: the others finish, the server frees what the dead process left, and the
+client, started again, joins and finishes (real processes on loopback; a dynamic torch-RPC
+federation, and the socket link, where every client is a process of its own anyway)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 from test_federation import write_config
 
-from flglm.jobs.subprocesses import DynamicFederation, FederationFailed
+from flglm.jobs.edge_processes import EdgeFederation
+from flglm.jobs.subprocesses import DynamicFederation, FederationFailed, ProcessGroup
 
 pytestmark = pytest.mark.multiprocess
 
@@ -23,7 +25,7 @@ TIMEOUT_S = 85.0
 """Hard limit on the whole federation; every process is killed past it."""
 
 
-def _wait_for_line(federation: DynamicFederation, path: Path, text: str, *, deadline: float) -> None:
+def _wait_for_line(federation: ProcessGroup, path: Path, text: str, *, deadline: float) -> None:
     while not (path.is_file() and text in path.read_text(errors="replace")):
         if time.monotonic() > deadline:
             federation.kill_all()
@@ -31,7 +33,8 @@ def _wait_for_line(federation: DynamicFederation, path: Path, text: str, *, dead
         time.sleep(0.2)
 
 
-def test_a_killed_client_is_dropped_the_others_finish_and_it_rejoins_and_finishes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["rpc", "socket"])
+def test_a_killed_client_is_dropped_the_others_finish_and_it_rejoins_and_finishes(tmp_path: Path, transport: str) -> None:
     # Prepare: a server and 3 encrypted clients (secure FedAvg every 3 steps), each process started
     # on its own (a free port for the server's store); client 2 SIGKILLs itself in the middle of a
     # step; a silent client is dropped after 6 s, and may join again within 60 s of its drop
@@ -46,7 +49,12 @@ def test_a_killed_client_is_dropped_the_others_finish_and_it_rejoins_and_finishe
     def remaining() -> float:
         return max(1.0, deadline - time.monotonic())
 
-    with DynamicFederation(config, common, num_clients=3, run_dir=run_dir) as federation:
+    group: DynamicFederation | EdgeFederation = (
+        DynamicFederation(config, common, num_clients=3, run_dir=run_dir)
+        if transport == "rpc"
+        else EdgeFederation(config, [*common, "server.num_threads=1"], num_clients=3, run_dir=run_dir)  # its server: one thread, as here
+    )
+    with group as federation:
         # Execute: start everyone; once client 2 is dead and dropped, start it again; wait for all
         server = federation.start_server(timeout_s=remaining())
         survivors = [federation.start_client(i) for i in (0, 1)]
