@@ -7,7 +7,6 @@ with a clean run bit for bit; the federation test does the same through torchrun
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,11 @@ import pytest
 import torch
 from test_encrypted_link import _client_session, _model, _sessions, _train
 from test_federation import merged_weights, write_config
-from test_socket_link import TIMEOUT_S, _finish
 
 from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
 from flglm.crypto.keyring import generate_key_set
-from flglm.jobs.edge_processes import EdgeFederation
+from flglm.jobs.edge_processes import run_edge_federation
 from flglm.jobs.subprocesses import run_federation
 from flglm.link.messages import InvalidMessageError
 from flglm.link.transport import FaultyTransport, LocalTransport, RetryPolicy, TransportError
@@ -186,14 +184,9 @@ def test_a_federation_through_a_lossy_network_ends_as_a_clean_one(clean_federati
     overrides = [f"faults.{k}={v}" for k, v in faults.items()]
 
     # Execute
-    if transport == "rpc":
-        run_federation(config, num_clients=1, run_dir=tmp_path / "lossy", timeout_s=240, overrides=overrides)
-    else:
-        # one thread in the server as under torchrun's two processes (another count rounds differently)
-        with EdgeFederation(config, [*overrides, "server.num_threads=1"], num_clients=1, run_dir=tmp_path / "lossy") as federation:
-            federation.start_server(timeout_s=TIMEOUT_S)
-            federation.start_client(0)
-            _finish(federation, deadline=time.monotonic() + TIMEOUT_S)
+    # (the socket link's server runs one thread, as under torchrun: another count would round differently)
+    launch = run_federation if transport == "rpc" else run_edge_federation
+    launch(config, overrides, num_clients=1, run_dir=tmp_path / "lossy", timeout_s=240)
 
     # Assert: same losses and weights as the clean run (over either link); messages were resent and copies answered from the record
     clean = json.loads((clean_dir / "client0" / "metrics.json").read_text())

@@ -17,6 +17,7 @@ from flglm.config import load_config
 from flglm.crypto.keyring import generate_key_set
 from flglm.data import write_demo_dataset
 from flglm.export import export_run
+from flglm.jobs.edge_processes import run_edge_federation
 from flglm.jobs.subprocesses import FederationFailed, run_federation
 from flglm.jobs.train import run_centralized
 from flglm.models import build_full_model
@@ -159,7 +160,8 @@ def test_a_missing_data_file_fails_fast_with_its_path(tmp_path: Path) -> None:
     assert str(missing) in str(failure.value)
 
 
-def test_two_clients_with_client_batching_share_each_server_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["rpc", "socket"])
+def test_two_clients_with_client_batching_share_each_server_step(tmp_path: Path, transport: str) -> None:
     config = write_config(
         tmp_path,
         federation={"aggregate_every": 4},
@@ -168,7 +170,8 @@ def test_two_clients_with_client_batching_share_each_server_step(tmp_path: Path)
     )
     run_dir = tmp_path / "run"
 
-    run_federation(config, num_clients=2, run_dir=run_dir, timeout_s=240)
+    launch = run_federation if transport == "rpc" else run_edge_federation
+    launch(config, num_clients=2, run_dir=run_dir, timeout_s=240)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     server = summary["server"]

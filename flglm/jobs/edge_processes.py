@@ -120,3 +120,17 @@ class EdgeFederation(ProcessGroup):
         server = f"{host}:{port}"
         cmd = [sys.executable, "-m", "flglm.cli", "client", f"--client={index}", f"--server={server}", f"--threads={threads}"]
         return self._start(f"client{index}", [*cmd, *self._args, *overrides], prefix)
+
+
+def run_edge_federation(config: str | Path, overrides: Sequence[str] = (), *, num_clients: int, run_dir: str | Path, timeout_s: float) -> None:
+    """A whole socket-link federation on this machine: the server, then every client, each a
+    process of its own (one thread each); waits for all and raises FederationFailed, with every
+    log, if one fails or the whole takes over ``timeout_s``. ``run_federation``'s counterpart."""
+    deadline = time.monotonic() + timeout_s
+    with EdgeFederation(config, ["server.num_threads=1", *overrides], num_clients=num_clients, run_dir=run_dir) as federation:
+        federation.start_server(timeout_s=timeout_s)
+        for index in range(num_clients):
+            federation.start_client(index)
+        codes = {p.name: federation.wait(p, timeout_s=max(1.0, deadline - time.monotonic())) for p in federation.processes}
+        if any(codes.values()):
+            raise FederationFailed(f"exit codes {codes}.\n{federation.describe()}")
