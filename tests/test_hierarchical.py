@@ -15,6 +15,7 @@ import yaml
 from flglm.config import load_config
 from flglm.data.loading import build_tokenizer
 from flglm.jobs.subprocesses import REPO_ROOT, run_federation, run_torchrun
+from flglm.jobs.train import run_centralized
 from flglm.tensor_files import load_tensors
 from tests.test_federation import write_config
 
@@ -60,18 +61,20 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
         run_federation(config, overrides, num_clients=2, sub_servers=2, run_dir=run_dir, timeout_s=240)
         hierarchical[secure] = run_dir
 
-    # Each replica alone: sub-server s trained with client s only. A 1-client federation whose
-    # only client reads client s's file is exactly that replica (its one FedAvg round is the identity).
+    # Each replica alone: sub-server s trained with client s only, i.e. a 1-client federation whose
+    # only client reads client s's file (its one FedAvg round is the identity), which trains exactly
+    # as the centralized run on that file (tests/test_federation.py): run here, in this process.
+    middle_names = set(load_tensors(hierarchical[False] / "server" / "middle.safetensors"))
     replicas = []
     for client in (0, 1):
-        run_dir = tmp_path / f"alone{client}"
-        own_file = f"data.train_path={tmp_path / 'data'}/client{client}.tsv"
-        run_federation(config, [*data, own_file], num_clients=1, run_dir=run_dir, timeout_s=240)
-        replicas.append(run_dir)
+        own = [*data, f"data.train_path={tmp_path / 'data'}/client{client}.tsv", f"run_dir={tmp_path / f'alone{client}'}"]
+        torch.set_num_threads(1)  # as each federation process
+        run_centralized(load_config(config, [*own, "federation.num_clients=1"]))
+        replicas.append(load_tensors(tmp_path / f"alone{client}" / "centralized" / "model.safetensors"))
 
     weights = [float(r) for r in rows]
-    expected_middle = _fedavg([load_tensors(r / "server" / "middle.safetensors") for r in replicas], weights)
-    expected_blocks = _fedavg([load_tensors(r / "client0" / "client_blocks.safetensors") for r in replicas], weights)
+    expected_middle = _fedavg([{n: t for n, t in r.items() if n in middle_names} for r in replicas], weights)
+    expected_blocks = _fedavg([{n: t for n, t in r.items() if n not in middle_names} for r in replicas], weights)
     for secure, hier in hierarchical.items():
         middle = load_tensors(hier / "server" / "middle.safetensors")
         for name, value in expected_middle.items():
