@@ -132,11 +132,9 @@ class NetworkHosts:
             address = str(addresses[index + 1])
             _ip("addr", "add", f"{address}/{subnet.prefixlen}", "dev", inside, netns=netns)
             _ip("link", "set", inside, "up", netns=netns)
-            rate = self._rates.get(name)
-            if rate is not None:
-                for namespace, device in ((netns, inside), (self._switch, outside)):
-                    _tc_rate(namespace, device, rate)
             self.hosts[name] = Host(name, netns, address, inside)
+            if name in self._rates:
+                self.set_rate(name, self._rates[name])
 
     def set_rate(self, name: str, mbit: float) -> None:
         """Shape host ``name``'s link to ``mbit`` Mbit/s both ways from now on (a running federation too)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_federation import merged_weights, write_config
-from test_socket_link import TIMEOUT_S, _finish
+from test_socket_link import TIMEOUT_S
 
 from flglm.jobs.edge_processes import EdgeFederation, ServerNode
 from flglm.jobs.subprocesses import run_federation
@@ -33,15 +33,16 @@ def test_a_client_on_another_host_trains_exactly_as_on_the_servers_host(tmp_path
     with EdgeFederation(config, common, num_clients=1, run_dir=runs["one host"]) as federation:
         federation.start_server(timeout_s=TIMEOUT_S)
         federation.start_client(0)
-        _finish(federation, deadline=deadline)
-    with NetworkHosts(["server", "client0"], rate_mbit={"client0": 100}) as hosts, EdgeFederation(
-        config, common, num_clients=1, run_dir=runs["two hosts"]
-    ) as federation:
+        federation.wait_all(deadline=deadline)
+    with (
+        NetworkHosts(["server", "client0"], rate_mbit={"client0": 100}) as hosts,
+        EdgeFederation(config, common, num_clients=1, run_dir=runs["two hosts"]) as federation,
+    ):
         server, client = hosts["server"], hosts["client0"]
         federation.start_server([f"link.edge_host={server.address}"], timeout_s=TIMEOUT_S, prefix=server.command([]))
         assert federation.address is not None and federation.address[0] == server.address
         federation.start_client(0, [f"link.edge_host={server.address}"], prefix=client.command([]))  # one config for all
-        _finish(federation, deadline=deadline)
+        federation.wait_all(deadline=deadline)
 
     # Assert: the client reached the server's address from its own host, and nothing changed the numbers.
     summary = json.loads((runs["two hosts"] / "summary.json").read_text())
@@ -64,15 +65,16 @@ def test_two_sub_servers_and_two_clients_on_four_hosts_train_as_on_one_host(tmp_
     # the two sub-servers joined by torchrun's multi-node flags (their collectives on their own link).
     run_federation(config, common, num_clients=2, sub_servers=2, run_dir=runs["one host"], timeout_s=TIMEOUT_S)
     names = ["server0", "server1", "client0", "client1"]
-    with NetworkHosts(names, rate_mbit={"client0": 100, "client1": 100}) as hosts, EdgeFederation(
-        config, [*common, "server.sub_servers=2"], num_clients=2, run_dir=runs["four hosts"]
-    ) as federation:
+    with (
+        NetworkHosts(names, rate_mbit={"client0": 100, "client1": 100}) as hosts,
+        EdgeFederation(config, [*common, "server.sub_servers=2"], num_clients=2, run_dir=runs["four hosts"]) as federation,
+    ):
         nodes = [ServerNode(hosts[n].address, hosts[n].command([]), {"GLOO_SOCKET_IFNAME": hosts[n].interface}) for n in names[:2]]
         federation.start_sub_servers(nodes, master_port=29500, timeout_s=TIMEOUT_S)
         assert [a[0] for a in federation.addresses] == [hosts["server0"].address, hosts["server1"].address]
         for client in (0, 1):
             federation.start_client(client, prefix=hosts[f"client{client}"].command([]))
-        _finish(federation, deadline=deadline)
+        federation.wait_all(deadline=deadline)
 
     # Assert: each client reached its own sub-server from its own host; one middle stack, the
     # same client blocks everywhere, bit for bit as on one host.

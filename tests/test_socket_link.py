@@ -29,13 +29,6 @@ pytestmark = pytest.mark.multiprocess
 TIMEOUT_S = 240.0
 
 
-def _finish(federation: EdgeFederation, *, deadline: float) -> dict[str, int]:
-    codes = {p.name: federation.wait(p, timeout_s=max(1.0, deadline - time.monotonic())) for p in federation.processes}
-    if any(codes.values()):
-        raise FederationFailed(f"exit codes {codes}.\n{federation.describe()}")
-    return codes
-
-
 def test_the_socket_link_gives_the_same_losses_and_weights_as_torch_rpc(tmp_path: Path) -> None:
     # Prepare: one encrypted client, 2 epochs (a re-key handshake each), one thread per process
     config = write_config(tmp_path, data={"max_train_rows": 64}, trainer={"max_epochs": 2, "max_steps": -1})
@@ -48,7 +41,7 @@ def test_the_socket_link_gives_the_same_losses_and_weights_as_torch_rpc(tmp_path
     with EdgeFederation(config, common, num_clients=1, run_dir=runs["socket"]) as federation:
         federation.start_server(timeout_s=TIMEOUT_S)
         federation.start_client(0)
-        _finish(federation, deadline=deadline)
+        federation.wait_all(deadline=deadline)
 
     # Assert: bit for bit
     losses = {k: json.loads((d / "client0" / "metrics.json").read_text())["losses"] for k, d in runs.items()}
@@ -168,7 +161,7 @@ def test_strangers_floods_and_a_hostile_participant_are_refused_while_honest_cli
                 if process.popen.poll() is None:
                     listening.setdefault(process.name, []).extend(_listening(process.popen.pid))
             time.sleep(0.5)
-        codes = _finish(federation, deadline=deadline)
+        codes = federation.wait_all(deadline=deadline)
         for sock in flood:
             sock.close()
 

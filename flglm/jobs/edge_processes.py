@@ -10,7 +10,6 @@ join it), sub-server ``i``'s edge address in ``run_dir/edge-i.json``. Each clien
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flglm.jobs.edge_link import published_address
 from flglm.jobs.subprocesses import TRAIN_SCRIPT, FederationFailed, FederationProcess, ProcessGroup, _this_checkout_first
 from flglm.run_layout import edge_address_path
 
@@ -99,16 +99,17 @@ class EdgeFederation(ProcessGroup):
         return processes
 
     def _wait_for_edges(self, servers: Sequence[FederationProcess], deadline: float) -> None:
+        def alive() -> bool:
+            return all(s.popen.poll() is None for s in servers)
+
         addresses = []
         for index in range(len(servers)):
             path = edge_address_path(self.run_dir, index)
-            while not path.is_file():
-                if any(s.popen.poll() is not None for s in servers) or time.monotonic() > deadline:
-                    self.kill_all()
-                    raise FederationFailed(f"server {index} published no edge address ({path}).\n{self.describe()}")
-                time.sleep(0.1)
-            address = json.loads(path.read_text())
-            addresses.append((address["host"], int(address["port"])))
+            try:
+                addresses.append(published_address(path, timeout_s=max(0.0, deadline - time.monotonic()), alive=alive))
+            except TimeoutError:
+                self.kill_all()
+                raise FederationFailed(f"server {index} published no edge address ({path}).\n{self.describe()}") from None
         self.addresses = addresses
         self.address = addresses[0]
 
@@ -131,6 +132,4 @@ def run_edge_federation(config: str | Path, overrides: Sequence[str] = (), *, nu
         federation.start_server(timeout_s=timeout_s)
         for index in range(num_clients):
             federation.start_client(index)
-        codes = {p.name: federation.wait(p, timeout_s=max(1.0, deadline - time.monotonic())) for p in federation.processes}
-        if any(codes.values()):
-            raise FederationFailed(f"exit codes {codes}.\n{federation.describe()}")
+        federation.wait_all(deadline=deadline)

@@ -241,6 +241,14 @@ class ProcessGroup:
             self.kill_all()
             raise FederationFailed(f"{process.name} did not finish within {timeout_s:.0f}s; killed.\n{self.describe()}") from None
 
+    def wait_all(self, *, deadline: float) -> dict[str, int]:
+        """Every process's exit code, waiting until ``deadline`` (``time.monotonic()``) at most;
+        FederationFailed, with every log, if one exits non-zero or time runs out."""
+        codes = {p.name: self.wait(p, timeout_s=max(1.0, deadline - time.monotonic())) for p in self.processes}
+        if any(codes.values()):
+            raise FederationFailed(f"exit codes {codes}.\n{self.describe()}")
+        return codes
+
     def kill_all(self) -> None:
         """SIGKILL every process (and its children) still running."""
         for process in self.processes:
