@@ -22,6 +22,7 @@ bench: install
 	$(PYTHON) benchmarks/overhead.py
 	$(PYTHON) benchmarks/crypto_overhead.py
 	$(PYTHON) benchmarks/wan.py
+	$(PYTHON) benchmarks/uploads.py
 	$(PYTHON) benchmarks/parallel.py
 	$(PYTHON) benchmarks/soak.py
 	$(PYTHON) benchmarks/privacy.py --data ../shared/data/sst2

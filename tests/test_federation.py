@@ -143,6 +143,7 @@ def test_two_clients_end_with_identical_client_blocks_and_a_summary(tmp_path: Pa
     assert summary["server"]["forwards"] == summary["server"]["backwards"]
     assert summary["link"]["round_trips_per_step"] == 2.0  # no clipping: each step's server step went with its backward
     assert summary["clients"]["0"]["fedavg_rounds"] == 12  # securely aggregated (masked) rounds
+    assert summary["clients"]["0"]["narrow_uploads"] == 12  # each a 32-bit upload: the values fit
     assert 0.0 <= summary["federation"]["val_acc"] <= 1.0
     assert (run_dir / "client0" / "logs" / "metrics.csv").is_file()
     # each side's peak memory (CPU here: host memory only)

@@ -236,7 +236,7 @@ def _valid_payload(kind: str, config_fingerprint: str) -> list[torch.Tensor]:
         "backward_step": lambda: [torch.ones(2, 5, HIDDEN), P.step_control(0, 10, 1.0, None)],
         "grad_norms": list,
         "step": lambda: [P.step_control(0, 10, 1.0, None)],
-        "agg_begin": list,
+        "agg_begin": lambda: [P.begin_tensor(False)],
         "agg_upload": lambda: [torch.zeros(10), torch.tensor([1.0], dtype=torch.float64)],
         "leave": lambda: [P.json_tensor({"loss": 1.0})],
     }.get(kind, _crossing)()
@@ -412,7 +412,7 @@ def _classify(client: Any, kind: Any, round_index: Any, step: Any, tensors: Any,
         ok = n == 2 and _step_control_ok(tensors[1]) and _backward_ok(client, step, tensors[0], ctx)
         return MUTATING if ok else INVALID
     if kind == "agg_begin":
-        return MUTATING if ctx.secure and n == 0 else INVALID
+        return MUTATING if ctx.secure and n == 1 and _exact(tensors[0], torch.int64, (1,)) and int(tensors[0][0]) in (0, 1) else INVALID
     if kind == "agg_upload":
         if ctx.secure or n != 2:
             return INVALID  # secure aggregation: no round was ever begun

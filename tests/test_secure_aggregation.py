@@ -19,8 +19,10 @@ from flglm.aggregation.fedavg import fedavg
 from flglm.aggregation.masking import (
     ENCODE_BOUND,
     FIXED_POINT_BITS,
+    NARROW_BITS,
     decode,
     encode,
+    fits_narrow,
     masked_upload,
     pair_mask,
     pairwise_secret,
@@ -60,6 +62,7 @@ def _upload(client: int, plan: RoundPlan, vector: torch.Tensor, weight: float) -
         secrets=_secrets(client, plan.participants),
         round_index=plan.round_index,
         attempt=plan.attempt,
+        bits=plan.bits,
     )
 
 
@@ -198,6 +201,69 @@ def test_masked_uploads_sum_to_fedavg(clients: int, data: st.DataObject) -> None
     torch.testing.assert_close(unmask_average(uploads), fedavg(vectors, weights), atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("clients", [2, 3, 7])
+@FAST
+@given(data=st.data())
+def test_narrow_uploads_give_the_wide_average_bit_for_bit_in_half_the_bytes(clients: int, data: st.DataObject) -> None:
+    # Values drawn right up to the narrow bound, so the 32-bit sum comes close to wrapping.
+    size = data.draw(st.integers(1, 20))
+    weights = data.draw(st.lists(st.floats(0.01, 2.0 ** (NARROW_BITS - 1 - FIXED_POINT_BITS) / clients * 0.999), min_size=clients, max_size=clients))
+    vectors = []
+    for weight in weights:
+        limit = 2.0 ** (NARROW_BITS - 1 - FIXED_POINT_BITS) / clients / weight * 0.999
+        vectors.append(torch.tensor(data.draw(st.lists(st.floats(-limit, limit), min_size=size, max_size=size)), dtype=torch.float32))
+    assert all(fits_narrow(v, w, max_participants=clients) for v, w in zip(vectors, weights))
+    wide = RoundPlan(data.draw(st.integers(0, 1000)), data.draw(st.integers(0, 3)), tuple(range(clients)))
+    narrow = dataclasses.replace(wide, bits=NARROW_BITS)
+
+    wide_uploads = [_upload(c, wide, vectors[c], weights[c]) for c in wide.participants]
+    narrow_uploads = [_upload(c, narrow, vectors[c], weights[c]) for c in narrow.participants]
+
+    assert all(u.dtype == torch.int32 and u.shape == (size + 1,) for u in narrow_uploads)
+    assert sum(u.nbytes for u in narrow_uploads) * 2 == sum(u.nbytes for u in wide_uploads)
+    assert torch.equal(unmask_average(narrow_uploads, bits=NARROW_BITS), unmask_average(wide_uploads))
+
+
+@pytest.mark.parametrize(
+    ("values", "weight", "participants", "fits"),
+    [
+        ([63.99], 1.0, 2, True),  # 2**7 / 2 clients = 64
+        ([64.0], 1.0, 2, False),
+        ([-64.0], 1.0, 2, False),
+        ([1.0], 64.0, 2, False),  # the weight is encoded too
+        ([0.5], 63.0, 2, True),
+        ([63.99], 1.0, 3, False),
+        ([float("nan")], 1.0, 2, False),
+        ([], 1.0, 2, True),
+    ],
+)
+def test_fits_narrow_bounds_every_encoding_by_two_to_the_31_over_the_clients(
+    values: list[float], weight: float, participants: int, fits: bool
+) -> None:
+    assert fits_narrow(torch.tensor(values), weight, max_participants=participants) is fits
+
+
+def test_a_round_is_narrow_only_if_every_participant_fits_and_a_redo_stays_narrow() -> None:
+    mixed = _rounds(0, 1, 2)
+    futures = [mixed.begin(0, 0, True), mixed.begin(1, 0, False), mixed.begin(2, 0, True)]
+    assert {_result(f) for f in futures} == {RoundPlan(0, 0, (0, 1, 2), 64)}
+    rounds = _rounds(0, 1, 2)
+    futures = [rounds.begin(c, 0, True) for c in (0, 1, 2)]
+    plan = _result(futures[0])
+    assert plan == RoundPlan(0, 0, (0, 1, 2), NARROW_BITS)
+    vectors = [torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.25]), torch.tensor([0.0, 0.0])]
+
+    with pytest.raises(ValueError, match="1-D int32 masked_upload of the 32-bit plan, got torch.int64"):
+        rounds.upload(0, 0, 0, _upload(0, dataclasses.replace(plan, bits=64), vectors[0], 1.0), 0.0)
+    first = rounds.upload(0, 0, 0, _upload(0, plan, vectors[0], 1.0), 0.0)
+    rounds.leave(2)
+    redo = _result(first).plan
+    again = [rounds.upload(c, 0, redo.attempt, _upload(c, redo, vectors[c], 3.0 if c else 1.0), 0.0) for c in redo.participants]
+
+    assert redo == RoundPlan(0, 1, (0, 1), NARROW_BITS)
+    torch.testing.assert_close(_result(again[0]).average, fedavg(vectors[:2], [1.0, 3.0]), atol=1e-6, rtol=0)
+
+
 def test_masks_of_a_pair_are_equal_and_opposite() -> None:
     plan = RoundPlan(7, 2, (0, 1))
     zero = torch.zeros(50)
@@ -227,8 +293,10 @@ def test_a_masked_upload_is_unrelated_to_its_plaintext() -> None:
         ({"participants": (0, 1, 1)}, "repeats"),
         ({"weight": -1.0}, "weight must be finite and >= 0"),
         ({"vector": torch.ones(2, 2)}, "1-D float tensor"),
+        ({"vector": torch.full((4,), 50.0), "bits": 32}, "does not fit a 32-bit upload of 3 participants"),
+        ({"bits": 16}, "32 or 64 bits wide, not 16"),
     ],
-    ids=["not-participant", "missing-secret", "alone", "duplicate", "negative-weight", "2-d"],
+    ids=["not-participant", "missing-secret", "alone", "duplicate", "negative-weight", "2-d", "too-wide-for-narrow", "bad-width"],
 )
 def test_masked_upload_rejects_bad_input(kwargs: dict, expected: str) -> None:
     arguments = {

@@ -79,8 +79,8 @@ def test_a_client_leaving_mid_round_makes_the_round_redo_without_it(
     vectors = [torch.full((100,), float(i + 1)) for i in range(3)]
 
     def leaver() -> None:
-        attempt, participants = links[2].aggregation_begin(0)
-        assert participants == [0, 1, 2] and attempt == 0
+        plan = links[2].aggregation_begin(0)
+        assert plan.participants == [0, 1, 2] and plan.attempt == 0
         links[2].leave({})
 
     # Execute

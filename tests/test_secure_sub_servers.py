@@ -25,6 +25,7 @@ from flglm.aggregation.masking import PairwiseMasker
 from flglm.aggregation.secure_rounds import SecureRounds
 from flglm.callbacks import FedAvgCallback
 from flglm.crypto.keyring import generate_key_set, load_client_keys
+from flglm.link.protocol import WirePlan
 from flglm.server.serving.hierarchy import SubServerSync
 
 pytestmark = pytest.mark.multiprocess
@@ -44,13 +45,14 @@ class _DirectLink:
     def __init__(self, rounds: SecureRounds, client_id: int) -> None:
         self.rounds, self.client_id = rounds, client_id
 
-    def aggregation_begin(self, round_index: int) -> tuple[int, tuple[int, ...]]:
-        plan = self.rounds.begin(self.client_id, round_index).wait()
-        return plan.attempt, plan.participants
+    def aggregation_begin(self, round_index: int, fits_narrow: bool = False) -> WirePlan:
+        plan = self.rounds.begin(self.client_id, round_index, fits_narrow).wait()
+        return WirePlan(plan.attempt, list(plan.participants), plan.bits)
 
     def aggregation_upload(self, round_index: int, attempt: int, upload: torch.Tensor, weight: float) -> Any:
         result = self.rounds.upload(self.client_id, round_index, attempt, upload, weight).wait()
-        return (result.average if result.status == "done" else None), (result.plan.attempt, result.plan.participants)
+        plan = WirePlan(result.plan.attempt, list(result.plan.participants), result.plan.bits)
+        return (result.average if result.status == "done" else None), plan
 
 
 def _sub_server(index: int, port: int, keys: str, out: str) -> None:

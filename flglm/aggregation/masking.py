@@ -8,6 +8,11 @@ Bonawitz et al. (CCS 2017), reduced to the honest-but-curious server with client
 * Each client uploads ``encode([w * x, w])`` plus its masks, in wrapping int64 arithmetic. Every mask
   appears once with each sign, so the sum of all uploads is ``encode([sum(w * x), sum(w)])`` and each
   single upload is uniformly random to the server.
+* Narrow uploads: if at the round's start every participant's encodings are below ``2**31 / N`` in
+  magnitude (``N`` the federation's listed clients), the plan says so and each upload travels as its
+  low 32 bits (int32, half the bytes). Masks cancel modulo ``2**32`` as well, and the sum fits, so
+  the average is bit for bit the 64-bit one. The price: the server learns per client and round one
+  bit, whether its values were below that bound (``crypto.narrow_uploads: false`` keeps 64 bits).
 * If a participant leaves before uploading, its masks cannot cancel. Instead of the paper's secret-shared
   mask recovery, the round is redone (``attempt + 1``) without it; fresh masks per attempt keep the two
   uploads of a client unrelated.
@@ -45,6 +50,15 @@ Then the sum of ``MAX_CLIENTS`` encodings stays below ``2**62`` in magnitude, a 
 so the unmasked sum never wraps. With sample-count weights that allows e.g. ``|x| < 268`` at ``w = 1e6``.
 """
 
+WIDE_BITS = 64
+"""Width of an upload in the ring every value fits."""
+
+NARROW_BITS = 32
+"""Width of an upload when every participant's encodings fit (see :func:`fits_narrow`)."""
+
+UPLOAD_DTYPES = {WIDE_BITS: torch.int64, NARROW_BITS: torch.int32}
+"""The wire dtype of a masked upload of each width."""
+
 SECRET_BYTES = 32
 """Length of a pairwise secret."""
 
@@ -67,6 +81,26 @@ def encode(vector: torch.Tensor) -> torch.Tensor:
             f"|v| < {ENCODE_BOUND:.6g} (2**{62 - FIXED_POINT_BITS} / {MAX_CLIENTS} clients at {FIXED_POINT_BITS} fractional bits)"
         )
     return torch.round(values * _SCALE).to(torch.int64)
+
+
+def fits_narrow(vector: torch.Tensor, weight: float, *, max_participants: int) -> bool:
+    """Whether ``encode([weight * vector, weight])`` of each of up to ``max_participants`` clients sums
+    within the signed :data:`NARROW_BITS` range (each encoding below ``2**31 / max_participants``)."""
+    if max_participants < 1:
+        raise ValueError(f"max_participants must be >= 1, got {max_participants}")
+    bound = 2.0 ** (NARROW_BITS - 1 - FIXED_POINT_BITS) / max_participants
+    weighted = float(vector.detach().abs().max()) * abs(float(weight)) if vector.numel() else 0.0
+    return all(math.isfinite(v) and v < bound for v in (weighted, abs(float(weight))))  # nan fails both tests
+
+
+def to_width(upload: torch.Tensor, bits: int) -> torch.Tensor:
+    """A wrapping int64 upload as its low ``bits`` bits, in that width's dtype (two's complement)."""
+    if bits == WIDE_BITS:
+        return upload
+    if bits != NARROW_BITS:
+        raise ValueError(f"an upload is {NARROW_BITS} or {WIDE_BITS} bits wide, not {bits}")
+    low = upload & (2**bits - 1)
+    return torch.where(low >= 2 ** (bits - 1), low - 2**bits, low).to(UPLOAD_DTYPES[bits])
 
 
 def decode(encoded: torch.Tensor) -> torch.Tensor:
@@ -134,11 +168,14 @@ def masked_upload(
     secrets: Mapping[int, bytes],
     round_index: int,
     attempt: int,
+    bits: int = WIDE_BITS,
 ) -> torch.Tensor:
-    """``encode([weight * vector, weight])`` plus this client's pair masks: ``numel + 1`` int64 values.
+    """``encode([weight * vector, weight])`` plus this client's pair masks: ``numel + 1`` values,
+    int64, or their low 32 bits as int32 when the round's plan is ``bits=32`` wide.
 
     The mask shared with peer ``j`` is added if ``client_id < j`` and subtracted otherwise, so it cancels
-    in the sum over all participants (int64 addition wraps, which keeps the cancellation exact).
+    in the sum over all participants (int64 addition wraps, which keeps the cancellation exact, and
+    so does its reduction modulo ``2**32``).
     """
     if vector.dim() != 1 or not vector.is_floating_point():
         raise ValueError(f"client {client_id}: secure aggregation needs a 1-D float tensor, got {vector.dtype} {list(vector.shape)}")
@@ -155,6 +192,8 @@ def masked_upload(
     missing = [p for p in peers if p not in secrets]
     if missing:
         raise ValueError(f"client {client_id} has no pairwise secret with peer(s) {missing}")
+    if bits == NARROW_BITS and not fits_narrow(vector, weight, max_participants=len(participants)):
+        raise ValueError(f"client {client_id}: weight * vector does not fit a {bits}-bit upload of {len(participants)} participants")
     plain = torch.cat([vector.detach().to(torch.float64) * float(weight), torch.tensor([float(weight)], dtype=torch.float64)])
     try:
         upload = encode(plain)
@@ -166,31 +205,34 @@ def masked_upload(
             upload += mask
         else:
             upload -= mask
-    return upload
+    return to_width(upload, bits)
 
 
-def unmask_average(uploads: Sequence[torch.Tensor], *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``sum(w * x) / sum(w)`` from the masked uploads of every participant of one (round, attempt)."""
+def unmask_average(uploads: Sequence[torch.Tensor], *, bits: int = WIDE_BITS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``sum(w * x) / sum(w)`` from the masked uploads, ``bits`` wide, of every participant of one (round, attempt)."""
     if not uploads:
         raise ValueError("unmask_average needs at least one upload")
     if len(uploads) > MAX_CLIENTS:
         raise ValueError(f"{len(uploads)} uploads exceed the {MAX_CLIENTS} clients the fixed-point range allows")
     sizes = {u.numel() for u in uploads}
-    if any(u.dtype != torch.int64 or u.dim() != 1 for u in uploads) or len(sizes) != 1 or sizes == {0}:
+    expected = _upload_dtype(bits)
+    if any(u.dtype != expected or u.dim() != 1 for u in uploads) or len(sizes) != 1 or sizes == {0}:
         shapes = sorted({(str(u.dtype), tuple(u.shape)) for u in uploads})
-        raise ValueError(f"uploads must be equally long, non-empty 1-D int64 tensors, got {shapes}")
-    total = uploads[0].clone()
-    for upload in uploads[1:]:
-        total += upload
-    return unmask_sum(total, participants=len(uploads), dtype=dtype)
+        raise ValueError(f"uploads must be equally long, non-empty 1-D {expected} tensors, got {shapes}")
+    total = torch.zeros(uploads[0].numel(), dtype=torch.int64)
+    for upload in uploads:
+        total += upload  # int32 uploads widen: their sum cannot wrap int64
+    return unmask_sum(total, participants=len(uploads), bits=bits, dtype=dtype)
 
 
-def unmask_sum(total: torch.Tensor, *, participants: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``sum(w * x) / sum(w)`` from the wrapping int64 sum of all ``participants`` masked uploads
-    (hierarchical serving adds the sub-servers' partial sums first)."""
+def unmask_sum(total: torch.Tensor, *, participants: int, bits: int = WIDE_BITS, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``sum(w * x) / sum(w)`` from the int64 sum of all ``participants`` masked uploads, each ``bits``
+    wide (hierarchical serving adds the sub-servers' partial sums first); the sum is taken modulo
+    ``2**bits`` before decoding."""
     if total.dtype != torch.int64 or total.dim() != 1 or total.numel() == 0:
         raise ValueError(f"the sum of masked uploads must be a non-empty 1-D int64 tensor, got {total.dtype} {list(total.shape)}")
-    decoded = decode(total)
+    _upload_dtype(bits)
+    decoded = decode(to_width(total, bits).to(torch.int64))
     weight = float(decoded[-1])
     if weight < 0 or weight >= participants * ENCODE_BOUND:
         # An honest sum lies in [0, n * bound); outside it the masks did not cancel.
@@ -200,15 +242,29 @@ def unmask_sum(total: torch.Tensor, *, participants: int, dtype: torch.dtype = t
     return (decoded[:-1] / weight).to(dtype)
 
 
+def _upload_dtype(bits: int) -> torch.dtype:
+    if bits not in UPLOAD_DTYPES:
+        raise ValueError(f"an upload is {NARROW_BITS} or {WIDE_BITS} bits wide, not {bits}")
+    return UPLOAD_DTYPES[bits]
+
+
 class PairwiseMasker:
     """A client's masking for secure aggregation: its pairwise secrets with every peer, made once."""
 
-    def __init__(self, client_id: int, identity: X25519PrivateKey, peer_keys: Mapping[int, bytes]) -> None:
+    def __init__(self, client_id: int, identity: X25519PrivateKey, peer_keys: Mapping[int, bytes], *, narrow: bool = True) -> None:
         self.client_id = client_id
+        self.narrow = narrow
+        """Ask for narrow uploads when they fit (``crypto.narrow_uploads``)."""
         self._secrets = {peer: pairwise_secret(identity, key, my_id=client_id, peer_id=peer) for peer, key in peer_keys.items() if peer != client_id}
 
-    def mask(self, vector: torch.Tensor, weight: float, *, round_index: int, attempt: int, participants: Sequence[int]) -> torch.Tensor:
-        """The masked upload of ``vector`` (weighted by ``weight``) for this round's participants."""
+    def fits_narrow(self, vector: torch.Tensor, weight: float) -> bool:
+        """Whether this upload may go :data:`NARROW_BITS` wide, however many of the listed clients take part."""
+        return self.narrow and fits_narrow(vector, weight, max_participants=len(self._secrets) + 1)
+
+    def mask(
+        self, vector: torch.Tensor, weight: float, *, round_index: int, attempt: int, participants: Sequence[int], bits: int = WIDE_BITS
+    ) -> torch.Tensor:
+        """The masked upload of ``vector`` (weighted by ``weight``) for this round's participants, ``bits`` wide."""
         return masked_upload(
             vector,
             weight,
@@ -217,4 +273,5 @@ class PairwiseMasker:
             secrets=self._secrets,
             round_index=round_index,
             attempt=attempt,
+            bits=bits,
         )

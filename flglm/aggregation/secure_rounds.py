@@ -1,6 +1,6 @@
 """The server's side of secure aggregation: collects masked uploads and answers every participant.
 
-The server only ever holds the int64 masked uploads of a round with two or more participants
+The server only ever holds the masked uploads (int64, or int32 when the plan is narrow) of a round with two or more participants
 (see :mod:`flglm.aggregation.masking` for the masking and its threat model). A round
 is planned once every active client has begun it; if a participant leaves before uploading,
 the round is redone without it, with fresh masks.
@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 import torch
 from torch.futures import Future
 
-from flglm.aggregation.masking import MAX_CLIENTS, unmask_average
+from flglm.aggregation.masking import MAX_CLIENTS, NARROW_BITS, UPLOAD_DTYPES, WIDE_BITS, unmask_average
 from flglm.link.messages import InvalidMessageError
 
 
@@ -28,6 +28,8 @@ class RoundPlan:
     round_index: int
     attempt: int
     participants: tuple[int, ...]
+    bits: int = WIDE_BITS
+    """Width of every masked upload: :data:`NARROW_BITS` when each participant said its values fit."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class _Pending:
     """A round whose plan is not made yet: who has begun it."""
 
     futures: dict[int, Future] = field(default_factory=dict)
+    narrow: set[int] = field(default_factory=set)
+    """Those whose values fit a narrow upload."""
 
 
 @dataclass
@@ -64,11 +68,12 @@ _Delivery = Callable[[], None]
 class RoundCoordinator(Protocol):
     """Makes rounds federation-wide when several sub-servers share them (``SubServerSync``).
 
-    ``plan`` answers with the participants of every sub-server (all of them began the round);
+    ``plan`` answers with ``(participants, bits)``: every sub-server's participants (all of them began
+    the round) and the upload width (narrow only if every participant anywhere fits);
     ``attempt`` with ``("done", average, participants)`` or, if a participant anywhere left
     before uploading, ``("redo", None, remaining participants)``."""
 
-    def plan(self, round_index: int, began: set[int]) -> Future: ...
+    def plan(self, round_index: int, began: set[int], narrow: set[int]) -> Future: ...
 
     def attempt(self, plan: RoundPlan, uploads: dict[int, torch.Tensor], leavers: set[int]) -> Future: ...
 
@@ -130,8 +135,9 @@ class SecureRounds:
                 return min(self._pending)
             return max(self._finished | set(self._attempts), default=self.completed - 1) + 1
 
-    def begin(self, client_id: int, round_index: int) -> Future:
-        """A future of the round's :class:`RoundPlan`, resolved once every active client has begun it."""
+    def begin(self, client_id: int, round_index: int, narrow: bool = False) -> Future:
+        """A future of the round's :class:`RoundPlan`, resolved once every active client has begun it;
+        ``narrow``: the client's values fit a narrow upload (:func:`~flglm.aggregation.masking.fits_narrow`)."""
         future: Future = Future()
         with self._lock:
             self._check_member(client_id)
@@ -145,6 +151,8 @@ class SecureRounds:
             if client_id in state.futures:
                 raise InvalidMessageError(f"client {client_id} already began round {round_index}")
             state.futures[client_id] = future
+            if narrow:
+                state.narrow.add(client_id)
             deliveries = self._plan_if_ready(round_index)
         for deliver in deliveries:
             deliver()
@@ -202,10 +210,11 @@ class SecureRounds:
                 raise InvalidMessageError(f"client {client_id}: aggregation weight must be finite and >= 0, got {weight}")
             size = vector.numel()
         else:
-            if vector.dim() != 1 or vector.dtype != torch.int64 or vector.numel() == 0:
+            dtype = UPLOAD_DTYPES[plan.bits]
+            if vector.dim() != 1 or vector.dtype != dtype or vector.numel() == 0:
                 raise InvalidMessageError(
-                    f"client {client_id}: with {len(plan.participants)} participants the upload must be the non-empty 1-D int64 "
-                    f"masked_upload, got {vector.dtype} {list(vector.shape)}"
+                    f"client {client_id}: with {len(plan.participants)} participants the upload must be the non-empty 1-D "
+                    f"{str(dtype).removeprefix('torch.')} masked_upload of the {plan.bits}-bit plan, got {vector.dtype} {list(vector.shape)}"
                 )
             if weight != 0.0:
                 # The weight travels masked inside the upload; a clear copy would leak it.
@@ -222,17 +231,19 @@ class SecureRounds:
             return []
         del self._pending[round_index]
         began = set(state.futures) & self._active
+        narrow = state.narrow & began
         if self._coordinator is not None:
             coordinator = self._coordinator
-            return [lambda: coordinator.plan(round_index, began).add_done_callback(lambda done: self._planned(round_index, state, done))]
-        plan = RoundPlan(round_index, 0, tuple(sorted(began)))
+            return [lambda: coordinator.plan(round_index, began, narrow).add_done_callback(lambda done: self._planned(round_index, state, done))]
+        plan = RoundPlan(round_index, 0, tuple(sorted(began)), NARROW_BITS if began and narrow == began else WIDE_BITS)
         if plan.participants:
             self._attempts[round_index] = _Attempt(plan)
         return [_resolver(f, plan) for f in state.futures.values()]
 
     def _redo(self, round_index: int) -> list[_Delivery]:
         old = self._attempts.pop(round_index)
-        plan = RoundPlan(round_index, old.plan.attempt + 1, tuple(p for p in old.plan.participants if p in self._active))
+        # Fewer participants than planned: a narrow plan's sum still fits.
+        plan = RoundPlan(round_index, old.plan.attempt + 1, tuple(p for p in old.plan.participants if p in self._active), old.plan.bits)
         if plan.participants:
             self._attempts[round_index] = _Attempt(plan)
         result = RoundResult("redo", None, plan)
@@ -248,7 +259,7 @@ class SecureRounds:
             average = state.uploads[ids[0]]
         else:
             try:
-                average = unmask_average([state.uploads[i] for i in ids])
+                average = unmask_average([state.uploads[i] for i in ids], bits=state.plan.bits)
             except ValueError as error:
                 # Every waiting participant must hear of it, or they would wait forever.
                 return [_failer(f, error) for f in state.futures.values()]
@@ -259,12 +270,12 @@ class SecureRounds:
     def _planned(self, round_index: int, pending: _Pending, done: Future) -> None:
         """The coordinator's plan arrived: open the attempt and tell this server's clients."""
         try:
-            participants = tuple(sorted(done.wait()))
+            participants, bits = done.wait()
         except Exception as error:  # noqa: BLE001 - every waiting client must hear of it
             for future in pending.futures.values():
                 future.set_exception(error)
             return
-        plan = RoundPlan(round_index, 0, participants)
+        plan = RoundPlan(round_index, 0, tuple(sorted(participants)), bits)
         with self._lock:
             deliveries = [_resolver(f, plan) for f in pending.futures.values()]
             deliveries += self._open(plan)
@@ -309,7 +320,7 @@ class SecureRounds:
                 result = RoundResult("done", average, state.plan)
                 deliveries = []
             else:
-                plan = RoundPlan(round_index, state.plan.attempt + 1, tuple(sorted(participants)))
+                plan = RoundPlan(round_index, state.plan.attempt + 1, tuple(sorted(participants)), state.plan.bits)
                 result = RoundResult("redo", None, plan)
                 deliveries = self._open(plan)
             deliveries = [*(_resolver(f, result) for f in state.futures.values()), *deliveries]

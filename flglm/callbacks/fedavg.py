@@ -52,6 +52,8 @@ class FedAvgCallback(Callback):
         self._masker = masker
         self._checkpoints = checkpoints
         self.redone_rounds = 0
+        self.narrow_uploads = 0
+        """Masked uploads sent 32 bits wide (see ``crypto.narrow_uploads``)."""
         self._every = every_n_steps
         self._round = 0
         self._samples = 0
@@ -66,13 +68,20 @@ class FedAvgCallback(Callback):
         return [p for _, p in shared_parameters(pl_module.lm, self._exclude)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self._round, "seen_before": self._seen_before, "last_step": self._last_step, "redone_rounds": self.redone_rounds}
+        return {
+            "round": self._round,
+            "seen_before": self._seen_before,
+            "last_step": self._last_step,
+            "redone_rounds": self.redone_rounds,
+            "narrow_uploads": self.narrow_uploads,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._round = int(state_dict["round"])
         self._seen_before = int(state_dict["seen_before"])
         self._last_step = int(state_dict["last_step"])
         self.redone_rounds = int(state_dict.get("redone_rounds", 0))
+        self.narrow_uploads = int(state_dict.get("narrow_uploads", 0))
 
     def aggregate(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any = None, *, checkpoint: bool = True) -> None:
         params = self._params(pl_module)
@@ -98,14 +107,18 @@ class FedAvgCallback(Callback):
         """This round's FedAvg of every participating client's ``vector`` (weighted by ``weight``)."""
         if self._masker is None:
             return self._link.aggregate(self._round, vector, weight)
-        attempt, participants = self._link.aggregation_begin(self._round)
+        plan = self._link.aggregation_begin(self._round, self._masker.fits_narrow(vector, weight))
         while True:
-            if len(participants) == 1:  # a sum of one reveals nothing the result does not
+            if len(plan.participants) == 1:  # a sum of one reveals nothing the result does not
                 upload, upload_weight = vector, weight
             else:
-                upload = self._masker.mask(vector, weight, round_index=self._round, attempt=attempt, participants=participants)
+                upload = self._masker.mask(
+                    vector, weight, round_index=self._round, attempt=plan.attempt, participants=plan.participants, bits=plan.bits
+                )
                 upload_weight = 0.0
-            average, (attempt, participants) = self._link.aggregation_upload(self._round, attempt, upload, upload_weight)
+            if plan.bits < 64:
+                self.narrow_uploads += 1
+            average, plan = self._link.aggregation_upload(self._round, plan.attempt, upload, upload_weight)
             if average is not None:
                 return average
             self.redone_rounds += 1

@@ -19,7 +19,9 @@ from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader, nbytes, wire
 from flglm.link.protocol import (
     REPLY_KIND,
+    WirePlan,
     autocast_code,
+    begin_tensor,
     decode_control,
     json_tensor,
     json_value,
@@ -232,14 +234,14 @@ class ServerLink:
             return
         self.exchange("step", [step_control(client_step, total_steps, grad_scale, clip_value)], step=client_step)
 
-    def aggregation_begin(self, round_index: int) -> tuple[int, list[int]]:
-        """Secure aggregation: wait until every active client has begun the round; its (attempt, participants)."""
-        (plan,) = self.exchange("agg_begin", [], round_index=round_index)
+    def aggregation_begin(self, round_index: int, fits_narrow: bool = False) -> WirePlan:
+        """Secure aggregation: wait until every active client has begun the round; its plan."""
+        (plan,) = self.exchange("agg_begin", [begin_tensor(fits_narrow)], round_index=round_index)
         return parse_plan(plan)
 
     def aggregation_upload(
         self, round_index: int, attempt: int, vector: torch.Tensor, weight: float
-    ) -> tuple[torch.Tensor | None, tuple[int, list[int]]]:
+    ) -> tuple[torch.Tensor | None, WirePlan]:
         """Upload (masked or plain) client blocks; the average, or None and the plan of the redone round."""
         status, average = self.exchange(
             "agg_upload", [vector, torch.tensor([float(weight)], dtype=torch.float64)], round_index=round_index, step=attempt

@@ -211,6 +211,10 @@ class CryptoConfig:
     secure_aggregation: bool = True
     """FedAvg through pairwise-masked uploads: the server sees only the sum of the client
     blocks, never one client's update (needs ``enabled``)."""
+    narrow_uploads: bool = True
+    """Secure aggregation: a round whose participants all have values that fit (``|w * x| < 2**7 / N``
+    at 24 fractional bits, N listed clients) sends its masked uploads as int32, half the bytes, with the
+    same average bit for bit. The server learns per client and round whether its values fit: one bit."""
     max_message_mb: float = 1024.0
     """Larger sealed messages are refused before anything is decrypted or allocated."""
 

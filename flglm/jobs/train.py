@@ -108,7 +108,7 @@ def client_session(cfg: RunConfig, index: int) -> tuple[ClientSession | None, Pa
         client_public_keys=cfg.crypto.client_public_keys,
     )
     session = ClientSession(index, keys.identity, keys.server_key, rekey_every=cfg.crypto.rekey_every, max_message_bytes=max_message_bytes(cfg))
-    masker = PairwiseMasker(index, keys.identity, keys.peer_keys) if cfg.crypto.secure_aggregation else None
+    masker = PairwiseMasker(index, keys.identity, keys.peer_keys, narrow=cfg.crypto.narrow_uploads) if cfg.crypto.secure_aggregation else None
     return session, masker
 
 
@@ -230,6 +230,7 @@ def run_client(cfg: RunConfig, env: DistEnv | None, role: Role, *, edge_address:
         metrics = _final_metrics(trainer, module, dev_loader)
         metrics["train_time_s"] = round(time.monotonic() - started, 3)
         metrics["fedavg_rounds"] = int(fedavg.rounds)
+        metrics["narrow_uploads"] = int(fedavg.narrow_uploads)
         metrics["resent_messages"] = int(link.retries)
         metrics.update(peak_memory(device))
         save_tensors(module.client_state_dict(), client_weights_path(cfg.run_dir, index))

@@ -28,7 +28,8 @@ backward_s  [grad of output, step ctrl] (step=id)      grad_in      as ``backwar
 grad_norms  []                                         norms        [per-parameter norms]
 step        [ctrl float64: step, total, scale, clip]   ack          []
             (step=the client's optimizer step)
-agg_begin   [] (round)                                 agg_plan     [int64: attempt, ids...]
+agg_begin   [int64: fits] (round)                      agg_plan     [int64: attempt, bits, ids...]
+            (fits: 1 if the client's values fit a 32-bit masked upload; bits: the plan's width)
 agg_upload  [vector, weight] (round, step=attempt)     agg_result   [int64 status, vector]
 leave       [json metrics]                             ack          []
 ==========  =========================================  ===========  ==========================
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -192,20 +193,39 @@ def expect_tensors(tensors: object, count: int, who: str, kind: str) -> list[tor
 _STATUS = {"done": 0, "redo": 1}
 
 
+class WirePlan(NamedTuple):
+    """A secure round's plan as a client reads it: mask for ``participants``, ``bits`` wide."""
+
+    attempt: int
+    participants: list[int]
+    bits: int
+
+
+def begin_tensor(fits_narrow: bool) -> torch.Tensor:
+    """``agg_begin``'s payload: int64 [1 if the client's values fit a narrow upload, else 0]."""
+    return torch.tensor([int(fits_narrow)], dtype=torch.int64)
+
+
+def parse_begin(tensor: torch.Tensor, who: str) -> bool:
+    if tensor.dtype != torch.int64 or tensor.shape != (1,) or int(tensor[0]) not in (0, 1):
+        raise InvalidMessageError(f"{who}: agg_begin carries an int64 tensor [0 or 1] (fits a narrow upload)")
+    return bool(tensor[0])
+
+
 def plan_tensor(plan: Any) -> torch.Tensor:
-    """A secure round's plan: int64 [attempt, participant ids...]."""
-    return torch.tensor([int(plan.attempt), *(int(i) for i in plan.participants)], dtype=torch.int64)
+    """A secure round's plan: int64 [attempt, bits, participant ids...]."""
+    return torch.tensor([int(plan.attempt), int(plan.bits), *(int(i) for i in plan.participants)], dtype=torch.int64)
 
 
-def parse_plan(tensor: object) -> tuple[int, list[int]]:
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.numel() < 2:
-        raise InvalidMessageError("an aggregation plan must be an int64 tensor [attempt, participant ids...]")
-    attempt, *participants = (int(v) for v in tensor.tolist())
-    return attempt, participants
+def parse_plan(tensor: object) -> WirePlan:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tensor.dim() != 1 or tensor.numel() < 3:
+        raise InvalidMessageError("an aggregation plan must be an int64 tensor [attempt, bits, participant ids...]")
+    attempt, bits, *participants = (int(v) for v in tensor.tolist())
+    return WirePlan(attempt, participants, bits)
 
 
 def result_tensors(result: Any) -> list[torch.Tensor]:
-    """A secure round's answer: int64 [status, attempt, participant ids...] and the average (empty on redo)."""
+    """A secure round's answer: int64 [status, attempt, bits, participant ids...] and the average (empty on redo)."""
     status = torch.cat([torch.tensor([_STATUS[result.status]], dtype=torch.int64), plan_tensor(result.plan)])
     average = result.average if result.average is not None else torch.zeros(0)
     return [status, average]
@@ -213,16 +233,16 @@ def result_tensors(result: Any) -> list[torch.Tensor]:
 
 def plain_result_tensors(average: torch.Tensor) -> list[torch.Tensor]:
     """Plain FedAvg's answer in the same form: status done, attempt 0, no plan."""
-    return [torch.tensor([_STATUS["done"], 0], dtype=torch.int64), average]
+    return [torch.tensor([_STATUS["done"], 0, 64], dtype=torch.int64), average]
 
 
-def parse_result(status: object, average: object) -> tuple[torch.Tensor | None, tuple[int, list[int]]]:
-    """(average or None on redo, (attempt, participants)); plain FedAvg answers [0, 0]."""
-    if not isinstance(status, torch.Tensor) or status.dtype != torch.int64 or status.dim() != 1 or status.numel() < 2:
+def parse_result(status: object, average: object) -> tuple[torch.Tensor | None, WirePlan]:
+    """(average or None on redo, the plan); plain FedAvg answers [0, 0, 64]."""
+    if not isinstance(status, torch.Tensor) or status.dtype != torch.int64 or status.dim() != 1 or status.numel() < 3:
         raise InvalidMessageError("an aggregation result must start with an int64 status tensor")
     if not isinstance(average, torch.Tensor):
         raise InvalidMessageError("an aggregation result must carry a tensor")
-    code, attempt, *participants = (int(v) for v in status.tolist())
+    code, attempt, bits, *participants = (int(v) for v in status.tolist())
     if code not in _STATUS.values():
         raise InvalidMessageError(f"unknown aggregation status {code}")
-    return (average if code == _STATUS["done"] else None), (attempt, participants)
+    return (average if code == _STATUS["done"] else None), WirePlan(attempt, participants, bits)

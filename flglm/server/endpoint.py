@@ -263,8 +263,8 @@ class ServerEndpoint:
         return _then(self.server.step(client_id, client_step, total, scale, clip), lambda _: [])
 
     def _agg_begin(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
-        P.expect_tensors(tensors, 0, f"client {client_id}", "agg_begin")
-        return self.server.aggregation_begin(client_id, round_index)
+        (fits,) = P.expect_tensors(tensors, 1, f"client {client_id}", "agg_begin")
+        return self.server.aggregation_begin(client_id, round_index, P.parse_begin(fits, f"client {client_id}"))
 
     def _agg_upload(self, client_id: int, round_index: int, step: int, tensors: list[torch.Tensor]) -> Reply:
         vector, weight = P.expect_tensors(tensors, 2, f"client {client_id}", "agg_upload")

@@ -253,11 +253,11 @@ class MiddleServer:
             return len(self.compute.decoding)
 
     # ---------------------------------------------------------------- aggregation
-    def aggregation_begin(self, client_id: int, round_index: int) -> Future:
+    def aggregation_begin(self, client_id: int, round_index: int, fits_narrow: bool = False) -> Future:
         """Secure aggregation: answered with the round's plan once every active client has begun it."""
         if self._secure is None:
             raise InvalidMessageError(f"client {client_id}: this federation does not run secure aggregation")
-        return self._secure.begin(client_id, round_index).then(lambda done: [plan_tensor(done.wait())])
+        return self._secure.begin(client_id, round_index, fits_narrow).then(lambda done: [plan_tensor(done.wait())])
 
     def aggregation_upload(self, client_id: int, round_index: int, attempt: int, vector: torch.Tensor, weight: float) -> Future:
         """Answered with ``[status, average]`` when every participant of the round has uploaded (plain

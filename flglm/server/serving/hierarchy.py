@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from flglm.aggregation.masking import unmask_sum
+from flglm.aggregation.masking import NARROW_BITS, WIDE_BITS, unmask_sum
 from flglm.aggregation.secure_rounds import RoundPlan
 
 log = logging.getLogger("flglm.hierarchy")
@@ -59,6 +59,7 @@ class _SecurePlan:
 
     round_index: int
     began: set[int]
+    narrow: set[int]
     future: Future
 
 
@@ -141,9 +142,9 @@ class SubServerSync:
         """The global FedAvg of round ``round_index``, given this sub-server's clients' uploads."""
         return self._submit(_LocalRound(round_index, vectors, weights, Future()))
 
-    def plan(self, round_index: int, began: set[int]) -> Future:
-        """Secure aggregation: every sub-server's participants of round ``round_index``."""
-        return self._submit(_SecurePlan(round_index, set(began), Future()))
+    def plan(self, round_index: int, began: set[int], narrow: set[int]) -> Future:
+        """Secure aggregation: every sub-server's participants of round ``round_index`` and the upload width."""
+        return self._submit(_SecurePlan(round_index, set(began), set(narrow), Future()))
 
     def attempt(self, plan: RoundPlan, uploads: dict[int, torch.Tensor], leavers: set[int]) -> Future:
         """Secure aggregation: ``("done", average, participants)`` or ``("redo", None, remaining)``."""
@@ -274,9 +275,11 @@ class SubServerSync:
         dist.all_reduce(mask)
         return tuple(int(i) for i in mask.nonzero().flatten())
 
-    def _reduce_plan(self, event: _SecurePlan | None) -> tuple[int, ...]:
-        """Union of the sub-servers' clients that began the round."""
-        return self._union(event.began if event is not None else set())
+    def _reduce_plan(self, event: _SecurePlan | None) -> tuple[tuple[int, ...], int]:
+        """Union of the sub-servers' clients that began the round; narrow if each of them fits."""
+        began = self._union(event.began if event is not None else set())
+        narrow = self._union(event.narrow if event is not None else set())
+        return began, NARROW_BITS if began and set(narrow) == set(began) else WIDE_BITS
 
     def _reduce_attempt(self, event: _SecureAttempt | None, numel: int) -> tuple[str, torch.Tensor | None, tuple[int, ...]]:
         """Redo without whoever left anywhere, or the average of the sum of every sub-server's uploads."""
@@ -293,11 +296,12 @@ class SubServerSync:
                 total += upload.double()
             dist.all_reduce(total)
             return "done", total.to(torch.float32), plan.participants if plan is not None else ()
+        bits = _max_over_sub_servers(plan.bits if plan is not None else 0)  # one that holds no part learns it
         total = torch.zeros(numel, dtype=torch.int64)
         for upload in uploads:
-            total += upload  # wraps, like the masks
+            total += upload  # int64 wraps, like the masks; int32 uploads widen (taken modulo 2**32 at the end)
         dist.all_reduce(total)
-        return "done", unmask_sum(total, participants=count), plan.participants if plan is not None else ()
+        return "done", unmask_sum(total, participants=count, bits=bits), plan.participants if plan is not None else ()
 
     def _sync_middle(self, *, final: bool) -> None:
         """Replace every replica by the sample-weighted average of all replicas."""
