@@ -49,7 +49,7 @@ def _worker(args: argparse.Namespace) -> None:
     from flglm.client.server_link import ServerLink
     from flglm.config import fingerprint
     from flglm.distributed import configure_threads, read_env, rpc_options
-    from flglm.link import rpc_entries
+    from flglm.link import rpc_allowlist, rpc_entries
     from flglm.link.socket_transport import SocketTransport
     from flglm.models.split import ClientBlocks, build_full_model, plan_split
     from flglm.optim import build_optimizer
@@ -60,6 +60,7 @@ def _worker(args: argparse.Namespace) -> None:
     configure_threads(env.local_world_size)
     cfg = _config()
     opts = rpc_options(num_worker_threads=8, timeout_s=300)
+    rpc_allowlist.install()  # as every flglm process of the rpc mode does (flglm.distributed.rpc_worker)
     edge_file = Path(args.edge_file)
     if env.rank == 0:
         from flglm.server.edge import Edge

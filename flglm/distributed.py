@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.distributed import rpc
 
+from flglm.link import rpc_allowlist
+
 log = logging.getLogger("flglm")
 
 _TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -158,6 +160,7 @@ def rpc_worker(
         options.init_method = f"tcp://{env.master_addr}:{env.master_port}"
         if env.rank != 0:
             wait_for_server_store(env, timeout_s=startup_timeout_s or options.rpc_timeout, what=what)
+    rpc_allowlist.install()  # before the agent starts: no payload is ever unpickled without it
     rpc.init_rpc(name, rank=env.rank, world_size=None if env.dynamic else env.world_size, rpc_backend_options=options)
     try:
         if env.dynamic and env.rank != 0:

@@ -39,6 +39,11 @@ def install(endpoint: EndpointSurface) -> None:
     _ENDPOINT = endpoint
 
 
+def serving() -> bool:
+    """Whether this process serves an endpoint."""
+    return _ENDPOINT is not None
+
+
 def instance() -> EndpointSurface:
     if _ENDPOINT is None:
         raise RuntimeError("no server endpoint is running in this process")
