@@ -23,6 +23,8 @@ bench: install
 	$(PYTHON) benchmarks/crypto_overhead.py
 	$(PYTHON) benchmarks/wan.py
 	$(PYTHON) benchmarks/uploads.py
+	$(PYTHON) benchmarks/hostile.py
+	$(PYTHON) benchmarks/reachable.py
 	$(PYTHON) benchmarks/parallel.py
 	$(PYTHON) benchmarks/soak.py
 	$(PYTHON) benchmarks/privacy.py --data ../shared/data/sst2

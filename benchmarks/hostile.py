@@ -1,12 +1,13 @@
 """Hostile participants and strangers against each deployment mode: which attacks get through.
 
-    python benchmarks/hostile.py                   # both modes (about 2 minutes on 2 cores)
+    python benchmarks/hostile.py                   # both modes (about 1 minute on 2 cores)
     python benchmarks/hostile.py --modes socket    # one mode
 
 Each mode runs a real federation on this machine (1 server, 2 encrypted clients with secure
 aggregation, a tiny GLM, each client with its own training file) and attacks it while it trains:
 
-* ``rpc`` (``link.transport=rpc``, torchrun; the one-trust-domain mode): client 1 is a *hostile
+* ``rpc`` (``link.transport=rpc``, torchrun; the one-trust-domain mode, every process
+  unpickling RPC payloads through ``flglm/link/rpc_allowlist.py``): client 1 is a *hostile
   participant*: a real client process (``benchmarks/hostile_workers.py``) that trains honestly
   and, from a side thread, makes its own RPC calls to the server and to client 0 with the RPC
   agent torchrun's world gives it. A *stranger* (no key, no rank) port-scans the federation's
