@@ -118,7 +118,7 @@ def deployment(kind: str, root: Path, config: Path) -> dict[str, Any]:
             federation.start_client(client, prefix=hosts[f"client{client}"].command([]))
         training = _wait_training(federation, 120)
         scanned = _attacker_scan(hosts, [n for n in names if n != "attacker"], root) if training else {}
-        still_training = all(p.popen.poll() is None for p in federation.processes)
+        running_after_scan = training and all(p.popen.poll() is None for p in federation.processes)  # the probes too
         try:
             federation.wait_all(deadline=time.monotonic() + TIMEOUT_S)
             finished = True
@@ -141,7 +141,8 @@ def deployment(kind: str, root: Path, config: Path) -> dict[str, Any]:
     non_edge = sum(1 for entries in ports.values() for e in entries if e["what"] != "edge")
     result = {
         "hosts": names,
-        "scanned_while_training": training and still_training,
+        "training_when_scanned": training,
+        "running_after_scan_and_probes": running_after_scan,
         "open_ports": ports,
         "reachable_non_edge": non_edge,
         "honest_finished": finished,
@@ -176,7 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         for host, entries in result["open_ports"].items():
             listed = ", ".join(f"{e['port']} ({e['what']})" for e in entries) or "none"
             print(f"{kind:<13} {host:<9} {listed}")
-        print(f"{kind:<13} honest clients finished: {result['honest_finished']}; scanned while training: {result['scanned_while_training']}")
+        print(
+            f"{kind:<13} honest clients finished: {result['honest_finished']}; training when the scan began: "
+            f"{result['training_when_scanned']}; still running after the scan and probes: {result['running_after_scan_and_probes']}"
+        )
     summary = {
         "benchmark": "reachable",
         "reachable_non_edge": {k: r["reachable_non_edge"] for k, r in results.items()},

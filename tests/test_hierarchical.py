@@ -117,7 +117,10 @@ def test_three_clients_on_two_sub_servers_with_unequal_data_finish_in_step(tmp_p
     assert [s["clients"] for s in summary["sub_servers"]] == [["0", "2"], ["1"]]
     rounds = {i: summary["clients"][str(i)]["fedavg_rounds"] for i in range(3)}
     assert len(set(rounds.values())) > 1  # the shares differ, so some client finished early
-    assert all(summary["clients"][str(i)]["narrow_uploads"] == rounds[i] for i in range(3))  # 32-bit plans across sub-servers
+    # every masked upload went 32 bits wide across the sub-servers; a round a client is alone in
+    # (after the others finished) is sent in the clear, not masked, so it is no narrow upload
+    shared_rounds = sorted(rounds.values())[-2]
+    assert all(summary["clients"][str(i)]["narrow_uploads"] == min(rounds[i], shared_rounds) for i in range(3))
     sub_servers = [s["server"] for s in summary["sub_servers"]]
     # every sub-server took part in every global round (with nothing, once its clients had left)
     assert sub_servers[0]["sync_rounds"] == sub_servers[1]["sync_rounds"] == max(rounds.values())

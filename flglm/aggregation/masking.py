@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from cryptography.hazmat.primitives import hashes
@@ -93,14 +93,18 @@ def fits_narrow(vector: torch.Tensor, weight: float, *, max_participants: int) -
     return all(math.isfinite(v) and v < bound for v in (weighted, abs(float(weight))))  # nan fails both tests
 
 
+def plan_bits(participants: Collection[int], fitting: Collection[int]) -> int:
+    """The width of a round's uploads: narrow only if every participant said its values fit."""
+    return NARROW_BITS if participants and set(participants) <= set(fitting) else WIDE_BITS
+
+
 def to_width(upload: torch.Tensor, bits: int) -> torch.Tensor:
     """A wrapping int64 upload as its low ``bits`` bits, in that width's dtype (two's complement)."""
+    dtype = _upload_dtype(bits)
     if bits == WIDE_BITS:
         return upload
-    if bits != NARROW_BITS:
-        raise ValueError(f"an upload is {NARROW_BITS} or {WIDE_BITS} bits wide, not {bits}")
     low = upload & (2**bits - 1)
-    return torch.where(low >= 2 ** (bits - 1), low - 2**bits, low).to(UPLOAD_DTYPES[bits])
+    return torch.where(low >= 2 ** (bits - 1), low - 2**bits, low).to(dtype)
 
 
 def decode(encoded: torch.Tensor) -> torch.Tensor:
@@ -231,7 +235,6 @@ def unmask_sum(total: torch.Tensor, *, participants: int, bits: int = WIDE_BITS,
     ``2**bits`` before decoding."""
     if total.dtype != torch.int64 or total.dim() != 1 or total.numel() == 0:
         raise ValueError(f"the sum of masked uploads must be a non-empty 1-D int64 tensor, got {total.dtype} {list(total.shape)}")
-    _upload_dtype(bits)
     decoded = decode(to_width(total, bits).to(torch.int64))
     weight = float(decoded[-1])
     if weight < 0 or weight >= participants * ENCODE_BOUND:

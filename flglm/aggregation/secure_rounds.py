@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 import torch
 from torch.futures import Future
 
-from flglm.aggregation.masking import MAX_CLIENTS, NARROW_BITS, UPLOAD_DTYPES, WIDE_BITS, unmask_average
+from flglm.aggregation.masking import MAX_CLIENTS, UPLOAD_DTYPES, WIDE_BITS, plan_bits, unmask_average
 from flglm.link.messages import InvalidMessageError
 
 
@@ -235,7 +235,7 @@ class SecureRounds:
         if self._coordinator is not None:
             coordinator = self._coordinator
             return [lambda: coordinator.plan(round_index, began, narrow).add_done_callback(lambda done: self._planned(round_index, state, done))]
-        plan = RoundPlan(round_index, 0, tuple(sorted(began)), NARROW_BITS if began and narrow == began else WIDE_BITS)
+        plan = RoundPlan(round_index, 0, tuple(sorted(began)), plan_bits(began, narrow))
         if plan.participants:
             self._attempts[round_index] = _Attempt(plan)
         return [_resolver(f, plan) for f in state.futures.values()]

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.nn.utils import parameters_to_vector
 from typing_extensions import override
 
+from flglm.aggregation.masking import NARROW_BITS
 from flglm.aggregation.shared import shared_parameters
 
 
@@ -116,8 +117,8 @@ class FedAvgCallback(Callback):
                     vector, weight, round_index=self._round, attempt=plan.attempt, participants=plan.participants, bits=plan.bits
                 )
                 upload_weight = 0.0
-            if plan.bits < 64:
-                self.narrow_uploads += 1
+                if plan.bits == NARROW_BITS:
+                    self.narrow_uploads += 1
             average, plan = self._link.aggregation_upload(self._round, plan.attempt, upload, upload_weight)
             if average is not None:
                 return average

@@ -28,7 +28,6 @@ torch RPC link is for one trust domain; across organisations use ``link.transpor
 from __future__ import annotations
 
 import importlib
-import io
 import pickle
 import sys
 from typing import Any
@@ -110,19 +109,19 @@ def _globals() -> dict[tuple[str, str], object]:
 _GLOBALS = _globals()
 
 
-def _resolve(module: str, qualname: str) -> object:
-    """``module.qualname`` without running anything new: ``flglm`` modules may be imported, others
-    only if already loaded."""
+def _resolve(module: str, qualname: str) -> object | None:
+    """``module.qualname`` without running anything new (``flglm`` modules may be imported, others
+    only if already loaded, no dunder attributes), or None."""
     if module.startswith("flglm.") and not module.endswith("__main__"):
         target: object = importlib.import_module(module)
     elif module in sys.modules:
         target = sys.modules[module]
     else:
-        raise RefusedName(f"RPC payload names {module}.{qualname}, which is not allowed")
+        return None
     for part in qualname.split("."):
         if part.startswith("__"):
-            raise RefusedName(f"RPC payload names {module}.{qualname}, which is not allowed")
-        target = getattr(target, part)
+            return None
+        target = getattr(target, part, None)
     return target
 
 
@@ -135,7 +134,7 @@ class AllowlistUnpickler(pickle.Unpickler):
             return found
         try:
             obj = _resolve(module, name)
-        except (ImportError, AttributeError):
+        except ImportError:
             obj = None
         if isinstance(obj, type) and (issubclass(obj, BaseException) or _is_endpoint_type(obj)):
             return obj  # answers: exceptions the caller rebuilds; the endpoint's type for an RRef call
@@ -150,15 +149,6 @@ def _is_endpoint_type(cls: type) -> bool:
     return all(callable(getattr(cls, n, None)) for n in rpc_entries.ENTRY_NAMES)
 
 
-def loads(data: bytes) -> Any:
-    """Unpickle ``data`` as an RPC payload is (tests; torch's path goes through :func:`install`)."""
-    return AllowlistUnpickler(io.BytesIO(data)).load()
-
-
 def install() -> None:
     """Make every RPC payload this process receives go through :class:`AllowlistUnpickler` (idempotent)."""
     rpc_internal._unpickler = AllowlistUnpickler
-
-
-def installed() -> bool:
-    return rpc_internal._unpickler is AllowlistUnpickler

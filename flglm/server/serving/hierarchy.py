@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.futures import Future
 
-from flglm.aggregation.masking import NARROW_BITS, WIDE_BITS, unmask_sum
+from flglm.aggregation.masking import plan_bits, unmask_sum
 from flglm.aggregation.secure_rounds import RoundPlan
 
 log = logging.getLogger("flglm.hierarchy")
@@ -279,7 +279,7 @@ class SubServerSync:
         """Union of the sub-servers' clients that began the round; narrow if each of them fits."""
         began = self._union(event.began if event is not None else set())
         narrow = self._union(event.narrow if event is not None else set())
-        return began, NARROW_BITS if began and set(narrow) == set(began) else WIDE_BITS
+        return began, plan_bits(began, narrow)
 
     def _reduce_attempt(self, event: _SecureAttempt | None, numel: int) -> tuple[str, torch.Tensor | None, tuple[int, ...]]:
         """Redo without whoever left anywhere, or the average of the sum of every sub-server's uploads."""
