@@ -35,12 +35,14 @@ import argparse
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -55,8 +57,9 @@ from flglm.crypto.keyring import generate_key_set
 from flglm.crypto.keys import generate_identity
 from flglm.data import write_demo_dataset
 from flglm.jobs import hostile as H
-from flglm.jobs.edge_processes import EdgeFederation
-from flglm.jobs.subprocesses import FederationFailed, run_torchrun
+from flglm.jobs.edge_processes import EdgeFederation, ServerNode
+from flglm.jobs.subprocesses import FederationFailed, FederationProcess, run_torchrun
+from flglm.network_hosts import Host, NetworkHosts, available
 
 WORKERS = REPO / "benchmarks" / "hostile_workers.py"
 MODEL = {
@@ -66,6 +69,7 @@ MODEL = {
 }  # fmt: skip
 FLOOD = 200
 TIMEOUT_S = 150.0
+MASTER_PORT = 29500  # the sub-servers' store, on their own network
 
 # (row, attacker): the rows of the table, in order
 ROWS: list[tuple[str, str]] = [
@@ -298,55 +302,113 @@ def rpc_mode(root: Path, config: Path, files: dict[str, Path], secrets: Secrets)
     return outcome, honest1 and honest2 and honest3, observed
 
 
-# ---------------------------------------------------------------- socket mode
+# ---------------------------------------------------------------- socket modes
 
 
-def socket_mode(root: Path, config: Path, files: dict[str, Path], secrets: Secrets) -> tuple[dict[tuple[str, str], bool], bool, dict[str, Any]]:
+@dataclass(frozen=True)
+class Placement:
+    """Where a socket-link federation runs: every process on this machine beside the attacker
+    (``hosts`` None: loopback, an upper bound on what another host reaches), or each on a network
+    host of its own (``server0`` [``server1``: the sub-servers, on a network of their own too],
+    ``client0``, ``client1``) with the attacker, this process, on yet another."""
+
+    hosts: dict[str, Host] | None = None
+    sub_servers: int = 1
+
+
+def _clients_training(federation: EdgeFederation) -> bool:
+    """Whether both clients have their encrypted sessions (training is under way)."""
+    logs = [p.output.read_text(errors="replace") for p in federation.processes if p.name.startswith("client")]
+    return len(logs) == 2 and all("encrypted session established" in log for log in logs)
+
+
+def _connectable(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _server_addresses(hosts: dict[str, Host] | None, name: str) -> list[str]:
+    """Every address of server host ``name`` (its network's and its cluster's), or loopback."""
+    if hosts is None:
+        return ["127.0.0.1"]
+    return [a for a in (hosts[name].address, hosts[name].cluster_address) if a]
+
+
+def _start_servers(fed: EdgeFederation, placement: Placement) -> list[FederationProcess]:
+    hosts = placement.hosts
+    if placement.sub_servers > 1:
+        assert hosts is not None, "sub-servers run on hosts of their own"
+        names = [f"server{i}" for i in range(placement.sub_servers)]
+        nodes = [ServerNode(hosts[n].address, hosts[n].command([]), cluster_address=hosts[n].cluster_address) for n in names]
+        return fed.start_sub_servers(nodes, master_port=MASTER_PORT, timeout_s=TIMEOUT_S)
+    if hosts is None:
+        return [fed.start_server(timeout_s=TIMEOUT_S)]
+    return [fed.start_server([f"link.edge_host={hosts['server0'].address}"], timeout_s=TIMEOUT_S, prefix=hosts["server0"].command([]))]
+
+
+def socket_mode(
+    root: Path, config: Path, files: dict[str, Path], secrets: Secrets, placement: Placement = Placement()
+) -> tuple[dict[tuple[str, str], bool], bool, dict[str, Any]]:
     run_dir = root / "socket"
+    hosts = placement.hosts
     markers = {who: root / f"pwned-socket-{who}" for who in ("participant", "stranger")}
     overrides = ["link.max_connections=64", "link.first_frame_timeout_s=3"]
-    observed: dict[str, Any] = {}
+    if placement.sub_servers > 1:
+        overrides += ["server.parallelism=hierarchical", f"server.sub_servers={placement.sub_servers}"]
+    observed: dict[str, Any] = {"placement": "loopback" if hosts is None else f"{len(hosts)} network hosts + the attacker's"}
     deadline = time.monotonic() + TIMEOUT_S
     with EdgeFederation(config, overrides, num_clients=2, run_dir=run_dir) as fed:
-        server = fed.start_server(timeout_s=TIMEOUT_S)
-        address = fed.address
-        assert address is not None
-        client0 = fed.start_client(0)
-        scan = sorted(H.listening_ports(server.popen.pid))
-        observed["server_listening_ports"] = scan
-        observed["edge_port"] = address[1]
+        servers = _start_servers(fed, placement)
+        edges = [(str(a), int(p)) for a, p in fed.addresses]
+        own_edge = edges[1 % len(edges)]  # client 1's sub-server: where the participant's keys are listed
+        client0 = fed.start_client(0, prefix=hosts["client0"].command([]) if hosts else ())
+        # Every port the server side listens on, at every address the attacker might try
+        listening = {s.name: sorted(H.listening_sockets(s.popen.pid)) for s in servers}
+        addresses = {s.name: _server_addresses(hosts, f"server{i}") for i, s in enumerate(servers)}
+        observed.update(server_listening=[f"{n}: {a}:{p}" for n, bound in listening.items() for a, p in bound], edges=edges)
         # The hostile participant (client 1's keys), before the real client 1 starts
-        answers = H.participant_calls(address, root / "keys", client=1, num_clients=2)
+        answers = H.participant_calls(own_edge, root / "keys", client=1, num_clients=2)
         observed["participant_answers"] = [f"{type(a).__name__}: {str(a)[:80]}" for a in answers]
         part_replies = _send_many(
-            address, [*H.pickle_frames(H.Exploit(markers["participant"])), *H.pickle_frames(H.FromFile(files["server_key"], 32))]
+            own_edge, [*H.pickle_frames(H.Exploit(markers["participant"])), *H.pickle_frames(H.FromFile(files["server_key"], 32))]
         )
         observed["participant_sealed_pickle"] = repr(
-            H.sealed_payload(address, root / "keys", client=1, num_clients=2, payload=H.Exploit(markers["participant"]))
+            H.sealed_payload(own_edge, root / "keys", client=1, num_clients=2, payload=H.Exploit(markers["participant"]))
         )[:200]
-        client1 = fed.start_client(1)
-        _wait_for(lambda: training(run_dir) or client0.popen.poll() is not None, 90)
-        # The stranger, while the clients train: every port the server listens on, a handshake
-        # with its own key; then, with 200 connections held open, pickles, method codes outside
-        # the table and junk
-        observed["stores_writable"] = [port for port in scan if H.store_access(address[0], port)]
+        client1 = fed.start_client(1, prefix=hosts["client1"].command([]) if hosts else ())
+        _wait_for(lambda: _clients_training(fed) or client0.popen.poll() is not None, 90)
+        # The stranger, while the clients train: every port the server side listens on, at each of
+        # its addresses (what connects and is not an edge; a store's write); a handshake with its
+        # own key; then, with 200 connections held open, pickles, method codes outside the table and junk
+        reachable = [
+            (a, port) for name, bound in listening.items() for port in sorted({p for _, p in bound}) for a in addresses[name] if _connectable(a, port)
+        ]
+        observed["reachable_non_edge"] = [f"{a}:{port}" for a, port in reachable if (a, port) not in edges]
+        observed["stores_writable"] = [f"{a}:{port}" for a, port in reachable if H.store_access(a, port)]
         stranger_key = root / "stranger.key"
         generate_identity(stranger_key)
-        refusal = H.stranger_handshake(address, root / "keys", client=0, num_clients=2, stranger_key=stranger_key)
+        refusal = H.stranger_handshake(edges[0], root / "keys", client=0, num_clients=2, stranger_key=stranger_key)
         observed["stranger_handshake"] = f"{type(refusal).__name__}: {str(refusal)[:120]}"
-        listening: dict[str, set[int]] = {"client0": set(), "client1": set()}
+        clients_listening: dict[str, set[int]] = {"client0": set(), "client1": set()}
         junk = H.junk_frames(random.Random(0))
-        with H.connections(address, FLOOD) as held:
+        replies: list[bytes] = []
+        off_table: list[bytes] = []
+        junk_replies: list[bytes] = []
+        with H.connections(edges[0], FLOOD) as held:
             observed["flood_held"] = len(held)
             pickles = [H.Exploit(markers["stranger"]), H.FromFile(files["server_key"], 32), H.FromFile(files["train0"], 32)]
-            replies = _send_many(address, [frame for payload in pickles for frame in H.pickle_frames(payload)])
-            off_table = _send_many(address, [H.raw_frame(m, 0, k, [H.bytes_tensor(bytes(68))], ftype=t) for m, k, t in H.OFF_TABLE_REQUESTS])
-            junk_replies = _send_many(address, [data for family in junk.values() for data in family])
+            for edge in edges:
+                replies += _send_many(edge, [frame for payload in pickles for frame in H.pickle_frames(payload)])
+                off_table += _send_many(edge, [H.raw_frame(m, 0, k, [H.bytes_tensor(bytes(68))], ftype=t) for m, k, t in H.OFF_TABLE_REQUESTS])
+                junk_replies += _send_many(edge, [data for family in junk.values() for data in family])
             observed["attacks_while_training"] = client0.popen.poll() is None and client1.popen.poll() is None
             while client0.popen.poll() is None and time.monotonic() < deadline:
                 for name, proc in (("client0", client0), ("client1", client1)):
                     if proc.popen.poll() is None:
-                        listening[name] |= H.listening_ports(proc.popen.pid)
+                        clients_listening[name] |= H.listening_ports(proc.popen.pid)
                 time.sleep(0.5)
         codes = {}
         for proc in fed.processes:
@@ -355,14 +417,13 @@ def socket_mode(root: Path, config: Path, files: dict[str, Path], secrets: Secre
             except FederationFailed:
                 codes[proc.name] = -9
     observed["exit_codes"] = codes
-    observed["clients_listening"] = {k: sorted(v) for k, v in listening.items()}
+    observed["clients_listening"] = {k: sorted(v) for k, v in clients_listening.items()}
     honest = all(code == 0 for code in codes.values())
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     observed["edge"] = summary.get("edge", {})
-    peer_unreachable = not any(listening.values())
-    other_ports = [port for port in scan if port != address[1]]
+    peer_unreachable = not any(clients_listening.values())
     refused = [isinstance(a, BaseException) for a in answers]
-    no_rpc = not other_ports and not observed["stores_writable"]
+    no_rpc = not observed["reachable_non_edge"] and not observed["stores_writable"]
     leaked = any(secrets.leaked(r) for r in [*part_replies, *replies, *off_table, *junk_replies])
     off_table_answered = any(_answered_not_refused(r) for r in off_table)
     outcome = {
@@ -416,27 +477,84 @@ def table(outcomes: dict[str, dict[tuple[str, str], bool]], honest: dict[str, bo
     return "\n".join(lines)
 
 
+MODES = {
+    "rpc": "torch RPC (one trust domain), loopback",
+    "socket": "socket link, 1 server, loopback",
+    "socket-hosts": "socket link, 1 server, each party and the attacker on a network host of its own",
+    "hierarchical-hosts": "socket link, 2 sub-servers on a network of their own + the clients' network, each party and the attacker on a host of its own",
+}
+HOSTS = {
+    "socket-hosts": ["server0", "client0", "client1", "attacker"],
+    "hierarchical-hosts": ["server0", "server1", "client0", "client1", "attacker"],
+}
+
+
+def _run_mode(mode: str, root: Path, steps: int) -> tuple[dict[tuple[str, str], bool], bool, dict[str, Any]]:
+    config, files = write_config(root, steps)
+    secrets = Secrets(files)
+    if mode == "rpc":
+        return rpc_mode(root, config, files, secrets)
+    if mode == "socket":
+        return socket_mode(root, config, files, secrets)
+    # On network hosts: the hosts are made here; the attack runs in a process on the attacker's
+    # host (``--inside``), which starts the federation's processes on theirs.
+    servers = [n for n in HOSTS[mode] if n.startswith("server")]
+    with NetworkHosts(HOSTS[mode], cluster=servers if len(servers) > 1 else ()) as hosts:
+        spec = root / "hosts.json"
+        spec.write_text(json.dumps({n: asdict(h) for n, h in hosts.hosts.items()}))
+        cmd = hosts["attacker"].command([sys.executable, str(Path(__file__).resolve()), "--inside", mode, "--keep", str(root), "--steps", str(steps)])
+        with (root / "attacker.log").open("w") as log:
+            done = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, timeout=TIMEOUT_S + 120)
+    result = root / "result.json"
+    if done.returncode != 0 or not result.is_file():
+        raise SystemExit(f"hostile: the attacker's process failed (exit {done.returncode}); see {root / 'attacker.log'}")
+    data = json.loads(result.read_text())
+    return {(row, who): data["outcome"][f"{who}: {row}"] for row, who in ROWS}, data["honest"], data["observed"]
+
+
+def _inside(mode: str, root: Path) -> int:
+    """On the attacker's host: the socket mode against the federation on the other hosts."""
+    hosts = {n: Host(**h) for n, h in json.loads((root / "hosts.json").read_text()).items()}
+    config, files = root / "config.yaml", {"server_key": root / "keys" / "server.key", "train0": root / "data0" / "train.tsv"}
+    placement = Placement(hosts={n: h for n, h in hosts.items() if n != "attacker"}, sub_servers=sum(n.startswith("server") for n in hosts))
+    outcome, honest, observed = socket_mode(root, config, files, Secrets(files), placement)
+    observed["attacker_address"] = hosts["attacker"].address
+    data = {"outcome": {f"{who}: {row}": ok for (row, who), ok in outcome.items()}, "honest": honest, "observed": observed}
+    (root / "result.json").write_text(json.dumps(data, default=str))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="rpc,socket", help="comma-separated: rpc, socket")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per client")
+    parser.add_argument("--modes", default=None, help=f"comma-separated of {', '.join(MODES)} (default: all; the -hosts ones need root)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per client (default: 120 for rpc, 600 for the socket modes: the attacks must land while the clients train)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument("--inside", default=None, help=argparse.SUPPRESS)  # the attacker's process, on its own host
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.inside:
+        return _inside(args.inside, args.keep)
+    ok, why = available()
+    modes = args.modes.split(",") if args.modes else [m for m in MODES if ok or not m.endswith("-hosts")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}: choose from {', '.join(MODES)}")
+    if any(m.endswith("-hosts") for m in modes) and not ok:
+        parser.error(f"the -hosts modes need network namespaces: {why}")
+    if not args.modes and not ok:
+        print(f"hostile: skipping the -hosts modes ({why})", flush=True)
     started = time.monotonic()
     outcomes: dict[str, dict[tuple[str, str], bool]] = {}
     honest: dict[str, bool] = {}
     observed: dict[str, Any] = {}
     with TemporaryDirectory(prefix="flglm-hostile-") as tmp:
         base = args.keep or Path(tmp)
-        for mode in args.modes.split(","):
+        for mode in modes:
             root = base / mode
             root.mkdir(parents=True, exist_ok=True)
-            config, files = write_config(root, args.steps)
-            secrets = Secrets(files)
             t0 = time.monotonic()
-            run = {"rpc": rpc_mode, "socket": socket_mode}[mode]
-            outcomes[mode], honest[mode], observed[mode] = run(root, config, files, secrets)
+            steps = args.steps or (120 if mode == "rpc" else 600)
+            outcomes[mode], honest[mode], observed[mode] = _run_mode(mode, root, steps)
             observed[mode]["seconds"] = round(time.monotonic() - t0, 1)
             print(
                 f"{mode}: {sum(outcomes[mode].values())} of {len(ROWS)} attacks succeeded; honest clients finished: {honest[mode]} ({observed[mode]['seconds']} s)",
@@ -445,20 +563,27 @@ def main() -> int:
     print()
     print(table(outcomes, honest))
     print()
-    print("The attacker runs on loopback beside the server (no network namespaces).")
+    for mode in modes:
+        print(f"`{mode}`: {MODES[mode]}")
     for mode, seen in observed.items():
         print(f"{mode} observed: " + json.dumps(seen, default=str)[:4000])
+    cross_org = [m for m in outcomes if m != "rpc"]
     line = {
         "benchmark": "hostile",
-        "succeeded": sum(outcomes["socket"].values()) if "socket" in outcomes else None,
+        "succeeded": sum(sum(outcomes[m].values()) for m in cross_org) if cross_org else None,
         "succeeded_by_mode": {m: sum(o.values()) for m, o in outcomes.items()},
         "attacks": len(ROWS),
         "honest_clients_finished": honest,
-        "attacker_network": "loopback",
+        "modes": {m: MODES[m] for m in modes},
         "outcomes": {m: {f"{who}: {row}": ("succeeded" if ok else "refused") for (row, who), ok in o.items()} for m, o in outcomes.items()},
+        "attacks_while_training": {m: all(v for k, v in o.items() if k.endswith("attacks_while_training")) for m, o in observed.items()},
         "seconds": round(time.monotonic() - started, 1),
     }
     print(json.dumps(line))
+    late = [m for m, ok in line["attacks_while_training"].items() if not ok]
+    if late:
+        print(f"hostile: in {late} the run ended before the attacks did: their 'refused' proves nothing; raise --steps", file=sys.stderr)
+        return 1
     return 0
 
 

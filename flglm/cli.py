@@ -34,7 +34,17 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Entry of every federation process (under torchrun, or started on its own with
     ``federation.membership=dynamic``): read config and environment, take the rank's role."""
-    args = _parser("flglm train", "run one process of a federation (use under torchrun)").parse_args(argv)
+    parser = _parser("flglm train", "run one process of a federation (use under torchrun)")
+    parser.add_argument(
+        "--sub-server", type=int, default=None, metavar="I", help="link.transport=socket: start hierarchical sub-server I on its own (no torchrun)"
+    )
+    parser.add_argument(
+        "--cluster",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --sub-server: where sub-server 0 hosts the sub-servers' store (HOST: its address on their own network)",
+    )
+    args = parser.parse_args(argv)
     from flglm.distributed import configure_threads, read_env
     from flglm.jobs.logs import setup_logging
     from flglm.roles import role_for_rank
@@ -46,9 +56,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             from flglm.distributed import read_server_env
             from flglm.roles import edge_server_role
 
-            env = read_server_env()
+            env = read_server_env(sub_server=args.sub_server, cluster=args.cluster, sub_servers=cfg.server.sub_servers)
             role = edge_server_role(env.rank, env.world_size, sub_servers=cfg.server.sub_servers)
         else:
+            if args.sub_server is not None or args.cluster is not None:
+                raise ConfigError("--sub-server/--cluster start a sub-server of the socket link on its own: add link.transport=socket")
             env = read_env(dynamic=cfg.federation.membership == "dynamic")
             role = role_for_rank(env.rank, env.world_size, num_clients=cfg.federation.num_clients, sub_servers=cfg.server.sub_servers)
         run_dir = Path(cfg.run_dir)

@@ -14,8 +14,10 @@ its share of the cores.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -45,6 +47,8 @@ class DistEnv:
     """How many times torchrun restarted the federation's processes (``--max-restarts``)."""
     dynamic: bool = False
     """Joins RPC's dynamic group (``federation.membership=dynamic``): started on its own, not by torchrun."""
+    agent_store: bool = False
+    """torchrun's agent hosts a store at MASTER_ADDR:MASTER_PORT (it listens on every address of that machine)."""
 
 
 def read_env(environ: Mapping[str, str] | None = None, *, dynamic: bool = False) -> DistEnv:
@@ -90,6 +94,7 @@ def read_env(environ: Mapping[str, str] | None = None, *, dynamic: bool = False)
         master_port=number("MASTER_PORT"),
         restart_count=number("TORCHELASTIC_RESTART_COUNT", "0"),
         dynamic=dynamic,
+        agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 
@@ -98,10 +103,33 @@ def launched_distributed(environ: Mapping[str, str] | None = None) -> bool:
     return "RANK" in (os.environ if environ is None else environ)
 
 
-def read_server_env(environ: Mapping[str, str] | None = None) -> DistEnv:
-    """The server of a socket-link federation: torchrun's variables if torchrun started it, else
-    one process on its own (it needs no rendezvous: its clients reach its edge)."""
+def read_server_env(
+    environ: Mapping[str, str] | None = None, *, sub_server: int | None = None, cluster: str | None = None, sub_servers: int = 1
+) -> DistEnv:
+    """The server of a socket-link federation: one process on its own (it needs no rendezvous:
+    its clients reach its edge); or sub-server ``sub_server`` of ``sub_servers``, started on its
+    own (``flglm train --sub-server I --cluster HOST:PORT``), meeting the others at ``cluster``,
+    a store that sub-server 0 hosts on that address only (:func:`init_server_group`); or, under
+    torchrun, torchrun's variables."""
     environ = os.environ if environ is None else environ
+    if sub_server is not None or cluster is not None:
+        if "RANK" in environ:
+            raise RuntimeError("--sub-server/--cluster start a sub-server on its own: not under torchrun (RANK is set)")
+        if sub_server is None or cluster is None:
+            raise RuntimeError("a sub-server started on its own needs both --sub-server I and --cluster HOST:PORT")
+        if not 0 <= sub_server < sub_servers:
+            raise RuntimeError(f"--sub-server {sub_server} is not one of server.sub_servers={sub_servers} (0..{sub_servers - 1})")
+        host, _, port = cluster.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RuntimeError(f"--cluster {cluster!r} is not HOST:PORT (sub-server 0's address on the sub-servers' own network, a port 1-65535)")
+        return DistEnv(
+            rank=sub_server,
+            world_size=sub_servers,
+            local_rank=sub_server,
+            local_world_size=sub_servers,
+            master_addr=host.strip("[]"),
+            master_port=int(port),
+        )
     if "RANK" in environ:
         return read_env(environ)
     return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="", master_port=0)
@@ -254,17 +282,27 @@ def wait_until_answered(*, timeout_s: float, poll_s: float = 0.05) -> bool:
 def init_server_group(env: DistEnv, *, index: int, size: int, startup_timeout_s: float, timeout_s: float) -> None:
     """Join the collective group of the server's processes (hierarchical sub-servers only).
 
-    The clients are not members: the group is a gloo process group of ``size`` ranks that meets
-    through torchrun's own store (the agent's TCPStore at MASTER_ADDR:MASTER_PORT, under a prefix
-    of its own), so it needs no extra port and works across nodes with torchrun's flags.
+    The clients are not members: the group is a gloo process group of ``size`` ranks. Under
+    torchrun it meets through torchrun's own store (the agent's TCPStore at
+    MASTER_ADDR:MASTER_PORT, under a prefix of its own), which listens on every address of its
+    machine: fine within one trust domain. Sub-servers started on their own
+    (``--sub-server/--cluster``) meet through a store that sub-server 0 hosts on the cluster
+    address alone, and gloo listens on the interface each sub-server reaches it through (or on
+    ``GLOO_SOCKET_IFNAME``): nothing of the group listens where only the edge should be reachable.
     """
-    import datetime
-
     import torch.distributed as dist
 
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        raise RuntimeError("hierarchical sub-servers need torchrun's store (start the federation with torchrun)")
-    store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=datetime.timedelta(seconds=startup_timeout_s))
+    if env.agent_store:
+        store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=datetime.timedelta(seconds=startup_timeout_s))
+    elif env.master_port:
+        store = _cluster_store(env, size=size, timeout_s=startup_timeout_s)
+        # read by ProcessGroupGloo when it is made (init_process_group passes gloo no options)
+        os.environ["GLOO_SOCKET_IFNAME"] = _gloo_interface(env.master_addr, env.master_port)
+    else:
+        raise RuntimeError(
+            "hierarchical sub-servers need a rendezvous: start each with `flglm train --sub-server I --cluster HOST:PORT` "
+            "(socket link) or the whole federation with torchrun"
+        )
     dist.init_process_group(
         "gloo",
         store=dist.PrefixStore("flglm/sub_servers", store),
@@ -272,3 +310,52 @@ def init_server_group(env: DistEnv, *, index: int, size: int, startup_timeout_s:
         world_size=size,
         timeout=datetime.timedelta(seconds=timeout_s),  # bounds each collective
     )
+
+
+def _cluster_store(env: DistEnv, *, size: int, timeout_s: float) -> torch.distributed.TCPStore:
+    """Sub-server 0 hosts the group's store on the cluster address alone (a socket it binds
+    itself: TCPStore on its own listens on every address); the others connect to it."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.rank != 0:
+        try:
+            return dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+        except (RuntimeError, TimeoutError, OSError) as err:
+            raise ConnectionError(
+                f"sub-server {env.rank}: sub-server 0's store is not reachable at {env.master_addr}:{env.master_port} "
+                f"within server.startup_timeout_s={timeout_s:g}s ({str(err).splitlines()[0]})"
+            ) from None
+    family = socket.AF_INET6 if ":" in env.master_addr else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((env.master_addr, env.master_port))
+        listener.listen(64)
+    except OSError as err:
+        listener.close()
+        raise RuntimeError(
+            f"--cluster {env.master_addr}:{env.master_port}: sub-server 0 cannot listen there ({err.strerror}); "
+            "give an address of this machine on the sub-servers' own network and a free port"
+        ) from None
+    return dist.TCPStore(
+        env.master_addr, env.master_port, world_size=size, is_master=True, timeout=timeout,
+        wait_for_workers=False, master_listen_fd=listener.detach(),
+    )  # fmt: skip
+
+
+def _gloo_interface(cluster_host: str, cluster_port: int) -> str:
+    """The interface gloo listens on: ``GLOO_SOCKET_IFNAME`` if set, else the one this machine
+    reaches the cluster store through (the sub-servers' network; ``lo`` for one machine)."""
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return os.environ["GLOO_SOCKET_IFNAME"]
+    family = socket.AF_INET6 if ":" in cluster_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:  # connect() on UDP sends nothing: it picks the route
+        probe.connect((cluster_host, cluster_port))
+        local = probe.getsockname()[0]
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == local for a in addresses):
+            return name
+    raise RuntimeError(f"--cluster {cluster_host}: no interface of this machine has {local}, the address that reaches it")

@@ -3,7 +3,8 @@
 Each host is a namespace with its own loopback and one address on a private /24 that this
 module creates (and removes); a switch namespace holds a bridge that every host's veth pair
 plugs into, so hosts reach one another only through that link, and a listener on one host's
-127.0.0.1 is out of every other host's reach. ``rate_mbit`` shapes a host's link with ``tbf``
+127.0.0.1 is out of every other host's reach. Hosts named in ``cluster`` also get a second
+interface on a second /24 (a bridge of its own) that only they share: a server's own network. ``rate_mbit`` shapes a host's link with ``tbf``
 (this kernel has no ``netem``, so no added delay).
 
 Needs root and ``ip``; :func:`available` says whether namespaces can be made here, so a test
@@ -45,10 +46,10 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    """A /24 of 10.200.0.0/16 that no route on this machine already covers."""
+def _free_subnet(taken: Sequence[ipaddress.IPv4Network] = ()) -> ipaddress.IPv4Network:
+    """A /24 of 10.200.0.0/16 that no route on this machine (nor ``taken``) already covers."""
     routes = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=False).stdout
-    used = set()
+    used = set(taken)
     for line in routes.splitlines():
         token = line.split()[0] if line.split() else ""
         try:
@@ -65,12 +66,14 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 @dataclass(frozen=True)
 class Host:
-    """One test host: its namespace, its address on the test subnet and the interface that has it."""
+    """One test host: its namespace, its address on the test subnet and the interface that has it
+    (and, for a host on the cluster network, its address there)."""
 
     name: str
     netns: str
     address: str
     interface: str
+    cluster_address: str | None = None
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside this host's namespace."""
@@ -83,9 +86,10 @@ class NetworkHosts:
     Args:
         names: the hosts to create, each with its own namespace and address.
         rate_mbit: per host name, a ``tbf`` rate limit (Mbit/s) on that host's link, both ways.
+        cluster: hosts that also share a network of their own (``Host.cluster_address``).
     """
 
-    def __init__(self, names: Sequence[str], *, rate_mbit: dict[str, float] | None = None) -> None:
+    def __init__(self, names: Sequence[str], *, rate_mbit: dict[str, float] | None = None, cluster: Sequence[str] = ()) -> None:
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"host names must be distinct and at least one, got {list(names)}")
         self._names = list(names)
@@ -93,6 +97,9 @@ class NetworkHosts:
         unknown = set(self._rates) - set(self._names)
         if unknown:
             raise ValueError(f"rate_mbit names hosts that are not created: {sorted(unknown)}")
+        if set(cluster) - set(self._names):
+            raise ValueError(f"cluster names hosts that are not created: {sorted(set(cluster) - set(self._names))}")
+        self._cluster = [n for n in self._names if n in set(cluster)]
         tag = f"{os.getpid():x}"
         self._switch = f"flglm-sw-{tag}"
         self._namespaces: list[str] = []
@@ -135,6 +142,23 @@ class NetworkHosts:
             self.hosts[name] = Host(name, netns, address, inside)
             if name in self._rates:
                 self.set_rate(name, self._rates[name])
+        if self._cluster:
+            self._create_cluster(_free_subnet([subnet]))
+
+    def _create_cluster(self, subnet: ipaddress.IPv4Network) -> None:
+        addresses = list(subnet.hosts())
+        _ip("link", "add", "br1", "type", "bridge", netns=self._switch)
+        _ip("link", "set", "br1", "up", netns=self._switch)
+        for index, name in enumerate(self._cluster):
+            host = self.hosts[name]
+            inside, outside = f"c{index}", f"q{index}"
+            _ip("link", "add", inside, "netns", host.netns, "type", "veth", "peer", "name", outside, "netns", self._switch)
+            _ip("link", "set", outside, "master", "br1", netns=self._switch)
+            _ip("link", "set", outside, "up", netns=self._switch)
+            address = str(addresses[index + 1])
+            _ip("addr", "add", f"{address}/{subnet.prefixlen}", "dev", inside, netns=host.netns)
+            _ip("link", "set", inside, "up", netns=host.netns)
+            self.hosts[name] = Host(host.name, host.netns, host.address, host.interface, address)
 
     def set_rate(self, name: str, mbit: float) -> None:
         """Shape host ``name``'s link to ``mbit`` Mbit/s both ways from now on (a running federation too)."""

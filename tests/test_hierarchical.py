@@ -1,6 +1,7 @@
 """Hierarchical serving: sub-servers with their own replicas, synchronised at FedAvg rounds.
 
-Real torchrun federations on loopback (hard timeouts; every process's log on failure).
+Real torchrun federations on loopback, and socket-link ones of processes on their own (hard
+timeouts; every process's log on failure).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import yaml
 
 from flglm.config import load_config
 from flglm.data.loading import build_tokenizer
+from flglm.jobs.edge_processes import run_edge_federation
 from flglm.jobs.subprocesses import REPO_ROOT, run_federation, run_torchrun
 from flglm.jobs.train import run_centralized
 from flglm.tensor_files import load_tensors
@@ -51,20 +53,22 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
     data = _own_files(tmp_path, config, rows)
 
     # With plain FedAvg and with secure aggregation (the two clients' masks cancel only in the
-    # sum of both sub-servers' partial sums); the plain run lets `auto` choose the mode.
+    # sum of both sub-servers' partial sums), over torch RPC and over the socket link (each
+    # sub-server a process on its own); the plain run lets `auto` choose the mode.
     hierarchical = {}
-    for secure in (False, True):
-        run_dir = tmp_path / f"hier-secure-{secure}"
+    for transport, secure in (("rpc", False), ("rpc", True), ("socket", True)):
+        run_dir = tmp_path / f"hier-{transport}-secure-{secure}"
         overrides = [*data, f"crypto.secure_aggregation={str(secure).lower()}"]
         if not secure:
             overrides.append("server.parallelism=auto")
-        run_federation(config, overrides, num_clients=2, sub_servers=2, run_dir=run_dir, timeout_s=240)
-        hierarchical[secure] = run_dir
+        launch = run_federation if transport == "rpc" else run_edge_federation
+        launch(config, overrides, num_clients=2, sub_servers=2, run_dir=run_dir, timeout_s=240)
+        hierarchical[(transport, secure)] = run_dir
 
     # Each replica alone: sub-server s trained with client s only, i.e. a 1-client federation whose
     # only client reads client s's file (its one FedAvg round is the identity), which trains exactly
     # as the centralized run on that file (tests/test_federation.py): run here, in this process.
-    middle_names = set(load_tensors(hierarchical[False] / "server" / "middle.safetensors"))
+    middle_names = set(load_tensors(hierarchical[("rpc", False)] / "server" / "middle.safetensors"))
     replicas = []
     for client in (0, 1):
         own = [*data, f"data.train_path={tmp_path / 'data'}/client{client}.tsv", f"run_dir={tmp_path / f'alone{client}'}"]
@@ -75,15 +79,15 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
     weights = [float(r) for r in rows]
     expected_middle = _fedavg([{n: t for n, t in r.items() if n in middle_names} for r in replicas], weights)
     expected_blocks = _fedavg([{n: t for n, t in r.items() if n not in middle_names} for r in replicas], weights)
-    for secure, hier in hierarchical.items():
+    for (transport, secure), hier in hierarchical.items():
         middle = load_tensors(hier / "server" / "middle.safetensors")
         for name, value in expected_middle.items():
-            torch.testing.assert_close(middle[name], value, atol=1e-6, rtol=1e-5, msg=f"secure={secure} {name}")
+            torch.testing.assert_close(middle[name], value, atol=1e-6, rtol=1e-5, msg=f"{transport} secure={secure} {name}")
         for client in (0, 1):
             blocks = load_tensors(hier / f"client{client}" / "client_blocks.safetensors")
             # secure aggregation sums fixed-point values with 24 fractional bits (resolution 6e-8)
             for name, value in expected_blocks.items():
-                torch.testing.assert_close(blocks[name], value, atol=1e-6, rtol=1e-5, msg=f"secure={secure} client{client} {name}")
+                torch.testing.assert_close(blocks[name], value, atol=1e-6, rtol=1e-5, msg=f"{transport} secure={secure} client{client} {name}")
 
         summary = json.loads((hier / "summary.json").read_text())
         assert summary["parallelism"]["mode"] == "hierarchical" and summary["parallelism"]["sub_servers"] == 2
@@ -95,6 +99,10 @@ def test_two_sub_servers_equal_the_fedavg_of_separately_trained_replicas(tmp_pat
         sub_servers = [s["server"] for s in summary["sub_servers"]]
         assert sub_servers[0]["middle_syncs"] == 2  # at the round, and the final one
         assert sub_servers[0]["middle_sha256"] == sub_servers[1]["middle_sha256"]
+    # The socket link's federation is the torch-RPC one's, bit for bit (one client per sub-server: no order to differ in)
+    for part in ("server/middle.safetensors", "client0/client_blocks.safetensors", "client1/client_blocks.safetensors"):
+        rpc, edge = (load_tensors(hierarchical[(t, True)] / part) for t in ("rpc", "socket"))
+        assert sorted(rpc) == sorted(edge) and all(torch.equal(rpc[n], edge[n]) for n in rpc), part
 
 
 def test_three_clients_on_two_sub_servers_with_unequal_data_finish_in_step(tmp_path: Path) -> None:

@@ -5,6 +5,9 @@ rate-limited veth link. Real processes and sockets; every namespace removed on a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,8 @@ from test_federation import merged_weights, write_config
 from test_socket_link import TIMEOUT_S
 
 from flglm.jobs.edge_processes import EdgeFederation, ServerNode
-from flglm.jobs.subprocesses import run_federation
+from flglm.jobs.hostile import listening_sockets
+from flglm.jobs.subprocesses import REPO_ROOT, run_federation
 from flglm.network_hosts import NetworkHosts, available
 from flglm.tensor_files import load_tensors
 
@@ -62,21 +66,41 @@ def test_two_sub_servers_and_two_clients_on_four_hosts_train_as_on_one_host(tmp_
     deadline = time.monotonic() + TIMEOUT_S
 
     # Execute: the torch-RPC federation on loopback, then the socket-link one across four hosts,
-    # the two sub-servers joined by torchrun's multi-node flags (their collectives on their own link).
+    # the two sub-servers started on their own (`--sub-server/--cluster`), their store and
+    # collectives on a network of their own; before the clients start, a stranger on a fifth
+    # host tries every port the sub-servers listen on, at each of their addresses.
     run_federation(config, common, num_clients=2, sub_servers=2, run_dir=runs["one host"], timeout_s=TIMEOUT_S)
-    names = ["server0", "server1", "client0", "client1"]
+    names = ["server0", "server1", "client0", "client1", "attacker"]
     with (
-        NetworkHosts(names, rate_mbit={"client0": 100, "client1": 100}) as hosts,
+        NetworkHosts(names, rate_mbit={"client0": 100, "client1": 100}, cluster=names[:2]) as hosts,
         EdgeFederation(config, [*common, "server.sub_servers=2"], num_clients=2, run_dir=runs["four hosts"]) as federation,
     ):
-        nodes = [ServerNode(hosts[n].address, hosts[n].command([]), {"GLOO_SOCKET_IFNAME": hosts[n].interface}) for n in names[:2]]
-        federation.start_sub_servers(nodes, master_port=29500, timeout_s=TIMEOUT_S)
+        nodes = [ServerNode(hosts[n].address, hosts[n].command([]), cluster_address=hosts[n].cluster_address) for n in names[:2]]
+        servers = federation.start_sub_servers(nodes, master_port=29500, timeout_s=TIMEOUT_S)
         assert [a[0] for a in federation.addresses] == [hosts["server0"].address, hosts["server1"].address]
+        bound = {n: listening_sockets(s.popen.pid) for n, s in zip(names[:2], servers)}
+        targets = [
+            f"{a}:{port}" for n in names[:2] for port in sorted({p for _, p in bound[n]}) for a in (hosts[n].address, hosts[n].cluster_address)
+        ]
+        probe = subprocess.run(
+            hosts["attacker"].command([sys.executable, "-m", "flglm.jobs.hostile", "reach", *targets]),
+            check=False, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )  # fmt: skip
+        assert probe.returncode == 0, probe.stderr[-3000:]
         for client in (0, 1):
             federation.start_client(client, prefix=hosts[f"client{client}"].command([]))
         federation.wait_all(deadline=deadline)
 
-    # Assert: each client reached its own sub-server from its own host; one middle stack, the
+    # Assert: the stranger reached the two edges and nothing else (the store and gloo listen on
+    # the cluster addresses only, out of its reach); no store took its write
+    edges = {f"{a}:{p}" for a, p in federation.addresses}
+    reached = json.loads(probe.stdout.splitlines()[-1])
+    assert set(reached["connected"]) == edges and reached["stores_writable"] == []
+    clusters = {hosts[n].cluster_address for n in names[:2]}
+    internal = {a for n in names[:2] for a, p in bound[n] if f"{a}:{p}" not in edges}
+    assert internal == clusters and any(p == 29500 for _, p in bound["server0"]), bound
+
+    # ... and each client reached its own sub-server from its own host; one middle stack, the
     # same client blocks everywhere, bit for bit as on one host.
     summary = json.loads((runs["four hosts"] / "summary.json").read_text())
     assert summary["parallelism"]["mode"] == "hierarchical" and [s["clients"] for s in summary["sub_servers"]] == [["0"], ["1"]]

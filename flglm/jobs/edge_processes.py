@@ -1,9 +1,10 @@
 """Start a socket-link federation on this machine as child processes (tests, benchmarks, demo).
 
 The server is one process on its own (no torchrun: it needs no rendezvous), its edge on a
-free port it writes to ``run_dir/edge.json``; or, hierarchical, ``S`` sub-servers, each node
-its own torchrun with the multi-node flags (the sub-servers' only rendezvous: clients never
-join it), sub-server ``i``'s edge address in ``run_dir/edge-i.json``. Each client is a
+free port it writes to ``run_dir/edge.json``; or, hierarchical, ``S`` sub-servers, each a
+process on its own (``flglm train --sub-server I --cluster HOST:PORT``: sub-server 0 hosts
+their store on its cluster address alone; clients never reach it), sub-server ``i``'s edge
+address in ``run_dir/edge-i.json``. Each client is a
 ``flglm client`` process that reaches its server's address (client ``i``: sub-server
 ``i % S``). Use as a context manager: on exit every process still running is killed.
 """
@@ -11,6 +12,7 @@ join it), sub-server ``i``'s edge address in ``run_dir/edge-i.json``. Each clien
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flglm.jobs.edge_link import published_address
-from flglm.jobs.subprocesses import TRAIN_SCRIPT, FederationFailed, FederationProcess, ProcessGroup, _this_checkout_first
+from flglm.jobs.subprocesses import (
+    TRAIN_SCRIPT,
+    FederationFailed,
+    FederationProcess,
+    ProcessGroup,
+    _this_checkout_first,
+    sub_server_overrides,
+)
 from flglm.run_layout import edge_address_path
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -27,13 +36,18 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 @dataclass(frozen=True)
 class ServerNode:
-    """Where one sub-server runs: its address (its edge's, and node 0's is the rendezvous), the
-    command prefix that puts it there (e.g. ``ip netns exec HOST``) and extra environment
-    (e.g. ``GLOO_SOCKET_IFNAME``, the interface the sub-servers' collectives use)."""
+    """Where one sub-server runs: its edge's address, its address on the sub-servers' own network
+    (node 0's hosts their store; default: the edge's), the command prefix that puts it there
+    (e.g. ``ip netns exec HOST``) and extra environment."""
 
     address: str
     prefix: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    cluster_address: str | None = None
+
+    @property
+    def cluster(self) -> str:
+        return self.cluster_address or self.address
 
 
 class EdgeFederation(ProcessGroup):
@@ -81,20 +95,17 @@ class EdgeFederation(ProcessGroup):
         self, nodes: Sequence[ServerNode], overrides: Sequence[str] = (), *, master_port: int, timeout_s: float
     ) -> list[FederationProcess]:
         """A hierarchical server (the config's ``server.sub_servers`` must be ``len(nodes)``: the clients
-        check that they share it) of sub-servers, one per node, each its own torchrun
-        (``--nnodes``/``--node-rank``; node 0 hosts the rendezvous at ``master_port``), each edge on
-        its node's address; waits (at most ``timeout_s``) until every edge's address is known."""
+        check that they share it) of sub-servers, one process per node started on its own
+        (``--sub-server I --cluster A0:master_port``, A0 node 0's cluster address), each edge on its
+        node's address; waits (at most ``timeout_s``) until every edge's address is known."""
         count = len(nodes)
         for index in range(count):
             edge_address_path(self.run_dir, index).unlink(missing_ok=True)
         processes = []
+        cluster = f"{nodes[0].cluster}:{master_port}"
         for rank, node in enumerate(nodes):
-            torchrun = [
-                sys.executable, "-m", "torch.distributed.run", f"--nnodes={count}", f"--node-rank={rank}", "--nproc-per-node=1",
-                f"--master-addr={nodes[0].address}", f"--master-port={master_port}", "--max-restarts=0",
-            ]  # fmt: skip
-            args = [*self._args, f"link.edge_host={node.address}", *overrides]
-            processes.append(self._start(f"server{rank}", [*torchrun, str(TRAIN_SCRIPT), *args], node.prefix, node.env))
+            args = [f"--sub-server={rank}", f"--cluster={cluster}", *self._args, f"link.edge_host={node.address}", *overrides]
+            processes.append(self._start(f"server{rank}", [sys.executable, str(TRAIN_SCRIPT), *args], node.prefix, node.env))
         self._wait_for_edges(processes, time.monotonic() + timeout_s)
         return processes
 
@@ -123,13 +134,33 @@ class EdgeFederation(ProcessGroup):
         return self._start(f"client{index}", [*cmd, *self._args, *overrides], prefix)
 
 
-def run_edge_federation(config: str | Path, overrides: Sequence[str] = (), *, num_clients: int, run_dir: str | Path, timeout_s: float) -> None:
-    """A whole socket-link federation on this machine: the server, then every client, each a
-    process of its own (one thread each); waits for all and raises FederationFailed, with every
-    log, if one fails or the whole takes over ``timeout_s``. ``run_federation``'s counterpart."""
+def run_edge_federation(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    num_clients: int,
+    run_dir: str | Path,
+    timeout_s: float,
+    sub_servers: int = 1,
+) -> None:
+    """A whole socket-link federation on this machine: the server (or ``sub_servers`` sub-servers,
+    each on its own, their store on a free loopback port), then every client, each a process of its
+    own (one thread each); waits for all and raises FederationFailed, with every log, if one fails
+    or the whole takes over ``timeout_s``. ``run_federation``'s counterpart."""
     deadline = time.monotonic() + timeout_s
-    with EdgeFederation(config, ["server.num_threads=1", *overrides], num_clients=num_clients, run_dir=run_dir) as federation:
-        federation.start_server(timeout_s=timeout_s)
+    common = ["server.num_threads=1", *sub_server_overrides(sub_servers, overrides)]
+    with EdgeFederation(config, common, num_clients=num_clients, run_dir=run_dir) as federation:
+        if sub_servers > 1:
+            nodes = [ServerNode("127.0.0.1")] * sub_servers
+            federation.start_sub_servers(nodes, master_port=_free_port(), timeout_s=timeout_s)
+        else:
+            federation.start_server(timeout_s=timeout_s)
         for index in range(num_clients):
             federation.start_client(index)
         federation.wait_all(deadline=deadline)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

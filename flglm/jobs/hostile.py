@@ -175,18 +175,49 @@ def connections(address: tuple[str, int], count: int) -> Iterator[list[socket.so
 
 def listening_ports(pid: int) -> set[int]:
     """The TCP ports process ``pid`` (and its children) listen on, as a port scan of its host would find."""
+    return {port for _, port in listening_sockets(pid)}
+
+
+def listening_sockets(pid: int) -> set[tuple[str, int]]:
+    """The (address, port) pairs process ``pid`` (and its children) listen on over TCP.
+
+    Read from ``/proc/PID/net/tcp{,6}``, the process's own network namespace, matched to its
+    socket inodes: psutil reads the caller's ``/proc/net``, which from another network host
+    (namespace) finds none of a process's sockets."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        pids = [root.pid, *(c.pid for c in root.children(recursive=True))]
     except psutil.NoSuchProcess:
         return set()
-    ports: set[int] = set()
-    for proc in procs:
+    found: set[tuple[str, int]] = set()
+    for each in pids:
         try:
-            ports |= {c.laddr.port for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:
+            inodes = {_socket_inode(f"/proc/{each}/fd/{fd}") for fd in os.listdir(f"/proc/{each}/fd")} - {""}
+            for table in ("tcp", "tcp6"):
+                for line in Path(f"/proc/{each}/net/{table}").read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                        address, port = fields[1].rsplit(":", 1)
+                        found.add((_proc_address(address), int(port, 16)))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):  # the process ended meanwhile
             continue
-    return ports
+    return found
+
+
+def _socket_inode(fd_path: str) -> str:
+    """The inode of the socket an fd link points to ("socket:[N]"), or "" (not a socket, or closed)."""
+    try:
+        target = os.readlink(fd_path)
+    except OSError:
+        return ""
+    return target[8:-1] if target.startswith("socket:[") else ""
+
+
+def _proc_address(hex_address: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it (host byte order, 32-bit words) in dotted or colon form."""
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(socket.AF_INET if len(words) == 4 else socket.AF_INET6, words)
 
 
 @contextmanager
@@ -216,3 +247,29 @@ def _store_access(host: str, port: int, timeout_s: float) -> bool:
         return store.get("flglm-hostile-probe") == b"stranger"
     except (RuntimeError, TimeoutError, OSError, ValueError):
         return False
+
+
+def reach(targets: list[tuple[str, int]], *, timeout_s: float = 2.0) -> dict[str, list[str]]:
+    """From this process's host: which ``targets`` accept a TCP connection, and at which of those
+    a keyless process's TCPStore write is taken."""
+    connected = []
+    for host, port in targets:
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                connected.append((host, port))
+        except OSError:
+            continue
+    return {
+        "connected": [f"{h}:{p}" for h, p in connected],
+        "stores_writable": [f"{h}:{p}" for h, p in connected if store_access(h, p)],
+    }
+
+
+if __name__ == "__main__":  # python -m flglm.jobs.hostile reach HOST:PORT ... (run on the attacker's host)
+    import json
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "reach":
+        raise SystemExit("usage: python -m flglm.jobs.hostile reach HOST:PORT ...")
+    pairs = [(t.rpartition(":")[0], int(t.rpartition(":")[2])) for t in sys.argv[2:]]
+    print(json.dumps(reach(pairs)))

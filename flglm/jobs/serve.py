@@ -62,6 +62,13 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     )
     log.info("%s: parallelism %s (%s)", role.worker_name, choice.mode, choice.reason)
     if choice.mode == "hierarchical":
+        if cfg.link.transport == "socket" and env.agent_store:
+            log.warning(
+                "%s: torchrun's store listens on every address of %s's machine, so clients that reach it can write to it: "
+                "across organisations start each sub-server with `flglm train --sub-server I --cluster HOST:PORT` instead (README)",
+                role.worker_name,
+                env.master_addr,
+            )
         init_server_group(
             env,
             index=role.server_index,

@@ -175,6 +175,14 @@ def run_torchrun(
     return FederationRun(proc.returncode, output, run_dir)
 
 
+def sub_server_overrides(sub_servers: int, overrides: Sequence[str]) -> list[str]:
+    """``overrides`` after what ``sub_servers > 1`` needs: the count, and ``server.parallelism=hierarchical`` unless they say ``auto``."""
+    if sub_servers <= 1:
+        return list(overrides)
+    mode = [] if any(o.startswith("server.parallelism=") for o in overrides) else ["server.parallelism=hierarchical"]
+    return [f"server.sub_servers={sub_servers}", *mode, *overrides]
+
+
 def run_federation(
     config: str | Path,
     overrides: Sequence[str] = (),
@@ -193,11 +201,7 @@ def run_federation(
     overrides say ``auto``)."""
     run_dir = Path(run_dir)
     args = ["--config", str(config), f"run_dir={run_dir}", f"federation.num_clients={num_clients}"]
-    if sub_servers > 1:
-        args += [f"server.sub_servers={sub_servers}"]
-        if not any(o.startswith("server.parallelism=") for o in overrides):
-            args += ["server.parallelism=hierarchical"]
-    args += list(overrides)
+    args += sub_server_overrides(sub_servers, overrides)
     return run_torchrun(
         TRAIN_SCRIPT,
         args,
