@@ -1,10 +1,10 @@
 """Hostile participants and strangers against each deployment mode: which attacks get through.
 
-    python benchmarks/hostile.py                   # both modes (about 1 minute on 2 cores)
-    python benchmarks/hostile.py --modes socket    # one mode
+    python benchmarks/hostile.py                          # every mode (about 4 minutes on 2 cores; the -hosts ones need root)
+    python benchmarks/hostile.py --modes socket,rpc       # some
 
-Each mode runs a real federation on this machine (1 server, 2 encrypted clients with secure
-aggregation, a tiny GLM, each client with its own training file) and attacks it while it trains:
+Each mode runs a real federation (1 server side, 2 encrypted clients with secure aggregation, a
+tiny GLM, each client with its own training file) and attacks it while it trains:
 
 * ``rpc`` (``link.transport=rpc``, torchrun; the one-trust-domain mode, every process
   unpickling RPC payloads through ``flglm/link/rpc_allowlist.py``): client 1 is a *hostile
@@ -12,21 +12,33 @@ aggregation, a tiny GLM, each client with its own training file) and attacks it 
   and, from a side thread, makes its own RPC calls to the server and to client 0 with the RPC
   agent torchrun's world gives it. A *stranger* (no key, no rank) port-scans the federation's
   processes, writes to any store it finds, tries to join the RPC group through it, and sends
-  pickles, junk and 200 connections to the server's ports.
-* ``socket`` (``link.transport=socket``: the server's edge, ``flglm client --server HOST:PORT``):
-  the hostile participant is a second process holding client 1's valid keys (before the real
-  client 1 starts: it would otherwise replace its own session), the stranger one without keys;
-  both try the same things through every port the server listens on (the edge is the only one;
-  the clients listen on none).
+  pickles, junk and 200 connections to the server's ports. On loopback.
+* ``socket``, ``socket-hosts``, ``hierarchical-hosts`` (``link.transport=socket``: the server's
+  edges, ``flglm client --server HOST:PORT``): the hostile participant is a process holding
+  client 1's valid keys (before the real client 1 starts: it would otherwise replace its own
+  session), the stranger one without keys; both try the same things through every port the
+  server side listens on, at each of its addresses, and the clients' (they listen on none).
+  ``socket``: all on loopback beside the server (an upper bound on what another host reaches).
+  ``socket-hosts``: the server, each client and the attacker each on a network host of its own
+  (Linux namespaces, ``flglm.network_hosts``). ``hierarchical-hosts``: two sub-servers started
+  on their own (``--sub-server/--cluster``), on the clients' network and on one of their own
+  (their store and gloo there), each client and the attacker on a host of its own.
+  ``generate-hosts``: generation (``flglm generate --serve`` with the base model, client 0
+  ``--server HOST:PORT`` greedily decoding 300 prompts one by one), server, client and attacker
+  each on a host of its own; the participant holds client 1's keys (listed, not generating).
+  In these the server side serves deterministically (client batching; one client per
+  sub-server; greedy decoding), and the same job run again unattacked must train the same
+  state (generate the same tokens) bit for bit.
 
 An attack *succeeded* when its effect is observed: the marker file a pickle's command would
 touch exists; bytes of the server's private key or of client 0's training file came back; a
-function or a remote object ran (a value came back); a store took a write; a frame outside
-the three entries got anything but a refusal; or (junk, floods) a target stopped or an honest
-client did not finish. The attacker runs on loopback beside the server (no network
-namespaces): what a port scan finds there is an upper bound on what another host reaches.
+function or a remote object ran (a value came back); a non-edge port of the server side
+connected, or a store took a write; a frame outside the three entries got anything but a
+refusal; or (junk, floods) a target stopped or an honest client did not finish.
 
-Last line: one JSON object; ``succeeded`` counts the socket mode's successful attacks (goal 0).
+Last line: one JSON object; ``succeeded`` counts the socket modes' successful attacks (goal 0).
+Exit 1 if an attack landed after the run ended (raise ``--steps``), or in a socket mode an honest
+client failed or the attacked run's trained state differs from the unattacked one's.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from tempfile import TemporaryDirectory
 from typing import Any
 
 import psutil
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +73,8 @@ from flglm.jobs import hostile as H
 from flglm.jobs.edge_processes import EdgeFederation, ServerNode
 from flglm.jobs.subprocesses import FederationFailed, FederationProcess, run_torchrun
 from flglm.network_hosts import Host, NetworkHosts, available
+from flglm.run_layout import generation_summary_path
+from flglm.tensor_files import load_tensors
 
 WORKERS = REPO / "benchmarks" / "hostile_workers.py"
 MODEL = {
@@ -70,6 +85,7 @@ MODEL = {
 FLOOD = 200
 TIMEOUT_S = 150.0
 MASTER_PORT = 29500  # the sub-servers' store, on their own network
+GENERATED_PROMPTS, GENERATED_TOKENS = 300, 24  # the generation modes: prompts decoded one by one, tokens each
 
 # (row, attacker): the rows of the table, in order
 ROWS: list[tuple[str, str]] = [
@@ -314,12 +330,14 @@ class Placement:
 
     hosts: dict[str, Host] | None = None
     sub_servers: int = 1
+    generation: bool = False
+    """``flglm generate --serve`` and one generating client (client 0) instead of training."""
 
 
-def _clients_training(federation: EdgeFederation) -> bool:
-    """Whether both clients have their encrypted sessions (training is under way)."""
-    logs = [p.output.read_text(errors="replace") for p in federation.processes if p.name.startswith("client")]
-    return len(logs) == 2 and all("encrypted session established" in log for log in logs)
+def _clients_training(federation: EdgeFederation, count: int) -> bool:
+    """Whether ``count`` clients have their encrypted sessions (training, or generation, is under way)."""
+    logs = [p.output.read_text(errors="replace") for p in federation.processes if "client" in p.name]
+    return len(logs) == count and all("encrypted session established" in log or "generated 1 of" in log for log in logs)
 
 
 def _connectable(address: str, port: int) -> bool:
@@ -337,8 +355,26 @@ def _server_addresses(hosts: dict[str, Host] | None, name: str) -> list[str]:
     return [a for a in (hosts[name].address, hosts[name].cluster_address) if a]
 
 
+def _start_client(fed: EdgeFederation, index: int, placement: Placement, root: Path) -> FederationProcess:
+    prefix = placement.hosts[f"client{index}"].command([]) if placement.hosts else ()
+    if placement.generation:
+        return fed.start_generation_client(index, ["--base", f"--prompts-file={_prompts(root)}"], prefix=prefix)
+    return fed.start_client(index, prefix=prefix)
+
+
+def _prompts(root: Path) -> Path:
+    path = root / "prompts.txt"
+    if not path.is_file():
+        path.write_text("".join(f"prompt {i}: the quick brown fox\n" for i in range(GENERATED_PROMPTS)))
+    return path
+
+
 def _start_servers(fed: EdgeFederation, placement: Placement) -> list[FederationProcess]:
     hosts = placement.hosts
+    if placement.generation:
+        prefix = hosts["server0"].command([]) if hosts else ()
+        edge = [f"link.edge_host={hosts['server0'].address}"] if hosts else []
+        return [fed.start_generation_server(["--base"], edge, timeout_s=TIMEOUT_S, prefix=prefix)]
     if placement.sub_servers > 1:
         assert hosts is not None, "sub-servers run on hosts of their own"
         names = [f"server{i}" for i in range(placement.sub_servers)]
@@ -349,22 +385,53 @@ def _start_servers(fed: EdgeFederation, placement: Placement) -> list[Federation
     return [fed.start_server([f"link.edge_host={hosts['server0'].address}"], timeout_s=TIMEOUT_S, prefix=hosts["server0"].command([]))]
 
 
+def _socket_overrides(placement: Placement) -> list[str]:
+    """Deterministic serving, so that an unattacked run is the attacked one's reference bit for
+    bit: one client per sub-server, or both clients' steps as one group (``client_batching``)."""
+    overrides = ["link.max_connections=64", "link.first_frame_timeout_s=3"]
+    if placement.generation:  # greedy decoding of many prompts, one at a time: long enough to attack, and deterministic
+        return [*overrides, f"generation.max_new_tokens={GENERATED_TOKENS}", "generation.batch_size=1"]
+    if placement.sub_servers > 1:
+        return [*overrides, "server.parallelism=hierarchical", f"server.sub_servers={placement.sub_servers}"]
+    return [*overrides, "server.parallelism=client_batching", "server.batch_window_ms=5000"]
+
+
+def _trained_state(run_dir: Path, placement: Placement) -> dict[str, torch.Tensor]:
+    """What the run trained: the server's middle stack and each client's blocks (generation: the generated token ids)."""
+    if placement.generation:
+        rows = json.loads((run_dir / "generate" / "generations.json").read_text())
+        return {f"generated/{i}": torch.tensor(row["token_ids"]) for i, row in enumerate(rows)}
+    state = {f"server/{k}": v for k, v in load_tensors(run_dir / "server" / "middle.safetensors").items()}
+    for client in (0, 1):
+        state |= {f"client{client}/{k}": v for k, v in load_tensors(run_dir / f"client{client}" / "client_blocks.safetensors").items()}
+    return state
+
+
+def unattacked_state(root: Path, config: Path, placement: Placement) -> dict[str, torch.Tensor]:
+    """The same federation, placed alike, with nobody attacking it: the reference."""
+    run_dir = root / "unattacked"
+    with EdgeFederation(config, _socket_overrides(placement), num_clients=2, run_dir=run_dir) as fed:
+        _start_servers(fed, placement)
+        for client in (0,) if placement.generation else (0, 1):
+            _start_client(fed, client, placement, root)
+        fed.wait_all(deadline=time.monotonic() + TIMEOUT_S)
+    return _trained_state(run_dir, placement)
+
+
 def socket_mode(
     root: Path, config: Path, files: dict[str, Path], secrets: Secrets, placement: Placement = Placement()
 ) -> tuple[dict[tuple[str, str], bool], bool, dict[str, Any]]:
     run_dir = root / "socket"
     hosts = placement.hosts
     markers = {who: root / f"pwned-socket-{who}" for who in ("participant", "stranger")}
-    overrides = ["link.max_connections=64", "link.first_frame_timeout_s=3"]
-    if placement.sub_servers > 1:
-        overrides += ["server.parallelism=hierarchical", f"server.sub_servers={placement.sub_servers}"]
+    overrides = _socket_overrides(placement)
     observed: dict[str, Any] = {"placement": "loopback" if hosts is None else f"{len(hosts)} network hosts + the attacker's"}
     deadline = time.monotonic() + TIMEOUT_S
     with EdgeFederation(config, overrides, num_clients=2, run_dir=run_dir) as fed:
         servers = _start_servers(fed, placement)
         edges = [(str(a), int(p)) for a, p in fed.addresses]
         own_edge = edges[1 % len(edges)]  # client 1's sub-server: where the participant's keys are listed
-        client0 = fed.start_client(0, prefix=hosts["client0"].command([]) if hosts else ())
+        client0 = _start_client(fed, 0, placement, root)
         # Every port the server side listens on, at every address the attacker might try
         listening = {s.name: sorted(H.listening_sockets(s.popen.pid)) for s in servers}
         addresses = {s.name: _server_addresses(hosts, f"server{i}") for i, s in enumerate(servers)}
@@ -378,8 +445,9 @@ def socket_mode(
         observed["participant_sealed_pickle"] = repr(
             H.sealed_payload(own_edge, root / "keys", client=1, num_clients=2, payload=H.Exploit(markers["participant"]))
         )[:200]
-        client1 = fed.start_client(1, prefix=hosts["client1"].command([]) if hosts else ())
-        _wait_for(lambda: _clients_training(fed) or client0.popen.poll() is not None, 90)
+        # (generation: client 1 is not in the job; client 0 generates alone)
+        honest_clients = [client0] if placement.generation else [client0, _start_client(fed, 1, placement, root)]
+        _wait_for(lambda: _clients_training(fed, len(honest_clients)) or client0.popen.poll() is not None, 90)
         # The stranger, while the clients train: every port the server side listens on, at each of
         # its addresses (what connects and is not an edge; a store's write); a handshake with its
         # own key; then, with 200 connections held open, pickles, method codes outside the table and junk
@@ -387,12 +455,12 @@ def socket_mode(
             (a, port) for name, bound in listening.items() for port in sorted({p for _, p in bound}) for a in addresses[name] if _connectable(a, port)
         ]
         observed["reachable_non_edge"] = [f"{a}:{port}" for a, port in reachable if (a, port) not in edges]
-        observed["stores_writable"] = [f"{a}:{port}" for a, port in reachable if H.store_access(a, port)]
+        observed["stores_writable"] = [f"{a}:{port}" for a, port in H.stores_writable(reachable)]
         stranger_key = root / "stranger.key"
         generate_identity(stranger_key)
         refusal = H.stranger_handshake(edges[0], root / "keys", client=0, num_clients=2, stranger_key=stranger_key)
         observed["stranger_handshake"] = f"{type(refusal).__name__}: {str(refusal)[:120]}"
-        clients_listening: dict[str, set[int]] = {"client0": set(), "client1": set()}
+        clients_listening: dict[str, set[int]] = {p.name: set() for p in honest_clients}
         junk = H.junk_frames(random.Random(0))
         replies: list[bytes] = []
         off_table: list[bytes] = []
@@ -404,11 +472,11 @@ def socket_mode(
                 replies += _send_many(edge, [frame for payload in pickles for frame in H.pickle_frames(payload)])
                 off_table += _send_many(edge, [H.raw_frame(m, 0, k, [H.bytes_tensor(bytes(68))], ftype=t) for m, k, t in H.OFF_TABLE_REQUESTS])
                 junk_replies += _send_many(edge, [data for family in junk.values() for data in family])
-            observed["attacks_while_training"] = client0.popen.poll() is None and client1.popen.poll() is None
+            observed["attacks_while_training"] = all(p.popen.poll() is None for p in honest_clients)
             while client0.popen.poll() is None and time.monotonic() < deadline:
-                for name, proc in (("client0", client0), ("client1", client1)):
+                for proc in honest_clients:
                     if proc.popen.poll() is None:
-                        clients_listening[name] |= H.listening_ports(proc.popen.pid)
+                        clients_listening[proc.name] |= H.listening_ports(proc.popen.pid)
                 time.sleep(0.5)
         codes = {}
         for proc in fed.processes:
@@ -419,8 +487,14 @@ def socket_mode(
     observed["exit_codes"] = codes
     observed["clients_listening"] = {k: sorted(v) for k, v in clients_listening.items()}
     honest = all(code == 0 for code in codes.values())
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    summary_file = generation_summary_path(run_dir) if placement.generation else run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     observed["edge"] = summary.get("edge", {})
+    if honest:
+        attacked, reference = _trained_state(run_dir, placement), unattacked_state(root, config, placement)
+        observed["state_unchanged"] = sorted(attacked) == sorted(reference) and all(torch.equal(attacked[k], reference[k]) for k in attacked)
+    else:
+        observed["state_unchanged"] = False
     peer_unreachable = not any(clients_listening.values())
     refused = [isinstance(a, BaseException) for a in answers]
     no_rpc = not observed["reachable_non_edge"] and not observed["stores_writable"]
@@ -465,7 +539,7 @@ def _answered_not_refused(reply: bytes) -> bool:
 # ---------------------------------------------------------------- report
 
 
-def table(outcomes: dict[str, dict[tuple[str, str], bool]], honest: dict[str, bool]) -> str:
+def table(outcomes: dict[str, dict[tuple[str, str], bool]], honest: dict[str, bool], observed: dict[str, Any]) -> str:
     modes = list(outcomes)
     head = "| attack | attacker | " + " | ".join(f"`{m}`" for m in modes) + " |"
     lines = [head, "|" + "---|" * (2 + len(modes))]
@@ -473,6 +547,8 @@ def table(outcomes: dict[str, dict[tuple[str, str], bool]], honest: dict[str, bo
         cells = ["**SUCCEEDED**" if outcomes[m][(row, who)] else "refused" for m in modes]
         lines.append(f"| {row} | {who} | " + " | ".join(cells) + " |")
     lines.append("| *honest clients finished (exit 0)* | | " + " | ".join("yes" if honest[m] else "**NO**" for m in modes) + " |")
+    unchanged = {True: "yes", False: "**NO**", None: "not compared"}
+    lines.append("| *trained state bit for bit as unattacked* | | " + " | ".join(unchanged[observed[m].get("state_unchanged")] for m in modes) + " |")
     lines.append(f"| *succeeded (of {len(ROWS)})* | | " + " | ".join(str(sum(outcomes[m].values())) for m in modes) + " |")
     return "\n".join(lines)
 
@@ -482,10 +558,12 @@ MODES = {
     "socket": "socket link, 1 server, loopback",
     "socket-hosts": "socket link, 1 server, each party and the attacker on a network host of its own",
     "hierarchical-hosts": "socket link, 2 sub-servers on a network of their own + the clients' network, each party and the attacker on a host of its own",
+    "generate-hosts": "socket link, generation (flglm generate --serve / --server), the server, the client and the attacker each on a host of its own",
 }
 HOSTS = {
     "socket-hosts": ["server0", "client0", "client1", "attacker"],
     "hierarchical-hosts": ["server0", "server1", "client0", "client1", "attacker"],
+    "generate-hosts": ["server0", "client0", "attacker"],
 }
 
 
@@ -516,7 +594,11 @@ def _inside(mode: str, root: Path) -> int:
     """On the attacker's host: the socket mode against the federation on the other hosts."""
     hosts = {n: Host(**h) for n, h in json.loads((root / "hosts.json").read_text()).items()}
     config, files = root / "config.yaml", {"server_key": root / "keys" / "server.key", "train0": root / "data0" / "train.tsv"}
-    placement = Placement(hosts={n: h for n, h in hosts.items() if n != "attacker"}, sub_servers=sum(n.startswith("server") for n in hosts))
+    placement = Placement(
+        hosts={n: h for n, h in hosts.items() if n != "attacker"},
+        sub_servers=sum(n.startswith("server") for n in hosts),
+        generation=mode.startswith("generate"),
+    )
     outcome, honest, observed = socket_mode(root, config, files, Secrets(files), placement)
     observed["attacker_address"] = hosts["attacker"].address
     data = {"outcome": {f"{who}: {row}": ok for (row, who), ok in outcome.items()}, "honest": honest, "observed": observed}
@@ -527,7 +609,12 @@ def _inside(mode: str, root: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default=None, help=f"comma-separated of {', '.join(MODES)} (default: all; the -hosts ones need root)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per client (default: 120 for rpc, 600 for the socket modes: the attacks must land while the clients train)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per client (default: 120 for rpc, 600 for the socket modes: the attacks must land while the clients train)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
     parser.add_argument("--inside", default=None, help=argparse.SUPPRESS)  # the attacker's process, on its own host
     args = parser.parse_args()
@@ -561,7 +648,7 @@ def main() -> int:
                 flush=True,
             )
     print()
-    print(table(outcomes, honest))
+    print(table(outcomes, honest, observed))
     print()
     for mode in modes:
         print(f"`{mode}`: {MODES[mode]}")
@@ -574,8 +661,10 @@ def main() -> int:
         "succeeded_by_mode": {m: sum(o.values()) for m, o in outcomes.items()},
         "attacks": len(ROWS),
         "honest_clients_finished": honest,
+        "state_unchanged": {m: observed[m].get("state_unchanged") for m in modes},
         "modes": {m: MODES[m] for m in modes},
         "outcomes": {m: {f"{who}: {row}": ("succeeded" if ok else "refused") for (row, who), ok in o.items()} for m, o in outcomes.items()},
+        "edge": {m: observed[m].get("edge") for m in modes if m != "rpc"},
         "attacks_while_training": {m: all(v for k, v in o.items() if k.endswith("attacks_while_training")) for m, o in observed.items()},
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -584,7 +673,8 @@ def main() -> int:
     if late:
         print(f"hostile: in {late} the run ended before the attacks did: their 'refused' proves nothing; raise --steps", file=sys.stderr)
         return 1
-    return 0
+    # the rpc mode's failures are what it measures; a socket mode's are the benchmark failing
+    return 0 if all(honest[m] for m in cross_org) and all(line["state_unchanged"][m] for m in cross_org) else 1
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ with an *attacker* host beside the clients:
 
 * ``single``: one server process on ``server0`` (``flglm train ... link.transport=socket``),
   client ``i`` on ``client{i}`` (``flglm client --server``);
-* ``hierarchical``: two sub-servers on ``server0`` and ``server1``, one torchrun each joined by the
-  multi-node flags (rendezvous on ``server0``, gloo on each host's interface), client ``i`` on
-  ``client{i}`` reaching sub-server ``i``.
+* ``hierarchical``: two sub-servers on ``server0`` and ``server1``, each started on its own
+  (``flglm train --sub-server I --cluster C0:29500``), the two hosts also on a network of their
+  own (their store and gloo there, ``C0`` sub-server 0's address on it), client ``i`` on
+  ``client{i}`` reaching sub-server ``i``'s edge on the clients' network.
 
 While both clients train (1 server side, 2 encrypted clients with secure aggregation, the tiny GLM
 of ``benchmarks/hostile.py``), the attacker host connects to every port 1-65535 of every host. Each
@@ -18,9 +19,8 @@ open port is probed: the server's edge (known from ``edge.json``); a torch TCPSt
 ``set`` accepted?); anything else. Then the federation must still finish (every process exit 0).
 
 Last line: one JSON object; ``"reachable_non_edge"`` per deployment counts the open ports a stranger
-found that are not an edge (goal 0 across organisations). Here the clients' and the servers'
-hosts share one network, which is the worst case: a deployment that puts the sub-servers'
-rendezvous and gloo on a network of their own (or firewalls them) reaches fewer.
+found that are not an edge (goal 0 across organisations). The attacker scans every address of
+every host it can route to: the clients' network (it has no interface on the sub-servers' own).
 """
 
 from __future__ import annotations
@@ -106,9 +106,12 @@ def deployment(kind: str, root: Path, config: Path) -> dict[str, Any]:
     servers = [n for n in names if n.startswith("server")]
     common = ["server.num_threads=1", *(["server.parallelism=hierarchical", "server.sub_servers=2"] if kind == "hierarchical" else [])]
     run_dir = root / kind
-    with NetworkHosts(names) as hosts, EdgeFederation(config, common, num_clients=2, run_dir=run_dir) as federation:
+    with (
+        NetworkHosts(names, cluster=servers if kind == "hierarchical" else ()) as hosts,
+        EdgeFederation(config, common, num_clients=2, run_dir=run_dir) as federation,
+    ):
         if kind == "hierarchical":
-            nodes = [ServerNode(hosts[n].address, hosts[n].command([]), {"GLOO_SOCKET_IFNAME": hosts[n].interface}) for n in servers]
+            nodes = [ServerNode(hosts[n].address, hosts[n].command([]), cluster_address=hosts[n].cluster_address) for n in servers]
             federation.start_sub_servers(nodes, master_port=MASTER_PORT, timeout_s=TIMEOUT_S)
         else:
             federation.start_server([f"link.edge_host={hosts['server0'].address}"], timeout_s=TIMEOUT_S, prefix=hosts["server0"].command([]))

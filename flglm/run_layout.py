@@ -54,6 +54,11 @@ def generation_edge_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "generate" / "edge.json"
 
 
+def generation_summary_path(run_dir: str | Path) -> Path:
+    """What a generation job's server served (counts; over the socket link its edge's too)."""
+    return Path(run_dir) / "generate" / "server-summary.json"
+
+
 def summary_path(run_dir: str | Path) -> Path:
     """The federation's summary: the server writes it last, so it marks a finished run."""
     return Path(run_dir) / "summary.json"

@@ -92,8 +92,13 @@ def test_generate_command_matches_the_whole_model(tmp_path: Path, transport: str
     assert f"{prompts[0]}\n  -> {rows[0]['generated']}" in done.stdout
     server_log = (tmp_path / "run" / "logs" / "generate-server.log").read_text()
     assert "'decode_sessions_opened': 1" in server_log and "client 0 left" in server_log
+    served = json.loads((tmp_path / "run" / "generate" / "server-summary.json").read_text())
+    assert served["server"]["decode_sessions_opened"] == 1
     if transport == "socket":  # the server listened on its edge only, and the client proved its key there
         assert "edge listening on 127.0.0.1" in server_log and "init_rpc" not in server_log
+        assert served["edge"]["proven_connections"] >= 1 and served["edge"]["malformed_frames"] == 0
+    else:
+        assert "edge" not in served
 
 
 def test_generate_command_names_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

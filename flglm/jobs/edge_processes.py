@@ -29,7 +29,7 @@ from flglm.jobs.subprocesses import (
     _this_checkout_first,
     sub_server_overrides,
 )
-from flglm.run_layout import edge_address_path
+from flglm.run_layout import edge_address_path, generation_edge_path
 
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -132,6 +132,33 @@ class EdgeFederation(ProcessGroup):
         server = f"{host}:{port}"
         cmd = [sys.executable, "-m", "flglm.cli", "client", f"--client={index}", f"--server={server}", f"--threads={threads}"]
         return self._start(f"client{index}", [*cmd, *self._args, *overrides], prefix)
+
+    def start_generation_server(
+        self, args: Sequence[str] = (), overrides: Sequence[str] = (), *, timeout_s: float, prefix: Sequence[str] = ()
+    ) -> FederationProcess:
+        """``flglm generate --serve`` with ``args`` (``--base``, ``--weights``, ...), the server side of
+        generation on its own; waits (at most ``timeout_s``) until its edge's address
+        (``run_dir/generate/edge.json``) is known."""
+        path = generation_edge_path(self.run_dir)
+        path.unlink(missing_ok=True)
+        server = self._start("generate-server", [sys.executable, "-m", "flglm.cli", "generate", "--serve", *args, *self._args, *overrides], prefix)
+        try:
+            address = published_address(path, timeout_s=timeout_s, alive=lambda: server.popen.poll() is None)
+        except TimeoutError:
+            self.kill_all()
+            raise FederationFailed(f"the generation server published no edge address ({path}).\n{self.describe()}") from None
+        self.addresses, self.address = [address], address
+        return server
+
+    def start_generation_client(
+        self, index: int, args: Sequence[str], overrides: Sequence[str] = (), *, prefix: Sequence[str] = ()
+    ) -> FederationProcess:
+        """``flglm generate --client index --server ADDRESS`` with ``args`` (``--prompts-file``, ``--out``, ...)."""
+        if self.address is None:
+            raise RuntimeError("start the generation server first")
+        server = f"{self.address[0]}:{self.address[1]}"
+        cmd = [sys.executable, "-m", "flglm.cli", "generate", f"--client={index}", f"--server={server}", *args]
+        return self._start(f"generate-client{index}", [*cmd, *self._args, *overrides], prefix)
 
 
 def run_edge_federation(

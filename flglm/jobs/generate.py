@@ -37,7 +37,7 @@ from flglm.link import rpc_entries
 from flglm.models.split import ClientBlocks, MiddleStack, plan_for, saved_state_dict
 from flglm.privacy.defenses import client_defenses
 from flglm.roles import Role
-from flglm.run_layout import client_weights_path, generation_edge_path, middle_weights_path, tokenizer_dir
+from flglm.run_layout import client_weights_path, generation_edge_path, generation_summary_path, middle_weights_path, tokenizer_dir
 from flglm.server.endpoint import ServerEndpoint
 from flglm.server.middle_server import MiddleServer
 from flglm.tasks import prompt_rows
@@ -84,9 +84,11 @@ def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights
     server = MiddleServer(cfg, middle=middle, clients=[client_index], mode="sequential")
     endpoint = ServerEndpoint(server, sessions)
     try:
-        with _serving(cfg, env, endpoint):
+        with _serving(cfg, env, endpoint) as edge:
             server.wait_until_done(timeout=cfg.server.startup_timeout_s)
-            log.info("generation served: %s", server.summary()["server"])
+            summary = {"server": server.summary()["server"], "link": endpoint.summary(), **({"edge": edge.summary()} if edge is not None else {})}
+            log.info("generation served: %s", summary["server"])
+            write_json(summary, generation_summary_path(cfg.run_dir))
     finally:
         server.close()
 

@@ -240,6 +240,15 @@ def store_access(host: str, port: int, *, timeout_s: float = 3.0) -> bool:
         return _store_access(host, port, timeout_s)
 
 
+def stores_writable(targets: list[tuple[str, int]], *, timeout_s: float = 3.0) -> list[tuple[str, int]]:
+    """Those of ``targets`` where :func:`store_access` succeeds, all probed at once (one quiet stderr around them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _quiet_stderr(), ThreadPoolExecutor(max(1, min(16, len(targets)))) as pool:
+        taken = list(pool.map(lambda t: _store_access(t[0], t[1], timeout_s), targets))
+    return [t for t, ok in zip(targets, taken) if ok]
+
+
 def _store_access(host: str, port: int, timeout_s: float) -> bool:
     try:
         store = torch.distributed.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
@@ -259,10 +268,7 @@ def reach(targets: list[tuple[str, int]], *, timeout_s: float = 2.0) -> dict[str
                 connected.append((host, port))
         except OSError:
             continue
-    return {
-        "connected": [f"{h}:{p}" for h, p in connected],
-        "stores_writable": [f"{h}:{p}" for h, p in connected if store_access(h, p)],
-    }
+    return {"connected": [f"{h}:{p}" for h, p in connected], "stores_writable": [f"{h}:{p}" for h, p in stores_writable(connected)]}
 
 
 if __name__ == "__main__":  # python -m flglm.jobs.hostile reach HOST:PORT ... (run on the attacker's host)
