@@ -28,7 +28,8 @@ tiny GLM, each client with its own training file) and attacks it while it trains
   each on a host of its own; the participant holds client 1's keys (listed, not generating).
   In these the server side serves deterministically (client batching; one client per
   sub-server; greedy decoding), and the same job run again unattacked must train the same
-  state (generate the same tokens) bit for bit.
+  state (generate the same tokens) bit for bit; for ``hierarchical-hosts`` that reference is
+  the torch-RPC federation on one host (so it also shows the link and the hosts change nothing).
 
 An attack *succeeded* when its effect is observed: the marker file a pickle's command would
 touch exists; bytes of the server's private key or of client 0's training file came back; a
@@ -71,7 +72,7 @@ from flglm.crypto.keys import generate_identity
 from flglm.data import write_demo_dataset
 from flglm.jobs import hostile as H
 from flglm.jobs.edge_processes import EdgeFederation, ServerNode
-from flglm.jobs.subprocesses import FederationFailed, FederationProcess, run_torchrun
+from flglm.jobs.subprocesses import FederationFailed, FederationProcess, run_federation, run_torchrun
 from flglm.network_hosts import Host, NetworkHosts, available
 from flglm.run_layout import generation_summary_path
 from flglm.tensor_files import load_tensors
@@ -408,8 +409,15 @@ def _trained_state(run_dir: Path, placement: Placement) -> dict[str, torch.Tenso
 
 
 def unattacked_state(root: Path, config: Path, placement: Placement) -> dict[str, torch.Tensor]:
-    """The same federation, placed alike, with nobody attacking it: the reference."""
+    """The same job with nobody attacking it: the reference. Placed alike; for sub-servers, the
+    torch-RPC federation on one host instead (torchrun, loopback: one client per sub-server is
+    deterministic on either link), so the comparison also shows that neither the socket link
+    nor the separate hosts changed a bit."""
     run_dir = root / "unattacked"
+    if placement.sub_servers > 1:
+        overrides = [o for o in _socket_overrides(placement) if not o.startswith(("link.", "server.sub_servers="))]
+        run_federation(config, overrides, num_clients=2, sub_servers=placement.sub_servers, run_dir=run_dir, timeout_s=TIMEOUT_S)
+        return _trained_state(run_dir, placement)
     with EdgeFederation(config, _socket_overrides(placement), num_clients=2, run_dir=run_dir) as fed:
         _start_servers(fed, placement)
         for client in (0,) if placement.generation else (0, 1):
@@ -665,6 +673,8 @@ def main() -> int:
         "modes": {m: MODES[m] for m in modes},
         "outcomes": {m: {f"{who}: {row}": ("succeeded" if ok else "refused") for (row, who), ok in o.items()} for m, o in outcomes.items()},
         "edge": {m: observed[m].get("edge") for m in modes if m != "rpc"},
+        "server_listening": {m: observed[m].get("server_listening") for m in modes if m != "rpc"},
+        "edges": {m: observed[m].get("edges") for m in modes if m != "rpc"},
         "attacks_while_training": {m: all(v for k, v in o.items() if k.endswith("attacks_while_training")) for m, o in observed.items()},
         "seconds": round(time.monotonic() - started, 1),
     }

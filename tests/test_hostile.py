@@ -4,7 +4,7 @@ server side's stores and ports, off-table calls, junk frames and 200 connections
 clients train; every attempt is refused, the honest clients finish, and the run trains the same
 state, bit for bit, as the same federation unattacked. On loopback, and across network hosts (the
 attacker on a host of its own, the hierarchical server's store and collectives on a network of
-the sub-servers' own). Real processes and sockets; the benchmark's own hard timeouts, and this one."""
+the sub-servers' own; there the unattacked reference is the torch-RPC federation on one host). Real processes and sockets; the benchmark's own hard timeouts, and this one."""
 
 from __future__ import annotations
 
@@ -42,3 +42,8 @@ def test_every_attack_on_the_socket_link_is_refused_and_changes_nothing(tmp_path
     edge = result["edge"][mode]
     assert edge["handshakes_refused"] >= 1 and edge["malformed_frames"] >= 20
     assert edge["evicted"] + edge["timeouts"] >= 136  # 200 idle connections into 64 places
+    if mode == "hierarchical-hosts":  # the store (29500) and gloo listen on the sub-servers' own network only
+        clients_network = {address for address, _ in result["edges"][mode]}
+        internal = [entry.split(": ")[1] for entry in result["server_listening"][mode]]
+        internal = [a for a in internal if tuple(a.rsplit(":", 1)) not in {(h, str(p)) for h, p in result["edges"][mode]}]
+        assert any(a.endswith(":29500") for a in internal) and not any(a.rsplit(":", 1)[0] in clients_network for a in internal), internal
