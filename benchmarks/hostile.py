@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -74,7 +73,7 @@ from flglm.jobs import hostile as H
 from flglm.jobs.edge_processes import EdgeFederation, ServerNode
 from flglm.jobs.subprocesses import FederationFailed, FederationProcess, run_federation, run_torchrun
 from flglm.network_hosts import Host, NetworkHosts, available
-from flglm.run_layout import generation_summary_path
+from flglm.run_layout import client_weights_path, generation_summary_path, middle_weights_path
 from flglm.tensor_files import load_tensors
 
 WORKERS = REPO / "benchmarks" / "hostile_workers.py"
@@ -341,14 +340,6 @@ def _clients_training(federation: EdgeFederation, count: int) -> bool:
     return len(logs) == count and all("encrypted session established" in log or "generated 1 of" in log for log in logs)
 
 
-def _connectable(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 def _server_addresses(hosts: dict[str, Host] | None, name: str) -> list[str]:
     """Every address of server host ``name`` (its network's and its cluster's), or loopback."""
     if hosts is None:
@@ -402,9 +393,9 @@ def _trained_state(run_dir: Path, placement: Placement) -> dict[str, torch.Tenso
     if placement.generation:
         rows = json.loads((run_dir / "generate" / "generations.json").read_text())
         return {f"generated/{i}": torch.tensor(row["token_ids"]) for i, row in enumerate(rows)}
-    state = {f"server/{k}": v for k, v in load_tensors(run_dir / "server" / "middle.safetensors").items()}
+    state = {f"server/{k}": v for k, v in load_tensors(middle_weights_path(run_dir)).items()}
     for client in (0, 1):
-        state |= {f"client{client}/{k}": v for k, v in load_tensors(run_dir / f"client{client}" / "client_blocks.safetensors").items()}
+        state |= {f"client{client}/{k}": v for k, v in load_tensors(client_weights_path(run_dir, client)).items()}
     return state
 
 
@@ -459,11 +450,9 @@ def socket_mode(
         # The stranger, while the clients train: every port the server side listens on, at each of
         # its addresses (what connects and is not an edge; a store's write); a handshake with its
         # own key; then, with 200 connections held open, pickles, method codes outside the table and junk
-        reachable = [
-            (a, port) for name, bound in listening.items() for port in sorted({p for _, p in bound}) for a in addresses[name] if _connectable(a, port)
-        ]
-        observed["reachable_non_edge"] = [f"{a}:{port}" for a, port in reachable if (a, port) not in edges]
-        observed["stores_writable"] = [f"{a}:{port}" for a, port in H.stores_writable(reachable)]
+        reached = H.reach([(a, port) for name, bound in listening.items() for port in sorted({p for _, p in bound}) for a in addresses[name]])
+        observed["reachable_non_edge"] = [t for t in reached["connected"] if t not in {f"{a}:{port}" for a, port in edges}]
+        observed["stores_writable"] = reached["stores_writable"]
         stranger_key = root / "stranger.key"
         generate_identity(stranger_key)
         refusal = H.stranger_handshake(edges[0], root / "keys", client=0, num_clients=2, stranger_key=stranger_key)

@@ -4,8 +4,8 @@ Each host is a namespace with its own loopback and one address on a private /24 
 module creates (and removes); a switch namespace holds a bridge that every host's veth pair
 plugs into, so hosts reach one another only through that link, and a listener on one host's
 127.0.0.1 is out of every other host's reach. Hosts named in ``cluster`` also get a second
-interface on a second /24 (a bridge of its own) that only they share: a server's own network. ``rate_mbit`` shapes a host's link with ``tbf``
-(this kernel has no ``netem``, so no added delay).
+interface on a second /24 (a bridge of its own) that only they share: a server's own network.
+``rate_mbit`` shapes a host's link with ``tbf`` (this kernel has no ``netem``, so no added delay).
 
 Needs root and ``ip``; :func:`available` says whether namespaces can be made here, so a test
 can skip with the reason. Names carry the process id, so parallel runs never collide, and
@@ -132,13 +132,8 @@ class NetworkHosts:
             _ip("netns", "add", netns)
             self._namespaces.append(netns)
             _ip("link", "set", "lo", "up", netns=netns)
-            inside, outside = f"eth{index}", f"p{index}"
-            _ip("link", "add", inside, "netns", netns, "type", "veth", "peer", "name", outside, "netns", self._switch)
-            _ip("link", "set", outside, "master", "br0", netns=self._switch)
-            _ip("link", "set", outside, "up", netns=self._switch)
-            address = str(addresses[index + 1])
-            _ip("addr", "add", f"{address}/{subnet.prefixlen}", "dev", inside, netns=netns)
-            _ip("link", "set", inside, "up", netns=netns)
+            inside, address = f"eth{index}", str(addresses[index + 1])
+            self._plug(netns, inside, f"p{index}", "br0", f"{address}/{subnet.prefixlen}")
             self.hosts[name] = Host(name, netns, address, inside)
             if name in self._rates:
                 self.set_rate(name, self._rates[name])
@@ -150,15 +145,17 @@ class NetworkHosts:
         _ip("link", "add", "br1", "type", "bridge", netns=self._switch)
         _ip("link", "set", "br1", "up", netns=self._switch)
         for index, name in enumerate(self._cluster):
-            host = self.hosts[name]
-            inside, outside = f"c{index}", f"q{index}"
-            _ip("link", "add", inside, "netns", host.netns, "type", "veth", "peer", "name", outside, "netns", self._switch)
-            _ip("link", "set", outside, "master", "br1", netns=self._switch)
-            _ip("link", "set", outside, "up", netns=self._switch)
-            address = str(addresses[index + 1])
-            _ip("addr", "add", f"{address}/{subnet.prefixlen}", "dev", inside, netns=host.netns)
-            _ip("link", "set", inside, "up", netns=host.netns)
+            host, address = self.hosts[name], str(addresses[index + 1])
+            self._plug(host.netns, f"c{index}", f"q{index}", "br1", f"{address}/{subnet.prefixlen}")
             self.hosts[name] = Host(host.name, host.netns, host.address, host.interface, address)
+
+    def _plug(self, netns: str, inside: str, outside: str, bridge: str, cidr: str) -> None:
+        """A veth pair from host ``netns`` (``inside``, given ``cidr``) to ``bridge`` on the switch (``outside``)."""
+        _ip("link", "add", inside, "netns", netns, "type", "veth", "peer", "name", outside, "netns", self._switch)
+        _ip("link", "set", outside, "master", bridge, netns=self._switch)
+        _ip("link", "set", outside, "up", netns=self._switch)
+        _ip("addr", "add", cidr, "dev", inside, netns=netns)
+        _ip("link", "set", inside, "up", netns=netns)
 
     def set_rate(self, name: str, mbit: float) -> None:
         """Shape host ``name``'s link to ``mbit`` Mbit/s both ways from now on (a running federation too)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from flglm.aggregation.masking import PairwiseMasker
 from flglm.aggregation.secure_rounds import SecureRounds
 from flglm.callbacks import FedAvgCallback
 from flglm.crypto.keyring import generate_key_set, load_client_keys
+from flglm.jobs.edge_processes import free_local_port
 from flglm.link.protocol import WirePlan
 from flglm.server.serving.hierarchy import SubServerSync
 
@@ -96,16 +96,10 @@ def _sub_server(index: int, port: int, keys: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_secure_rounds_span_sub_servers_and_redo_when_a_client_leaves(tmp_path: Path) -> None:
     generate_key_set(tmp_path / "keys", CLIENTS)
     context = mp.start_processes(
-        _sub_server, args=(_free_port(), str(tmp_path / "keys"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+        _sub_server, args=(free_local_port(), str(tmp_path / "keys"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + 120
     try:

@@ -109,13 +109,14 @@ class EdgeFederation(ProcessGroup):
         self._wait_for_edges(processes, time.monotonic() + timeout_s)
         return processes
 
-    def _wait_for_edges(self, servers: Sequence[FederationProcess], deadline: float) -> None:
+    def _wait_for_edges(self, servers: Sequence[FederationProcess], deadline: float, paths: Sequence[Path] | None = None) -> None:
+        """Wait for each server's published edge address (``paths``; default ``edge[-i].json``)."""
+
         def alive() -> bool:
             return all(s.popen.poll() is None for s in servers)
 
         addresses = []
-        for index in range(len(servers)):
-            path = edge_address_path(self.run_dir, index)
+        for index, path in enumerate(paths or [edge_address_path(self.run_dir, i) for i in range(len(servers))]):
             try:
                 addresses.append(published_address(path, timeout_s=max(0.0, deadline - time.monotonic()), alive=alive))
             except TimeoutError:
@@ -142,12 +143,7 @@ class EdgeFederation(ProcessGroup):
         path = generation_edge_path(self.run_dir)
         path.unlink(missing_ok=True)
         server = self._start("generate-server", [sys.executable, "-m", "flglm.cli", "generate", "--serve", *args, *self._args, *overrides], prefix)
-        try:
-            address = published_address(path, timeout_s=timeout_s, alive=lambda: server.popen.poll() is None)
-        except TimeoutError:
-            self.kill_all()
-            raise FederationFailed(f"the generation server published no edge address ({path}).\n{self.describe()}") from None
-        self.addresses, self.address = [address], address
+        self._wait_for_edges([server], time.monotonic() + timeout_s, [path])
         return server
 
     def start_generation_client(
@@ -179,7 +175,7 @@ def run_edge_federation(
     with EdgeFederation(config, common, num_clients=num_clients, run_dir=run_dir) as federation:
         if sub_servers > 1:
             nodes = [ServerNode("127.0.0.1")] * sub_servers
-            federation.start_sub_servers(nodes, master_port=_free_port(), timeout_s=timeout_s)
+            federation.start_sub_servers(nodes, master_port=free_local_port(), timeout_s=timeout_s)
         else:
             federation.start_server(timeout_s=timeout_s)
         for index in range(num_clients):
@@ -187,7 +183,8 @@ def run_edge_federation(
         federation.wait_all(deadline=deadline)
 
 
-def _free_port() -> int:
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a store's port for processes started on this machine)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
