@@ -21,6 +21,8 @@ encryption a real deployment pays (not the network).
 3. Step time: median of the split step (client forward, sealed crossing, middle, client
    backward, sealed gradient, both optimizers) vs the centralized step of the whole model.
 4. Throughput of 4 clients (threads, one link each) served ``sequential`` vs ``client_batching``.
+5. Sealing one 7B crossing (8 x 512 x 4096 bf16): 1 thread vs all, pageable vs pinned buffers
+   (``flglm.benchmarking.seal_open_ms``; on a CPU: ``benchmarks/seal_threads.py``).
 
 Each figure is appended to ``--out/gpu.jsonl`` as soon as it is measured (a run cut short keeps
 what it had). The last stdout line is one JSON object with ``split_ratio`` (split / centralized
@@ -122,11 +124,13 @@ class Federation:
         n = len(blocks)
         keys = load_server_keys(key_dir, n)
         self.server = MiddleServer(cfg, middle=middle, clients=list(range(n)), mode=cfg.server.parallelism)
-        endpoint = ServerEndpoint(self.server, ServerSessions(keys.identity, keys.client_keys, max_message_bytes=1 << 34))
+        pinned = middle.device.type == "cuda"  # what serve.py / train.py set on a GPU side
+        sessions = ServerSessions(keys.identity, keys.client_keys, max_message_bytes=1 << 34, pin_memory=pinned)
+        endpoint = ServerEndpoint(self.server, sessions)
         self.lms = []
         for i, b in enumerate(blocks):
             mine = load_client_keys(key_dir, i, n)
-            session = ClientSession(i, mine.identity, mine.server_key, max_message_bytes=1 << 34)
+            session = ClientSession(i, mine.identity, mine.server_key, max_message_bytes=1 << 34, pin_memory=b.device.type == "cuda")
             link = ServerLink(LocalTransport(endpoint), client_id=i, timeout_s=600.0, session=session)
             link.handshake()
             info = link.hello(fingerprint(cfg), "gpu-benchmark")
@@ -185,7 +189,9 @@ def equivalence(results: Results, model: dict[str, Any], device: torch.device, k
         torch.use_deterministic_algorithms(dtype == "float32", warn_only=True)
         cfg = make_cfg(model, dtype)
         plan = plan_for(cfg.model, cfg.split)
-        fed = Federation(cfg, MiddleStack(cfg.model, plan, cfg.peft, device=device), [ClientBlocks(cfg.model, plan, cfg.peft, device=device)], key_dir)
+        fed = Federation(
+            cfg, MiddleStack(cfg.model, plan, cfg.peft, device=device), [ClientBlocks(cfg.model, plan, cfg.peft, device=device)], key_dir
+        )
         full = build_side(cfg.model, None, "full", cfg.peft, device=device)
         optimizer = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad], lr=cfg.optim.lr)
         ids, mask = batch(model, 4, 32, device)
@@ -201,6 +207,16 @@ def equivalence(results: Results, model: dict[str, Any], device: torch.device, k
                      "fed_vs_central_loss_max_err": loss_err, "atol": tol, "ok": logit_err <= tol and loss_err <= tol})  # fmt: skip
         del fed, full, optimizer
     torch.use_deterministic_algorithms(False)
+
+
+def crossing_seal(results: Results, shape: tuple[int, int, int], device: torch.device) -> None:
+    """Part 5: sealing and opening one crossing, 1 thread vs this host's threads, pageable vs pinned buffers."""
+    from flglm.benchmarking import seal_open_ms
+
+    for threads in sorted({1, torch.get_num_threads()}):
+        for pinned in (False, True) if device.type == "cuda" else (False,):
+            times = seal_open_ms(shape, threads=threads, pin_memory=pinned)
+            results.add({"part": "crossing_seal", "shape": list(shape), "threads": threads, "pinned": pinned, **times})
 
 
 def side_peak(results: Results, what: str, build, run, device: torch.device) -> tuple[Any, float]:
@@ -242,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     generate_key_set(key_dir, num_clients=4)
 
     equivalence(results, small, device, key_dir, steps=3)
+    crossing_seal(results, (args.batch or (2 if args.tiny else 8), args.seq or (16 if args.tiny else 512), model["hidden_size"]), device)
 
     cfg = make_cfg(model, "bfloat16")
     plan = plan_for(cfg.model, cfg.split)
@@ -260,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss.backward()
         torch.optim.AdamW([p for p in blocks.parameters() if p.requires_grad]).step()
 
-    middle, server_peak = side_peak(results, "server middle stack", lambda: MiddleStack(cfg.model, plan, cfg.peft, device=device), middle_step, device)
+    middle, server_peak = side_peak(
+        results, "server middle stack", lambda: MiddleStack(cfg.model, plan, cfg.peft, device=device), middle_step, device
+    )
     middle.zero_grad(set_to_none=True)
     client0, client_peak = side_peak(results, "one client", lambda: ClientBlocks(cfg.model, plan, cfg.peft, device=device), client_step, device)
     client0.zero_grad(set_to_none=True)

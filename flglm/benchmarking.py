@@ -122,3 +122,39 @@ def save_pretrained_base(run_dir: str | Path, out_dir: str | Path) -> Path:
     model.save_pretrained(out_dir)
     load_tokenizer(tokenizer_dir(run_dir)).save_pretrained(out_dir)
     return out_dir
+
+
+def seal_open_ms(shape: tuple[int, ...], *, threads: int, pin_memory: bool = False, reps: int = 10) -> dict[str, float]:
+    """Median milliseconds to seal and to open one bfloat16 message of ``shape`` with ``threads``
+    sealing threads (:mod:`flglm.crypto.parallel`), as the link does it: a fresh message buffer
+    each time (``pin_memory``: from torch's pinned host allocator, what a GPU side uses)."""
+    import os
+    import statistics
+    import time
+
+    import torch
+
+    from flglm.crypto.channel import MessageHeader, SealedChannel
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        c2s, s2c, session = os.urandom(32), os.urandom(32), os.urandom(16)
+        sender = SealedChannel(c2s, s2c, session, direction="c2s")
+        receiver = SealedChannel(s2c, c2s, session, direction="s2c")
+        payload = torch.randn(shape).to(torch.bfloat16)
+        header = MessageHeader(client_id=0, kind="forward")
+        seal, open_ = [], []
+        for i in range(reps + 2):  # two warm-up rounds
+            started = time.perf_counter()
+            sealed = sender.seal(header, [payload], pin_memory=pin_memory)
+            sealed_at = time.perf_counter()
+            _, (opened,) = receiver.open(sealed, expect_kind="forward", max_bytes=sealed.numel(), pin_memory=pin_memory)
+            done = time.perf_counter()
+            if i >= 2:
+                seal.append((sealed_at - started) * 1e3)
+                open_.append((done - sealed_at) * 1e3)
+            del sealed, opened
+        return {"seal_ms": round(statistics.median(seal), 2), "open_ms": round(statistics.median(open_), 2)}
+    finally:
+        torch.set_num_threads(before)

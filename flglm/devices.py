@@ -44,6 +44,27 @@ def resolve_device(setting: str, *, key: str, local_rank: int = 0) -> torch.devi
     return torch.device("cuda", index)
 
 
+def to_link(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU, where the link carries it (and seals it).
+
+    From a GPU it is copied into pinned host memory: the copy runs at full PCIe speed without the
+    staging a pageable copy needs, and torch's host allocator caches the buffer, so a large
+    crossing does not pay the OS's page faults every step. Differentiable, like ``.to("cpu")``.
+    """
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
+def to_compute(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on the device that computes on it; from pinned memory (what an encrypted link
+    opens into on a GPU side) the copy is asynchronous and overlaps the host's next work."""
+    return tensor.to(device, non_blocking=True)
+
+
 def lightning_accelerator(device: torch.device) -> dict[str, Any]:
     """The ``accelerator``/``devices`` arguments of a single-process ``L.Trainer`` on ``device``."""
     if device.type == "cuda":

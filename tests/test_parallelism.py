@@ -15,7 +15,7 @@ GIB = 2**30
 
 def _choose(*overrides: str, free: int) -> tuple[str, str]:
     cfg = load_config(None, [*REQUIRED, *overrides])
-    choice = choose_parallelism(cfg, MIDDLE, parameters=10**6, layers=2, free_bytes=free)
+    choice = choose_parallelism(cfg, MIDDLE, trainable=10**6, layers=2, free_bytes=free, where="cuda:0")
     return choice.mode, choice.reason
 
 
@@ -23,7 +23,7 @@ def test_auto_picks_client_batching_when_the_gathered_batch_fits() -> None:
     mode, reason = _choose("server.parallelism=auto", free=8 * GIB)
 
     assert mode == "client_batching"
-    assert "8 clients x 16 x 64 tokens" in reason and "MiB" in reason
+    assert "8 clients x 16 x 64 tokens" in reason and "MiB" in reason and "free on cuda:0" in reason
 
 
 def test_auto_falls_back_to_sequential_when_memory_is_short() -> None:
@@ -43,9 +43,19 @@ def test_an_explicit_mode_is_kept() -> None:
 
 
 def test_memory_estimate_grows_with_the_batch() -> None:
-    small = training_bytes(parameters=10, layers=2, hidden=64, intermediate=128, heads=4, tokens=100, seq_len=10)
-    large = training_bytes(parameters=10, layers=2, hidden=64, intermediate=128, heads=4, tokens=200, seq_len=10)
-    assert large - small == small - 160  # linear in tokens; 160 bytes of weights and optimizer state
+    small = training_bytes(trainable=10, layers=2, hidden=64, intermediate=128, heads=4, tokens=100, seq_len=10)
+    large = training_bytes(trainable=10, layers=2, hidden=64, intermediate=128, heads=4, tokens=200, seq_len=10)
+    assert large - small == small - 120  # linear in tokens; 120 bytes of gradients and AdamW moments
+
+
+def test_free_memory_is_read_on_the_servers_device() -> None:
+    import torch
+
+    from flglm.server.serving.parallelism import free_memory_bytes
+
+    assert free_memory_bytes(torch.device("cpu")) > 0
+    if torch.cuda.is_available():
+        assert free_memory_bytes(torch.device("cuda", 0)) == torch.cuda.mem_get_info(0)[0]
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,8 @@ def generate(
     state = lm.open_decoding()
     try:
         for _ in range(cfg.max_new_tokens):
-            scores = lm.decode(state, step_ids, mask, step_positions)[:, -1, :].float()
+            # chosen on the CPU whatever the client's device: the same tokens, and one generator
+            scores = lm.decode(state, step_ids, mask, step_positions)[:, -1, :].float().cpu()
             if warpers is not None:
                 probs = torch.softmax(warpers(sequences, scores), dim=-1)
                 next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -46,8 +46,11 @@ class ClientSession:
         *,
         rekey_every: int = DEFAULT_REKEY_EVERY,
         max_message_bytes: int,
+        pin_memory: bool = False,
     ) -> None:
         self.client_id = client_id
+        self.pin_memory = pin_memory
+        """Seal and open in pinned host memory: the client computes on a GPU."""
         self._identity = identity
         self._server_public = server_public
         self._rekey_every = rekey_every
@@ -89,10 +92,10 @@ class ClientSession:
 
     def seal(self, kind: str, tensors: Sequence[torch.Tensor], *, round: int = 0, step: int = 0) -> torch.Tensor:
         header = MessageHeader(client_id=self.client_id, kind=kind, round=round, step=step)
-        return self._require().seal(header, tensors)
+        return self._require().seal(header, tensors, pin_memory=self.pin_memory)
 
     def open(self, sealed: torch.Tensor, *, expect_kind: str) -> tuple[MessageHeader, list[torch.Tensor]]:
-        header, tensors = self._require().open(sealed, expect_kind=expect_kind, max_bytes=self.max_message_bytes)
+        header, tensors = self._require().open(sealed, expect_kind=expect_kind, max_bytes=self.max_message_bytes, pin_memory=self.pin_memory)
         if header.client_id != self.client_id:
             raise ChannelError(f"reply addressed to client {header.client_id}, this is client {self.client_id}")
         return header, tensors
@@ -115,8 +118,11 @@ class ServerSessions:
         *,
         rekey_every: int = DEFAULT_REKEY_EVERY,
         max_message_bytes: int,
+        pin_memory: bool = False,
     ) -> None:
         self._identity = identity
+        self.pin_memory = pin_memory
+        """Seal and open in pinned host memory: the server computes on a GPU."""
         self._client_keys = dict(client_keys)
         self._rekey_every = rekey_every
         self.max_message_bytes = max_message_bytes
@@ -153,7 +159,7 @@ class ServerSessions:
                 if channel is None:
                     continue
                 try:
-                    header, tensors = channel.open(sealed, expect_kind=expect_kind, max_bytes=self.max_message_bytes)
+                    header, tensors = channel.open(sealed, expect_kind=expect_kind, max_bytes=self.max_message_bytes, pin_memory=self.pin_memory)
                 except ChannelError as exc:
                     error = error or exc
                     continue
@@ -173,7 +179,8 @@ class ServerSessions:
         with slot.lock:
             if slot.active is None:
                 raise SessionError(f"client {client_id} has no active encrypted session")
-            return slot.active.seal(MessageHeader(client_id=client_id, kind=kind, round=round, step=step), tensors)
+            header = MessageHeader(client_id=client_id, kind=kind, round=round, step=step)
+            return slot.active.seal(header, tensors, pin_memory=self.pin_memory)
 
     def close(self, client_id: int) -> None:
         slot = self._slot(client_id)

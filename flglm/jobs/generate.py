@@ -78,6 +78,8 @@ def serve_generation(cfg: RunConfig, env: DistEnv, *, client_index: int, weights
     """Rank 0: serve the (trained) middle stack to one client until it leaves."""
     sessions = server_sessions(cfg)
     device = resolve_device(cfg.server.device, key="server.device", local_rank=env.local_rank)
+    if sessions is not None:
+        sessions.pin_memory = device.type == "cuda"
     middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft, device=device)
     if weights is not None:
         load_trained(middle.hf, middle_weights_path(weights))
@@ -143,7 +145,10 @@ def generate_as_client(
     session, _ = client_session(cfg, role.client_index)
     run_dir = Path(cfg.run_dir) if weights is None else weights
     tokenizer = generation_tokenizer(cfg, run_dir)
-    blocks = ClientBlocks(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft)
+    device = resolve_device(cfg.client.device, key="client.device", local_rank=env.local_rank if env is not None else 0)
+    if session is not None:
+        session.pin_memory = device.type == "cuda"
+    blocks = ClientBlocks(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft, device=device)
     defenses = client_defenses(cfg.privacy, blocks, client_index=role.client_index)  # before the trained weights replace secret ones
     if weights is not None:
         load_trained(blocks.hf, client_weights_path(weights, role.client_index))

@@ -50,15 +50,17 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     sessions = server_sessions(cfg)  # a missing key fails here, before the model is built
     device = resolve_device(cfg.server.device, key="server.device", local_rank=env.local_rank)
+    if sessions is not None:
+        sessions.pin_memory = device.type == "cuda"
     middle = MiddleStack(cfg.model, plan_for(cfg.model, cfg.split), cfg.peft, device=device)
     record_loading(middle.hf, loading_report_path(run_dir, role.worker_name))
-    parameters = sum(p.numel() for p in middle.parameters())
     choice = choose_parallelism(
         cfg,
         middle.hf.config,
-        parameters=parameters,
+        trainable=sum(p.numel() for p in middle.parameters() if p.requires_grad),
         layers=len(middle.plan.middle),
-        free_bytes=free_memory_bytes(),
+        free_bytes=free_memory_bytes(device),
+        where=str(device),
     )
     log.info("%s: parallelism %s (%s)", role.worker_name, choice.mode, choice.reason)
     if choice.mode == "hierarchical":
@@ -86,7 +88,7 @@ def run_server(cfg: RunConfig, env: DistEnv, role: Role) -> dict[str, Any]:
         "%s: middle stack = blocks %s (%d parameters), serving clients %s",
         role.worker_name,
         list(middle.plan.middle),
-        parameters,
+        sum(p.numel() for p in middle.parameters()),
         clients,
     )
     try:

@@ -190,6 +190,8 @@ def run_client(cfg: RunConfig, env: DistEnv | None, role: Role, *, edge_address:
         warn_unknown_tokens(cfg, tokenizer, train, dev, train_file=train_path(cfg, index))
         plan = plan_for(cfg.model, cfg.split)
         device = resolve_device(cfg.client.device, key="client.device", local_rank=env.local_rank if env is not None else 0)
+        if session is not None:
+            session.pin_memory = device.type == "cuda"
         blocks = ClientBlocks(cfg.model, plan, cfg.peft, device=device)
         record_loading(blocks.hf, loading_report_path(cfg.run_dir, role.worker_name))
         defenses = client_defenses(cfg.privacy, blocks, client_index=index)

@@ -154,13 +154,14 @@ def load_local(model: nn.Module, path: str | Path) -> LoadingReport:
         tied_to_embedding=sorted(tied_names(model)),
     )
     targets = model.state_dict(keep_vars=True)
+    device = next((t.device for t in targets.values()), torch.device("cpu"))  # safetensors reads each tensor straight onto it
     with torch.no_grad():
         for shard, names in plan.items():
             file = path / shard
             if not file.is_file():
                 raise FileNotFoundError(f"{path / INDEX_FILE} lists shard {shard}, which is not in {path}")
             report.shards_opened.append(shard)
-            with safe_open(str(file), framework="pt") as reader:
+            with safe_open(str(file), framework="pt", device=str(device)) as reader:
                 for name, stored in names.items():
                     tensor = reader.get_tensor(stored)
                     report.tensors_read.append(stored)

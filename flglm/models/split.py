@@ -29,6 +29,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from flglm.config import ModelConfig, PeftConfig, SplitConfig
+from flglm.devices import to_compute, to_link  # tensors cross the link on the CPU (sealed there); each side moves them to its device
 from flglm.link.crossing import Crossing
 from flglm.models.adapters import ADAPTERS, ArchitectureAdapter, UnsupportedModelError, adapter_for
 from flglm.models.dtypes import frozen_weight_dtype, keep_trainable_float32
@@ -37,8 +38,6 @@ from flglm.models.prefix import PREFIX_MODULE, PrefixKV, prefilled_cache, prefil
 from flglm.models.pretrained import LoadingReport, load_local
 
 Side = Literal["client", "server", "full"]
-
-LINK_DEVICE = torch.device("cpu")  # tensors cross the link on the CPU (sealed there); each side moves them to its device
 
 
 class SplitError(ValueError):
@@ -327,7 +326,7 @@ class ClientBlocks(nn.Module):
 
     def server_prefixes(self, prefixes: torch.Tensor | None) -> torch.Tensor | None:
         """The part of the prefixes that crosses the link (on the CPU): the server's blocks'."""
-        return None if prefixes is None else prefixes[list(self.plan.middle)].to(LINK_DEVICE)
+        return None if prefixes is None else to_link(prefixes[list(self.plan.middle)])
 
     def input_block(
         self,
@@ -337,16 +336,17 @@ class ClientBlocks(nn.Module):
         cache: Cache | None = None,
     ) -> Crossing:
         device = self.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = default_position_ids(attention_mask) if position_ids is None else position_ids.to(device)
+        input_ids, attention_mask = to_compute(input_ids, device), to_compute(attention_mask, device)
+        position_ids = default_position_ids(attention_mask) if position_ids is None else to_compute(position_ids, device)
         hidden = self.adapter.embed(self.hf, input_ids, position_ids)
         hidden = run_blocks(self.hf, self.adapter, self.plan.head, hidden, with_prefix_mask(attention_mask, self.prefix_length), position_ids, cache)
-        return Crossing(hidden.to(LINK_DEVICE), attention_mask.to(LINK_DEVICE), position_ids.to(LINK_DEVICE))
+        return Crossing(to_link(hidden), to_link(attention_mask), to_link(position_ids))
 
     def output_block(self, crossing: Crossing, cache: Cache | None = None) -> torch.Tensor:
-        mask = with_prefix_mask(crossing.attention_mask.to(self.device), self.prefix_length)
+        device = self.device
+        mask = with_prefix_mask(to_compute(crossing.attention_mask, device), self.prefix_length)
         hidden = run_blocks(
-            self.hf, self.adapter, self.plan.tail, crossing.hidden.to(self.device), mask, crossing.position_ids.to(self.device), cache
+            self.hf, self.adapter, self.plan.tail, to_compute(crossing.hidden, device), mask, to_compute(crossing.position_ids, device), cache
         )
         hidden = self.adapter.get(self.hf, self.adapter.final_norm)(hidden)
         return self.adapter.get(self.hf, self.adapter.lm_head)(hidden)
@@ -378,9 +378,10 @@ class MiddleStack(nn.Module):
     ) -> torch.Tensor:
         """``cache`` holds the blocks' P-tuning prefixes (``prefix_length`` positions, which the
         mask gains in front) and, when decoding, the tokens seen so far."""
-        mask = with_prefix_mask(attention_mask.to(self.device), prefix_length)
-        out = run_blocks(self.hf, self.adapter, self.plan.middle, hidden.to(self.device), mask, position_ids.to(self.device), cache)
-        return out.to(hidden.device)  # answered on the device the link delivered to
+        device = self.device
+        mask = with_prefix_mask(to_compute(attention_mask, device), prefix_length)
+        out = run_blocks(self.hf, self.adapter, self.plan.middle, to_compute(hidden, device), mask, to_compute(position_ids, device), cache)
+        return to_link(out) if hidden.device.type == "cpu" else out  # answered where the input came from
 
     @property
     def device(self) -> torch.device:  # where the middle stack computes

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch.futures import Future
 
+from flglm.devices import to_compute, to_link
 from flglm.link.crossing import Crossing
 from flglm.link.messages import InvalidMessageError, RequestHeader, check_gradient, wire
 from flglm.server.middle import MiddleCompute
@@ -290,12 +291,13 @@ class ClientBatcher:
             length = max(f.hidden.shape[1] for f in forwards)
             hidden, mask, pos, rows, lengths = [], [], [], {}, {}
             start = 0
+            device = self._compute.middle.device  # gathered, computed and split there
             for f in forwards:
                 b, n, _ = f.hidden.shape
                 pad = length - n
-                hidden.append(torch.nn.functional.pad(f.hidden, (0, 0, 0, pad)))
-                mask.append(torch.nn.functional.pad(f.crossing.attention_mask.to(torch.int64), (0, pad)))
-                pos.append(torch.nn.functional.pad(f.crossing.position_ids.expand(b, n), (0, pad)))
+                hidden.append(torch.nn.functional.pad(to_compute(f.hidden, device), (0, 0, 0, pad)))
+                mask.append(torch.nn.functional.pad(to_compute(f.crossing.attention_mask, device).to(torch.int64), (0, pad)))
+                pos.append(torch.nn.functional.pad(to_compute(f.crossing.position_ids, device).expand(b, n), (0, pad)))
                 rows[f.header.client_id] = slice(start, start + b)
                 lengths[f.header.client_id] = n
                 start += b
@@ -324,7 +326,7 @@ class ClientBatcher:
         self._enter(group, "backward", graph=graph)
         for f in forwards:
             cid = f.header.client_id
-            f.future.set_result(wire(outputs[rows[cid], : lengths[cid]].to(f.hidden.dtype)))
+            f.future.set_result(wire(to_link(outputs[rows[cid], : lengths[cid]].to(f.hidden.dtype))))
         with self._lock:
             if self._group is group:
                 self._maybe_run_backward()
@@ -335,7 +337,7 @@ class ClientBatcher:
         try:
             grad = torch.zeros_like(graph.outputs)
             for cid, (g, _) in backwards.items():
-                grad[graph.rows[cid], : graph.lengths[cid]] = g.to(grad.dtype) * graph.scales[cid]
+                grad[graph.rows[cid], : graph.lengths[cid]] = to_compute(g, grad.device).to(grad.dtype) * graph.scales[cid]
             graph.outputs.backward(grad)
             grad_in = graph.inputs.grad
             with self._compute.lock:
@@ -345,13 +347,13 @@ class ClientBatcher:
             return
         self._enter(group, "after_backward", graph=None)
         for cid, (g, future) in backwards.items():
-            rows = wire((grad_in[graph.rows[cid], : graph.lengths[cid]] / graph.scales[cid]).to(g.dtype))
+            rows = wire(to_link((grad_in[graph.rows[cid], : graph.lengths[cid]] / graph.scales[cid]).to(g.dtype)))
             prefix = graph.prefixes.get(cid)
             if prefix is None:
                 future.set_result(rows)
             else:
                 grad_prefix = prefix.grad if prefix.grad is not None else torch.zeros_like(prefix)
-                future.set_result((rows, wire(grad_prefix / graph.scales[cid])))
+                future.set_result((rows, wire(to_link(grad_prefix / graph.scales[cid]))))
         with self._lock:
             if self._group is group:
                 self._maybe_run_step()

@@ -3,8 +3,10 @@
 Several server processes (``server.sub_servers > 1``) → ``hierarchical``: each serves its own
 clients with its own replica. One server process → ``client_batching`` if the middle stack's
 training activations for a full gathered batch (``max_clients_per_batch`` clients' micro-batches)
-fit in the memory that is free, with the model and its optimizer state; otherwise
-``sequential``, whose batches are one client's. The choice and its numbers are logged.
+fit in the memory still free on the server's device once its weights are loaded (a GPU's:
+``torch.cuda.mem_get_info``; the CPU's: the OS's estimate), with the gradients and optimizer
+state of what trains; otherwise ``sequential``, whose batches are one client's. The choice and
+its numbers are logged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from flglm.config import RunConfig, ServerConfig
 from flglm.server.middle import MiddleCompute
@@ -32,18 +36,21 @@ class ParallelismChoice:
     reason: str
 
 
-def training_bytes(*, parameters: int, layers: int, hidden: int, intermediate: int, heads: int, tokens: int, seq_len: int) -> int:
-    """Rough upper bound of the middle stack's memory for one training step on ``tokens`` tokens
-    (fp32): weights, gradients and two AdamW moments, and per block the activations autograd keeps
-    (projections, MLP, norms: ~10·hidden + 3·intermediate floats per token; attention scores:
-    heads · seq_len per token)."""
-    state = 16 * parameters
+def training_bytes(*, trainable: int, layers: int, hidden: int, intermediate: int, heads: int, tokens: int, seq_len: int) -> int:
+    """Rough upper bound of the memory one training step on ``tokens`` tokens adds to a loaded
+    middle stack: float32 gradients and two AdamW moments of the ``trainable`` parameters, and per
+    block the activations autograd keeps (projections, MLP, norms: ~10·hidden + 3·intermediate
+    float32 values per token; attention scores: heads · seq_len per token)."""
+    state = 12 * trainable
     per_token_per_layer = 4 * (10 * hidden + 3 * intermediate + heads * seq_len)
     return state + layers * tokens * per_token_per_layer
 
 
-def choose_parallelism(cfg: RunConfig, middle_config: Any, parameters: int, layers: int, free_bytes: int) -> ParallelismChoice:
-    """Resolve ``cfg.server.parallelism`` (``auto`` or an explicit mode) to the mode to run."""
+def choose_parallelism(
+    cfg: RunConfig, middle_config: Any, *, trainable: int, layers: int, free_bytes: int, where: str = "the host"
+) -> ParallelismChoice:
+    """Resolve ``cfg.server.parallelism`` (``auto`` or an explicit mode) to the mode to run;
+    ``free_bytes`` is what is free on ``where`` (the server's device) with the weights loaded."""
     s = cfg.server
     if s.parallelism != "auto":
         return ParallelismChoice(s.parallelism, "set in the config (server.parallelism)")
@@ -56,19 +63,23 @@ def choose_parallelism(cfg: RunConfig, middle_config: Any, parameters: int, laye
     heads = int(getattr(middle_config, "num_attention_heads", getattr(middle_config, "n_head", 1)))
     seq = cfg.data.max_length
     tokens = s.max_clients_per_batch * cfg.data.batch_size * seq
-    needed = training_bytes(parameters=parameters, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, tokens=tokens, seq_len=seq)
+    needed = training_bytes(trainable=trainable, layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, tokens=tokens, seq_len=seq)
     budget = int(free_bytes * MEMORY_HEADROOM)
     numbers = (
         f"a gathered batch of {s.max_clients_per_batch} clients x {cfg.data.batch_size} x {seq} tokens needs "
-        f"~{needed / 2**20:.0f} MiB, {MEMORY_HEADROOM:.0%} of free memory is {budget / 2**20:.0f} MiB"
+        f"~{needed / 2**20:.0f} MiB, {MEMORY_HEADROOM:.0%} of the memory free on {where} is {budget / 2**20:.0f} MiB"
     )
     if needed <= budget:
         return ParallelismChoice("client_batching", f"one server process; {numbers}")
     return ParallelismChoice("sequential", f"one server process and {numbers}: serving one client at a time")
 
 
-def free_memory_bytes() -> int:
-    """Memory available to this process now (CPU: the OS's estimate of available memory)."""
+def free_memory_bytes(device: torch.device | None = None) -> int:
+    """Memory free now where the middle stack computes: on a GPU what the driver reports free on
+    it (``torch.cuda.mem_get_info``), on the CPU the OS's estimate of available memory."""
+    if device is not None and device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
     import psutil
 
     return int(psutil.virtual_memory().available)
