@@ -1,8 +1,9 @@
 """Run the chunks of one sealed message on several threads.
 
-``cryptography`` releases the GIL while AES-GCM runs (measured here: two threads each sealing
-32 MB took 0.63x the time of one thread sealing both), so threads, not processes, share a large
-message. The width is this process's torch thread count, which every process already sets to its
+``cryptography`` releases the GIL while AES-GCM runs, so threads, not processes, share a large
+message (measured on a 2-core VM: two threads did the same cache-resident AES work in 0.81x the
+time of one, but gained nothing on a 33.6 MB message, which is bound by memory and page faults;
+benchmarks/seal_threads.py). The width is this process's torch thread count, which every process already sets to its
 share of the machine's cores (``flglm.distributed.configure_threads``): sealing never oversubscribes
 the cores that compute uses.
 """
