@@ -18,6 +18,7 @@ The last line is one JSON object: ``link_speedup`` and ``aes_speedup`` (1 thread
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -49,23 +50,22 @@ def aes_ms(nbytes: int, *, threads: int, reps: int) -> float:
     """AES-256-GCM of a payload's chunks into warm buffers, on ``threads`` threads."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from flglm.crypto.channel import TAG_BYTES, chunk_ranges
+    from flglm.crypto.channel import chunk_layout, sealed_size
     from flglm.crypto.parallel import run_all
 
     aead = AESGCM(os.urandom(32))
     source = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy()
-    ranges = chunk_ranges(nbytes)
-    sink = torch.zeros(nbytes + TAG_BYTES * len(ranges), dtype=torch.uint8).numpy()
+    sink = torch.zeros(sealed_size(0, nbytes), dtype=torch.uint8).numpy()
+    layout = chunk_layout(0, nbytes)
 
     def chunk(i: int) -> None:
-        start, stop = ranges[i]
-        at = start + i * TAG_BYTES
-        aead.encrypt_into(i.to_bytes(12, "big"), source[start:stop], b"", sink[at : at + stop - start + TAG_BYTES])
+        plain, sealed = layout[i]
+        aead.encrypt_into(i.to_bytes(12, "big"), source[plain], b"", sink[sealed])
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _median_ms(lambda: run_all([lambda i=i: chunk(i) for i in range(len(ranges))]), reps)
+        return _median_ms(lambda: run_all([functools.partial(chunk, i) for i in range(len(layout))]), reps)
     finally:
         torch.set_num_threads(before)
 

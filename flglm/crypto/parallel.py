@@ -44,7 +44,8 @@ def run_all(jobs: Sequence[Callable[[], None]]) -> None:
         for job in jobs:
             job()
         return
-    futures = [_executor(crypto_threads()).submit(job) for job in jobs]
+    pool = _executor(crypto_threads())
+    futures = [pool.submit(job) for job in jobs]
     errors = [f.exception() for f in futures]  # waits for every job: none still writes a buffer after we return
     first = next((e for e in errors if e is not None), None)
     if first is not None:
