@@ -447,6 +447,7 @@ def socket_mode(
         # (generation: client 1 is not in the job; client 0 generates alone)
         honest_clients = [client0] if placement.generation else [client0, _start_client(fed, 1, placement, root)]
         _wait_for(lambda: _clients_training(fed, len(honest_clients)) or client0.popen.poll() is not None, 90)
+        attacks_started = time.monotonic()
         # The stranger, while the clients train: every port the server side listens on, at each of
         # its addresses (what connects and is not an edge; a store's write); a handshake with its
         # own key; then, with 200 connections held open, pickles, method codes outside the table and junk
@@ -470,11 +471,15 @@ def socket_mode(
                 off_table += _send_many(edge, [H.raw_frame(m, 0, k, [H.bytes_tensor(bytes(68))], ftype=t) for m, k, t in H.OFF_TABLE_REQUESTS])
                 junk_replies += _send_many(edge, [data for family in junk.values() for data in family])
             observed["attacks_while_training"] = all(p.popen.poll() is None for p in honest_clients)
+            attacks_ended = time.monotonic()
             while client0.popen.poll() is None and time.monotonic() < deadline:
                 for proc in honest_clients:
                     if proc.popen.poll() is None:
                         clients_listening[proc.name] |= H.listening_ports(proc.popen.pid)
                 time.sleep(0.5)
+        # how long the attacks took, and how much longer the clients trained (--steps leaves a margin)
+        observed["attack_seconds"] = round(attacks_ended - attacks_started, 1)
+        observed["training_after_attacks_seconds"] = round(time.monotonic() - attacks_ended, 1)
         codes = {}
         for proc in fed.processes:
             try:

@@ -50,7 +50,7 @@ def aes_ms(nbytes: int, *, threads: int, reps: int) -> float:
     """AES-256-GCM of a payload's chunks into warm buffers, on ``threads`` threads."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from flglm.crypto.channel import chunk_layout, sealed_size
+    from flglm.crypto.chunks import chunk_layout, sealed_size
     from flglm.crypto.parallel import run_all
 
     aead = AESGCM(os.urandom(32))

@@ -86,6 +86,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
             run_server(cfg, env, role)
         else:
+            from flglm.input_files import check_client_inputs
+
+            assert role.client_index is not None
+            check_client_inputs(cfg, role.client_index)  # before importing the training stack
             from flglm.jobs.train import run_client
 
             run_client(cfg, env, role)
@@ -103,9 +107,9 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: every core of this machine)")
     args = parser.parse_args(argv)
     from flglm.distributed import configure_threads
+    from flglm.input_files import check_client_inputs
     from flglm.jobs.edge_link import parse_address
     from flglm.jobs.logs import setup_logging
-    from flglm.jobs.train import run_client
     from flglm.roles import edge_client_role
 
     try:
@@ -116,9 +120,12 @@ def client_main(argv: Sequence[str] | None = None) -> int:
         role = edge_client_role(args.client, num_clients=cfg.federation.num_clients)
         if args.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    except (ConfigError, ValueError) as err:
+        check_client_inputs(cfg, args.client)  # before importing the training stack
+    except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"flglm: error: {err}", file=sys.stderr)
         return 2
+    from flglm.jobs.train import run_client
+
     setup_logging(Path(cfg.run_dir), role.worker_name)
     threads = configure_threads(1, args.threads)
     log.info("%s: server edge %s:%d, %d thread(s)", role.worker_name, *address, threads)

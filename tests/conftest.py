@@ -82,3 +82,20 @@ def make_run_config(tmp_path: Path) -> Callable[..., RunConfig]:
         return load_config(path, overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finished_one_client_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One finished encrypted 1-client federation over torch RPC: (its config, its run_dir).
+
+    64 rows, 3 epochs of 8 steps (so two re-key handshakes), the server on one thread. Started
+    once for the session (a federation's start-up is most of its cost) and read-only: the tests
+    that compare with it read it, those that start on a finished run copy it first.
+    """
+    from flglm.jobs.subprocesses import run_federation
+    from tests.test_federation import write_config
+
+    root = tmp_path_factory.mktemp("one-client-run")
+    config = write_config(root, data={"max_train_rows": 64}, trainer={"max_epochs": 3, "max_steps": -1}, server={"num_threads": 1})
+    run_federation(config, num_clients=1, run_dir=root / "run", timeout_s=240)
+    return config, root / "run"

@@ -11,17 +11,22 @@ from conftest import TINY_MODEL_CONFIGS
 from flglm.config import ConfigError, load_config
 from flglm.data import EmptyPartitionError, write_demo_dataset
 from flglm.data.loading import build_tokenizer, check_fits_model, client_train_examples, task_prompt
+from flglm.input_files import check_client_inputs, client_input_files
 from flglm.tasks import PromptCollator, PromptError
 
 
 def _config(tmp_path: Path, *overrides: str):
     train, dev = write_demo_dataset(tmp_path / "data", train_rows=40, dev_rows=8)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"config": TINY_MODEL_CONFIGS["glm"]},
-        "data": {"train_path": str(train), "dev_path": str(dev), "tokenizer_vocab_size": 128},
-        "run_dir": str(tmp_path / "run"),
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"config": TINY_MODEL_CONFIGS["glm"]},
+                "data": {"train_path": str(train), "dev_path": str(dev), "tokenizer_vocab_size": 128},
+                "run_dir": str(tmp_path / "run"),
+            }
+        )
+    )
     return load_config(path, list(overrides))
 
 
@@ -31,6 +36,22 @@ def test_a_missing_training_file_is_named(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match=str(missing)):
         client_train_examples(cfg, 0)
+
+
+def test_a_client_names_its_first_missing_data_file_before_reading_any(tmp_path: Path) -> None:
+    # Prepare: per-client files (client 1's is missing), a validation file, and a directory
+    data = tmp_path / "own"
+    data.mkdir()
+    (data / "client0.tsv").write_text("label\tsentence\n1\tfine\n")
+    own = ["data.train_path=" + str(data / "client{client}.tsv"), "data.partition=none", "federation.num_clients=2"]
+
+    # Execute / Assert: each client checks only its own files
+    check_client_inputs(_config(tmp_path, *own), 0)
+    with pytest.raises(FileNotFoundError, match=f"data.train_path: file not found: {data / 'client1.tsv'}"):
+        check_client_inputs(_config(tmp_path, *own), 1)
+    with pytest.raises(FileNotFoundError, match=f"data.dev_path: file is not a file: {data}"):
+        check_client_inputs(_config(tmp_path, f"data.dev_path={data}"), 0)
+    assert [s for s, _ in client_input_files(_config(tmp_path, *own), 1)] == ["data.train_path", "data.dev_path"]
 
 
 def test_an_empty_client_partition_names_the_client(tmp_path: Path) -> None:

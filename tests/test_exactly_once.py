@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from test_encrypted_link import _client_session, _model, _sessions, _train
-from test_federation import merged_weights, write_config
+from test_federation import merged_weights
 
 from flglm.client.server_link import ServerLink
 from flglm.config import RunConfig, fingerprint
@@ -165,23 +165,15 @@ def test_a_link_gives_up_after_its_retries_naming_the_message(cfg: RunConfig) ->
     assert link.retries == 2
 
 
-@pytest.fixture(scope="module")
-def clean_federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A clean 1-client encrypted federation over torch RPC: (its config, its run_dir), shared by both links' lossy runs."""
-    root = tmp_path_factory.mktemp("lossy")
-    config = write_config(root, federation={"retry_backoff_s": 0.01, "max_retries": 10})
-    run_federation(config, num_clients=1, run_dir=root / "clean", timeout_s=240)
-    return config, root / "clean"
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("transport", ["rpc", "socket"])
-def test_a_federation_through_a_lossy_network_ends_as_a_clean_one(clean_federation: tuple[Path, Path], tmp_path: Path, transport: str) -> None:
-    # Prepare: the clean run, and the same federation with 10% of messages lost, 10% of answers
-    # lost and 10% delivered twice, over torch RPC (torchrun) or the socket link (its own processes)
+def test_a_federation_through_a_lossy_network_ends_as_a_clean_one(finished_one_client_run: tuple[Path, Path], tmp_path: Path, transport: str) -> None:
+    # Prepare: the session's clean run (one encrypted client, 3 epochs: a re-key handshake each),
+    # and the same federation with 10% of messages lost, 10% of answers lost and 10% delivered
+    # twice, over torch RPC (torchrun) or the socket link (its own processes), resending quickly
     faults = {"drop_request": 0.1, "drop_reply": 0.1, "duplicate": 0.1, "seed": 5}
-    config, clean_dir = clean_federation
-    overrides = [f"faults.{k}={v}" for k, v in faults.items()]
+    config, clean_dir = finished_one_client_run
+    overrides = [*(f"faults.{k}={v}" for k, v in faults.items()), "federation.retry_backoff_s=0.01", "federation.max_retries=10"]
 
     # Execute
     # (the socket link's server runs one thread, as under torchrun: another count would round differently)
@@ -197,4 +189,4 @@ def test_a_federation_through_a_lossy_network_ends_as_a_clean_one(clean_federati
         assert torch.equal(lossy_weights[name], value), name
     assert lossy["metrics"]["resent_messages"] > 0 and clean["metrics"]["resent_messages"] == 0
     summary = json.loads((tmp_path / "lossy" / "summary.json").read_text())
-    assert summary["server"]["steps"] == 20
+    assert summary["server"]["steps"] == 24

@@ -15,13 +15,13 @@ from flglm.jobs.subprocesses import FederationFailed, run_federation
 pytestmark = pytest.mark.multiprocess
 
 
-def test_encryption_on_and_off_give_identical_losses_and_weights(tmp_path: Path) -> None:
-    # Prepare: 3 epochs of 8 steps, so the clients re-key twice (a new handshake per epoch)
-    config = write_config(tmp_path, data={"max_train_rows": 64}, trainer={"max_epochs": 3, "max_steps": -1})
-    runs = {"on": tmp_path / "on", "off": tmp_path / "off"}
+def test_encryption_on_and_off_give_identical_losses_and_weights(finished_one_client_run: tuple[Path, Path], tmp_path: Path) -> None:
+    # Prepare: the session's encrypted run (3 epochs of 8 steps, so the client re-keyed twice: a
+    # new handshake per epoch), and the same federation in the clear
+    config, encrypted = finished_one_client_run
+    runs = {"on": encrypted, "off": tmp_path / "off"}
 
     # Execute
-    run_federation(config, ["crypto.enabled=true"], num_clients=1, run_dir=runs["on"], timeout_s=240)
     run_federation(config, ["crypto.enabled=false"], num_clients=1, run_dir=runs["off"], timeout_s=240)
 
     # Assert: the same numbers, bit for bit
@@ -45,19 +45,21 @@ def test_encryption_on_and_off_give_identical_losses_and_weights(tmp_path: Path)
 )
 def test_strangers_are_refused_at_the_handshake_before_data_is_read(tmp_path: Path, replaced: str, message: str) -> None:
     # Prepare: the server's list of clients (or the client's server pin) holds a stranger's key,
-    # and the training file does not exist: the handshake must fail first.
+    # and the training file is there but unreadable (no 'sentence' column): the handshake must
+    # fail first, before the file is read.
     config = write_config(tmp_path)
     keys = tmp_path / "keys"
     (keys / replaced).unlink()
     generate_identity(tmp_path / "stranger.key")
     (keys / replaced).write_text((tmp_path / "stranger.pub").read_text())
-    missing = tmp_path / "nowhere" / "train.tsv"
+    unreadable = tmp_path / "unreadable.tsv"
+    unreadable.write_text("text\tlabel\nfine\t1\n")
 
     # Execute
     with pytest.raises(FederationFailed) as failure:
-        run_federation(config, [f"data.train_path={missing}"], num_clients=1, run_dir=tmp_path / "run", timeout_s=120)
+        run_federation(config, [f"data.train_path={unreadable}"], num_clients=1, run_dir=tmp_path / "run", timeout_s=120)
 
     # Assert
     assert message in str(failure.value)
-    assert "No such file" not in str(failure.value) and "does not exist" not in str(failure.value)
+    assert str(unreadable) not in str(failure.value) and "sentence" not in str(failure.value)
     assert not (tmp_path / "run" / "client0" / "client_blocks.safetensors").exists()

@@ -24,18 +24,13 @@ FINISHED_MARK = "holds a finished run"
 
 def hashes(directory: Path) -> dict[str, str]:
     """Every file under ``directory`` (relative path -> sha256)."""
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()
-    }
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A real finished 1-client federation (4 steps): its config and its run_dir."""
-    base = tmp_path_factory.mktemp("finished")
-    config = write_config(base, trainer={"max_steps": 4})
-    run_dir = base / "run"
-    run_federation(config, num_clients=1, run_dir=run_dir, timeout_s=240)
+@pytest.fixture
+def finished_run(finished_one_client_run: tuple[Path, Path]) -> tuple[Path, Path]:
+    """A real finished 1-client federation (the session's): its config and its run_dir (copy it before a start on it)."""
+    config, run_dir = finished_one_client_run
     for part in ("summary.json", "config.yaml", "client0/logs/metrics.csv", "logs/server.log", "client0/client_blocks.safetensors"):
         assert (run_dir / part).is_file(), part
     return config, run_dir

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from flglm.crypto import MalformedError, MessageHeader, SealedChannel, TamperError
 from flglm.crypto import channel as channel_module
-from flglm.crypto.channel import TAG_BYTES, chunk_ranges, sealed_size
+from flglm.crypto import chunks as chunks_module
+from flglm.crypto.chunks import TAG_BYTES, chunk_ranges, sealed_size
 from flglm.crypto.parallel import run_all
 from flglm.devices import to_compute, to_link
 
@@ -26,8 +27,9 @@ KEYS = (os.urandom(32), os.urandom(32), os.urandom(16))
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(channel_module, "CHUNK_BYTES", 256)
-    monkeypatch.setattr(channel_module, "MAX_CHUNKS", 8)
+    monkeypatch.setattr(chunks_module, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(chunks_module, "MAX_CHUNKS", 8)
+    monkeypatch.setattr(channel_module, "MAX_CHUNKS", 8)  # the channel's bound on a sealed message's size
     yield
 
 

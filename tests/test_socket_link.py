@@ -13,30 +13,28 @@ import torch
 from test_federation import merged_weights, write_config
 
 from flglm.jobs.edge_processes import EdgeFederation
-from flglm.jobs.subprocesses import run_federation
 
 pytestmark = pytest.mark.multiprocess
 
 TIMEOUT_S = 240.0
 
 
-def test_the_socket_link_gives_the_same_losses_and_weights_as_torch_rpc(tmp_path: Path) -> None:
-    # Prepare: one encrypted client, 2 epochs (a re-key handshake each), one thread per process
-    config = write_config(tmp_path, data={"max_train_rows": 64}, trainer={"max_epochs": 2, "max_steps": -1})
-    common = ["crypto.enabled=true", "server.num_threads=1"]
-    runs = {"rpc": tmp_path / "rpc", "socket": tmp_path / "socket"}
+def test_the_socket_link_gives_the_same_losses_and_weights_as_torch_rpc(finished_one_client_run: tuple[Path, Path], tmp_path: Path) -> None:
+    # Prepare: the session's run over torch RPC (one encrypted client, 3 epochs: a re-key
+    # handshake each, one thread per process), and the same federation over the socket link
+    config, rpc = finished_one_client_run
+    runs = {"rpc": rpc, "socket": tmp_path / "socket"}
     deadline = time.monotonic() + TIMEOUT_S
 
     # Execute
-    run_federation(config, common, num_clients=1, run_dir=runs["rpc"], timeout_s=TIMEOUT_S)
-    with EdgeFederation(config, common, num_clients=1, run_dir=runs["socket"]) as federation:
+    with EdgeFederation(config, [], num_clients=1, run_dir=runs["socket"]) as federation:
         federation.start_server(timeout_s=TIMEOUT_S)
         federation.start_client(0)
         federation.wait_all(deadline=deadline)
 
     # Assert: bit for bit
     losses = {k: json.loads((d / "client0" / "metrics.json").read_text())["losses"] for k, d in runs.items()}
-    assert len(losses["rpc"]) == 16 and losses["rpc"] == losses["socket"]
+    assert len(losses["rpc"]) == 24 and losses["rpc"] == losses["socket"]
     a, b = merged_weights(runs["rpc"]), merged_weights(runs["socket"])
     assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
     summary = json.loads((runs["socket"] / "summary.json").read_text())

@@ -1,7 +1,7 @@
 """An AES-256-GCM channel for tensors, under the keys a handshake (``flglm.crypto.handshake``) made.
 
-Sealed message = compact header || ciphertext || 16-byte tag; a payload above :data:`CHUNK_BYTES`
-is sealed as several AES-GCM chunks, header || (ciphertext || tag) per chunk, sealed and opened on
+Sealed message = compact header || ciphertext || 16-byte tag; a payload above :data:`~flglm.crypto.chunks.CHUNK_BYTES`
+is sealed as several AES-GCM chunks (layout in :mod:`flglm.crypto.chunks`), header || (ciphertext || tag) per chunk, sealed and opened on
 several threads (:mod:`flglm.crypto.parallel`). The header (version, kind, key epoch,
 counter, client id, round, step, and each tensor's dtype and shape; integers as LEB128 varints) is
 authenticated as associated data together with the session id and the direction, which are not sent:
@@ -33,25 +33,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from flglm.crypto.chunks import MAX_CHUNKS, TAG_BYTES, chunk_layout, sealed_size
 from flglm.crypto.errors import MalformedError, OversizeError, RekeyRequired, ReplayError, SessionError, TamperError
 from flglm.crypto.parallel import run_all
 from flglm.link.protocol import WIRE_KINDS as KINDS
 
 PROTOCOL_VERSION = 2
-"""Version byte of every sealed message (2: payloads above :data:`CHUNK_BYTES` are chunked)."""
-
-CHUNK_BYTES = 4 * 2**20
-"""Payloads up to this size are sealed in one piece; larger ones in chunks of at least this size.
-
-A 7B model's crossing (8 x 512 x 4096 bf16, 33.5 MB) is ~3.4 ms of AES-GCM on one core here
-(~12 ms at the 2.7 GB/s of slower cores), four times a step; chunks let several threads share it
-(benchmarks/seal_threads.py). The layout depends on the size alone, so both ends agree whatever
-thread counts they run."""
-MAX_CHUNKS = 256
-"""At most this many chunks (the chunk index is one nonce byte); larger payloads get larger chunks."""
+"""Version byte of every sealed message (2: payloads above :data:`~flglm.crypto.chunks.CHUNK_BYTES` are chunked)."""
 
 SESSION_ID_BYTES = 16
-TAG_BYTES = 16
 DEFAULT_REKEY_EVERY = 2**20
 """Messages sealed under one key before the sender moves to the next key.
 
@@ -223,27 +213,6 @@ def _decode_header(data: bytes) -> tuple[MessageHeader, int]:
         version=version,
     )
     return header, r.pos
-
-
-def chunk_ranges(nbytes: int) -> list[tuple[int, int]]:
-    """The byte ranges ``[start, stop)`` of a payload's chunks (one chunk up to :data:`CHUNK_BYTES`)."""
-    if nbytes <= CHUNK_BYTES:
-        return [(0, nbytes)]
-    size = max(CHUNK_BYTES, -(-nbytes // MAX_CHUNKS))
-    return [(start, min(start + size, nbytes)) for start in range(0, nbytes, size)]
-
-
-def chunk_layout(header_bytes: int, payload_bytes: int) -> list[tuple[slice, slice]]:
-    """Per chunk: its bytes in the payload, and its ciphertext || tag in the sealed message."""
-    return [
-        (slice(start, stop), slice(header_bytes + start + i * TAG_BYTES, header_bytes + stop + (i + 1) * TAG_BYTES))
-        for i, (start, stop) in enumerate(chunk_ranges(payload_bytes))
-    ]
-
-
-def sealed_size(header_bytes: int, payload_bytes: int) -> int:
-    """Bytes of a sealed message: header, payload, and one tag per chunk."""
-    return header_bytes + payload_bytes + TAG_BYTES * len(chunk_ranges(payload_bytes))
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:

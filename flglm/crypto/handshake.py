@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from flglm.crypto.channel import DEFAULT_REKEY_EVERY, SESSION_ID_BYTES, TAG_BYTES, SealedChannel
+from flglm.crypto.channel import DEFAULT_REKEY_EVERY, SESSION_ID_BYTES, SealedChannel
+from flglm.crypto.chunks import TAG_BYTES
 from flglm.crypto.errors import HandshakeError
 from flglm.crypto.keys import KEY_BYTES, public_key_bytes
 

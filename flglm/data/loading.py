@@ -32,6 +32,7 @@ from flglm.data import (
 from flglm.data.chat import ChatTemplateError, check_chat_template
 from flglm.data.fields import classification_examples, generation_examples, text_examples, token_blocks
 from flglm.data.formats import file_format, read_rows, read_text
+from flglm.input_files import client_path
 from flglm.run_layout import tokenizer_dir
 
 DEFAULT_LABEL_WORDS: tuple[str, ...] = ("negative", "positive")
@@ -119,11 +120,6 @@ def file_texts(cfg: RunConfig, path: str) -> list[str]:
     if cfg.task.kind == "generation":
         return [e.text for e in generation_examples(rows, path, prompt_field=cfg.data.prompt_field, target_field=cfg.data.target_field)]
     return [e.text for e in text_examples(rows, path, text_field=cfg.data.text_field)]
-
-
-def client_path(template: str, client_index: int) -> str:
-    """A data path with ``{client}`` replaced by the client's index."""
-    return template.replace("{client}", str(client_index))
 
 
 def train_path(cfg: RunConfig, client_index: int | None) -> str:
