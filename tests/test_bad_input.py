@@ -18,15 +18,11 @@ from flglm.tasks import PromptCollator, PromptError
 def _config(tmp_path: Path, *overrides: str):
     train, dev = write_demo_dataset(tmp_path / "data", train_rows=40, dev_rows=8)
     path = tmp_path / "run.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"config": TINY_MODEL_CONFIGS["glm"]},
-                "data": {"train_path": str(train), "dev_path": str(dev), "tokenizer_vocab_size": 128},
-                "run_dir": str(tmp_path / "run"),
-            }
-        )
-    )
+    path.write_text(yaml.safe_dump({
+        "model": {"config": TINY_MODEL_CONFIGS["glm"]},
+        "data": {"train_path": str(train), "dev_path": str(dev), "tokenizer_vocab_size": 128},
+        "run_dir": str(tmp_path / "run"),
+    }))
     return load_config(path, list(overrides))
 
 

@@ -211,20 +211,14 @@ def test_rejected_message_leaves_the_server_byte_identical(cfg: RunConfig, keys:
     del logits
 
 
-_PER_TEST: dict[int, tuple[RunConfig, Any]] = {}
+# Hypothesis runs all of a test's examples with the same function-scoped fixtures: the fuzz
+# tests below meet one server each (building it is most of an example's cost), and each example
+# asserts it leaves that server exactly as it found it.
 
 
-def _once_per_test(cfg: RunConfig, make: Callable[[], Any]) -> Any:
-    """What ``make`` builds, once per test: Hypothesis runs a test's examples with the same
-    function-scoped fixtures (``cfg``), and building a server is most of an example's cost."""
-    held = _PER_TEST.get(id(cfg))
-    if held is None or held[0] is not cfg:
-        _PER_TEST.clear()
-        held = _PER_TEST[id(cfg)] = (cfg, make())
-    return held[1]
-
-
-def _sealed_server(cfg: RunConfig, keys: Path) -> tuple[MiddleServer, ServerEndpoint, ServerSessions]:
+@pytest.fixture
+def sealed_server(cfg: RunConfig, keys: Path) -> tuple[MiddleServer, ServerEndpoint, ServerSessions]:
+    """A server with client 0's proven session."""
     sessions = _sessions(keys)
     server = MiddleServer(cfg)
     endpoint = ServerEndpoint(server, sessions)
@@ -232,7 +226,9 @@ def _sealed_server(cfg: RunConfig, keys: Path) -> tuple[MiddleServer, ServerEndp
     return server, endpoint, sessions
 
 
-def _clear_server(cfg: RunConfig) -> tuple[MiddleServer, ServerEndpoint]:
+@pytest.fixture
+def clear_server(cfg: RunConfig) -> tuple[MiddleServer, ServerEndpoint]:
+    """A server in the clear, joined by client 0."""
     server = MiddleServer(cfg)
     endpoint = ServerEndpoint(server)
     ServerLink(endpoint, client_id=0, timeout_s=30).hello(fingerprint(cfg), "tok")
@@ -252,10 +248,11 @@ def _clear_server(cfg: RunConfig) -> tuple[MiddleServer, ServerEndpoint]:
     ),
     kind=st.sampled_from(["forward", "backward", "join", "step", "agg_upload", "nonsense"]),
 )
-def test_fuzzed_sealed_messages_never_crash_and_always_get_a_clear_error(cfg: RunConfig, keys: Path, garbage: bytes, kind: str) -> None:
-    # Prepare: one server with client 0's session, for all the examples: each asserts it is left
-    # exactly as it was, so every example meets the same server
-    server, endpoint, sessions = _once_per_test(cfg, lambda: _sealed_server(cfg, keys))
+def test_fuzzed_sealed_messages_never_crash_and_always_get_a_clear_error(
+    sealed_server: tuple[MiddleServer, ServerEndpoint, ServerSessions], garbage: bytes, kind: str
+) -> None:
+    # Prepare
+    server, endpoint, sessions = sealed_server
     before = _state_digest(server, sessions)
     message = torch.tensor(list(garbage), dtype=torch.uint8)
     # Execute / Assert
@@ -280,9 +277,11 @@ def _varint(value: int) -> bytes:
     dtype=st.sampled_from([torch.float32, torch.int64, torch.uint8, torch.float64]),
     kind=st.sampled_from(["forward", "infer", "backward", "join", "step", "grad_norms", "agg_upload", "leave"]),
 )
-def test_fuzzed_clear_messages_get_a_clear_error(cfg: RunConfig, shapes: list[list[int]], dtype: torch.dtype, kind: str) -> None:
-    # Prepare: a server in the clear, joined client 0 (one for all the examples, as above)
-    server, endpoint = _once_per_test(cfg, lambda: _clear_server(cfg))
+def test_fuzzed_clear_messages_get_a_clear_error(
+    clear_server: tuple[MiddleServer, ServerEndpoint], shapes: list[list[int]], dtype: torch.dtype, kind: str
+) -> None:
+    # Prepare: a server in the clear, joined client 0
+    server, endpoint = clear_server
     before = _state_digest(server)
     tensors = [torch.zeros(shape, dtype=dtype) for shape in shapes]
     # Execute

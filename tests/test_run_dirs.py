@@ -24,7 +24,9 @@ FINISHED_MARK = "holds a finished run"
 
 def hashes(directory: Path) -> dict[str, str]:
     """Every file under ``directory`` (relative path -> sha256)."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """An AES-256-GCM channel for tensors, under the keys a handshake (``flglm.crypto.handshake``) made.
 
-Sealed message = compact header || ciphertext || 16-byte tag; a payload above :data:`~flglm.crypto.chunks.CHUNK_BYTES`
-is sealed as several AES-GCM chunks (layout in :mod:`flglm.crypto.chunks`), header || (ciphertext || tag) per chunk, sealed and opened on
+Sealed message = compact header || ciphertext || 16-byte tag; a payload above
+:data:`~flglm.crypto.chunks.CHUNK_BYTES` is sealed as several AES-GCM chunks, header ||
+(ciphertext || tag) per chunk (layout: :mod:`flglm.crypto.chunks`), sealed and opened on
 several threads (:mod:`flglm.crypto.parallel`). The header (version, kind, key epoch,
 counter, client id, round, step, and each tensor's dtype and shape; integers as LEB128 varints) is
 authenticated as associated data together with the session id and the direction, which are not sent:

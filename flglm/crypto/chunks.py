@@ -14,8 +14,7 @@ CHUNK_BYTES = 4 * 2**20
 
 A 7B model's crossing (8 x 512 x 4096 bf16, 33.5 MB) is ~3.4 ms of AES-GCM on one core here
 (~12 ms at the 2.7 GB/s of slower cores), four times a step; chunks let several threads share it
-(benchmarks/seal_threads.py). The layout depends on the size alone, so both ends agree whatever
-thread counts they run."""
+(benchmarks/seal_threads.py)."""
 MAX_CHUNKS = 256
 """At most this many chunks (the chunk index is one nonce byte); larger payloads get larger chunks."""
 

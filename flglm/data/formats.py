@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flglm.data.readers import DataFormatError, _require_file
+from flglm.data.readers import DataFormatError
+from flglm.input_files import require_file
 
 __all__ = ["FILE_FORMATS", "FILE_SUFFIXES", "Row", "file_format", "read_rows", "read_text"]
 
@@ -51,7 +52,7 @@ def file_format(path: str | Path, fmt: str = "auto") -> str:
 def read_text(path: str | Path) -> str:
     """The whole file as text (UTF-8, a byte-order mark dropped); an empty file is an error."""
     path = Path(path)
-    _require_file(path, "data")
+    require_file(path, "data file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")

@@ -20,6 +20,7 @@ from flglm.data.byte_tokenizers import byte_vocabulary_tokenizer, train_byte_bpe
 from flglm.data.readers import read_examples
 from flglm.data.superglue import TASK_FORMATS, read_task_file
 from flglm.data.tokenizer import save_tokenizer, train_word_tokenizer
+from flglm.input_files import require_file
 
 __all__ = ["TOKENIZER_KINDS", "build_tokenizer_from_files", "corpus_texts"]
 
@@ -32,8 +33,7 @@ def corpus_texts(paths: Sequence[str | Path], *, fmt: str = "auto", text_field: 
     texts: list[str] = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path}")
+        require_file(path, "corpus file")
         if path.suffix == ".txt":
             texts.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
             continue

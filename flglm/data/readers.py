@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flglm.input_files import require_file
+
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "DataFormatError",
@@ -57,12 +59,6 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
-def _require_file(path: Path, kind: str) -> None:
-    if not path.is_file():
-        reason = "is not a file" if path.exists() else "not found"
-        raise FileNotFoundError(f"{kind} file {reason}: {path}")
-
-
 def _tsv_label(raw: str, path: Path, line: int, field: str) -> int:
     try:
         return int(raw.strip())
@@ -83,7 +79,7 @@ def read_tsv(
     ``label_field=None`` reads an unlabelled file (every ``label`` is None).
     """
     path = Path(path)
-    _require_file(path, "TSV")
+    require_file(path, "TSV file")
     examples: list[Example] = []
     with path.open("r", encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -152,7 +148,7 @@ def read_jsonl(
     (floats, null, words) is an error rather than a silent cast.
     """
     path = Path(path)
-    _require_file(path, "JSON-lines")
+    require_file(path, "JSON-lines file")
     examples: list[Example] = []
     with path.open("r", encoding="utf-8") as handle:
         for line, raw in enumerate(handle, start=1):

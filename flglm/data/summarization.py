@@ -16,7 +16,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
-from flglm.data.readers import DataFormatError, Example, _json_object, _require_file
+from flglm.data.readers import DataFormatError, Example, _json_object
+from flglm.input_files import require_file
 
 __all__ = [
     "ARTICLE_FIELDS",
@@ -51,7 +52,7 @@ def read_summarization(path: str | Path, *, labelled: bool = True) -> list[Examp
             f"cannot tell the layout of summarization file {path} from its suffix {path.suffix!r}; "
             f"supported suffixes are {sorted(SUMMARIZATION_SUFFIXES)}"
         )
-    _require_file(path, "summarization")
+    require_file(path, "summarization file")
     rows = _csv_rows(path, labelled) if kind == "csv" else _jsonl_rows(path)
     examples = [_example(record, path, line, labelled) for line, record in rows]
     if not examples:

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flglm.data.readers import DataFormatError, Example, _json_object, _require_file
+from flglm.data.readers import DataFormatError, Example, _json_object
 from flglm.data.summarization import SUMMARIZATION_FORMATS, read_summarization
+from flglm.input_files import require_file
 
 __all__ = [
     "SUPERGLUE_TASKS",
@@ -307,7 +308,7 @@ class SuperGlueFormat:
         missing, unknown or mistyped field, a label outside its set or bad JSON.
         """
         path = Path(path)
-        _require_file(path, f"{self.name} JSON-lines")
+        require_file(path, f"{self.name} JSON-lines file")
         examples: list[Example] = []
         records = 0
         with path.open("r", encoding="utf-8-sig") as handle:
